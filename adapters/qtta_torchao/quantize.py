@@ -1,0 +1,201 @@
+"""Quantizing float models with torchao, by the route that suits the model.
+
+* Models with convolutions go through pt2e: ``torch.export`` (train mode, dynamic batch) ->
+  ``prepare_qat_pt2e`` with :class:`QttaQuantizer` -> calibration with observers on -> observers off.
+  The QAT route (not ``prepare_pt2e``) is deliberate: ``prepare_pt2e`` folds every batch norm into its
+  conv, leaving nothing for BN-adapt or Tent, while the QAT graph keeps ``aten.batch_norm`` with its
+  affine parameters and fake-quantizes the conv weight as it will be folded (``w * gamma / sigma``).
+  ``convert_pt2e`` on the result gives torchao's integer (Q/DQ) model for deployment.
+* Linear-only models (ViT-like) go through ``quantize_(model, QATConfig(...))``: per-channel static
+  weight fake-quant with learnable scales, per-token dynamic activation fake-quant (torchao's QAT has
+  no static per-tensor activation mode).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from qtta_plugins.config import QuantConfig
+
+from ._backend import torchao_module
+
+_CONV_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d")
+_LINEAR_OPS = ("aten.linear",)
+
+
+def is_compute_node(node: torch.fx.Node) -> str | None:
+    """``"conv"`` / ``"linear"`` for a conv / linear call in an exported graph, else ``None``."""
+    if node.op != "call_function":
+        return None
+    name = str(node.target).split(".default")[0]
+    if name in _CONV_OPS:
+        return "conv"
+    if name in _LINEAR_OPS:
+        return "linear"
+    return None
+
+
+def weight_spec(bits: int):
+    """Per-output-channel symmetric weight fake-quant on the restricted range ``[-(2^(b-1)-1), 2^(b-1)-1]``."""
+    pt2e = torchao_module("torchao.quantization.pt2e")
+    qz = torchao_module("torchao.quantization.pt2e.quantizer")
+    qmax = 2 ** (bits - 1) - 1
+    return qz.QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-qmax,
+        quant_max=qmax,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
+            observer=pt2e.PerChannelMinMaxObserver,
+            quant_min=-qmax,
+            quant_max=qmax,
+            dtype=torch.int8,
+            qscheme=torch.per_channel_symmetric,
+            ch_axis=0,
+        ),
+    )
+
+
+def act_spec(bits: int):
+    """Per-tensor affine activation fake-quant on ``[0, 2^b - 1]``, min-max calibrated."""
+    pt2e = torchao_module("torchao.quantization.pt2e")
+    qz = torchao_module("torchao.quantization.pt2e.quantizer")
+    qmax = 2**bits - 1
+    return qz.QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=qmax,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
+            observer=pt2e.MinMaxObserver,
+            quant_min=0,
+            quant_max=qmax,
+            dtype=torch.uint8,
+            qscheme=torch.per_tensor_affine,
+        ),
+    )
+
+
+def make_quantizer(config: QuantConfig):
+    """A small public pt2e ``Quantizer``: every conv / linear gets its input and weight quantized.
+
+    The first layer's input and weights and the last layer keep ``config.first_last_bits`` (when set),
+    as the low-bit PTQ literature does.
+    """
+    qz = torchao_module("torchao.quantization.pt2e.quantizer")
+
+    class QttaQuantizer(qz.Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            nodes = [n for n in model.graph.nodes if is_compute_node(n)]
+            for i, node in enumerate(nodes):
+                edge = i in (0, len(nodes) - 1) and config.first_last_bits is not None
+                w_bits = config.first_last_bits if edge else config.weight_bits
+                a_bits = config.first_last_bits if edge else config.act_bits
+                node.meta["quantization_annotation"] = qz.QuantizationAnnotation(
+                    input_qspec_map={
+                        node.args[0]: act_spec(a_bits),
+                        node.args[1]: weight_spec(w_bits),
+                    },
+                    _annotated=True,
+                )
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            return None
+
+    return QttaQuantizer()
+
+
+def set_batchnorm_mode(gm: torch.fx.GraphModule, use_batch_stats: bool) -> None:
+    """Switch every ``aten.batch_norm`` of an exported graph between batch and running statistics.
+
+    In batch mode the momentum is set to 0, so the running (source) statistics are not updated: test-time
+    methods read them (the QAT graph scales the conv weight by them) and must not drift them. torchao's
+    ``move_exported_model_to_train`` resets the momentum to 0.1, hence our own switch.
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        args = list(node.args)
+        node.meta.setdefault("qtta_momentum", args[6])
+        args[5] = use_batch_stats
+        args[6] = 0.0 if use_batch_stats else node.meta["qtta_momentum"]
+        node.args = tuple(args)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
+
+
+def quantize_pt2e(
+    model: nn.Module, config: QuantConfig, calib: Sequence[torch.Tensor]
+) -> torch.fx.GraphModule:
+    quantize_pt2e_mod = torchao_module("torchao.quantization.pt2e.quantize_pt2e")
+    pt2e = torchao_module("torchao.quantization.pt2e")
+    model = copy.deepcopy(model).train()
+    example = calib[0]
+    dynamic = ({0: torch.export.Dim.DYNAMIC},)
+    exported = torch.export.export(model, (example,), dynamic_shapes=dynamic).module()
+    prepared = quantize_pt2e_mod.prepare_qat_pt2e(exported, make_quantizer(config))
+    set_batchnorm_mode(prepared, use_batch_stats=False)  # calibrate on the source statistics
+    with torch.no_grad():
+        for batch in calib[: config.calib_batches]:
+            prepared(batch)
+    prepared.apply(pt2e.disable_observer)
+    prepared.meta["qtta"] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
+    return prepared
+
+
+def quantize_linear_qat(
+    model: nn.Module, config: QuantConfig, calib: Sequence[torch.Tensor]
+) -> nn.Module:
+    torchao_module()
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import (
+        IntxFakeQuantizeConfig,
+        QATConfig,
+        initialize_fake_quantizers,
+    )
+
+    model = copy.deepcopy(model).eval()
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def qat_config(w_bits: int, a_bits: int):
+        return QATConfig(
+            activation_config=IntxFakeQuantizeConfig(
+                getattr(torch, f"int{a_bits}"), "per_token", is_symmetric=False
+            ),
+            weight_config=IntxFakeQuantizeConfig(
+                getattr(torch, f"int{w_bits}"),
+                "per_channel",
+                is_symmetric=True,
+                is_dynamic=False,
+                range_learning=True,
+            ),
+            step="prepare",
+        )
+
+    for i, name in enumerate(linears):
+        edge = i in (0, len(linears) - 1) and config.first_last_bits is not None
+        bits = (config.first_last_bits,) * 2 if edge else (config.weight_bits, config.act_bits)
+        quantize_(model, qat_config(*bits), filter_fn=lambda m, fqn, _name=name: fqn == _name)
+    with torch.no_grad():
+        initialize_fake_quantizers(model, (calib[0],))
+    return model
+
+
+def quantize(model: nn.Module, config: QuantConfig, calib: Sequence[torch.Tensor]) -> nn.Module:
+    if _has_conv(model):
+        return quantize_pt2e(model, config, calib)
+    return quantize_linear_qat(model, config, calib)

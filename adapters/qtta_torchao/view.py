@@ -1,0 +1,470 @@
+"""torchao models seen through the uniform :class:`~qtta_plugins.view.QuantView`.
+
+Three kinds of torchao model are recognised, whoever quantized them:
+
+* :class:`Pt2eView` - a pt2e graph prepared with fake-quant (``prepare_pt2e`` / ``prepare_qat_pt2e``):
+  quantizers are ``FakeQuantize`` modules in the graph, norms are ``aten.batch_norm`` / ``layer_norm``
+  nodes; gradients flow.
+* :class:`ConvertedView` - the integer Q/DQ graph of ``convert_pt2e``: weights are frozen integer
+  constants, batch norms are folded; forward-only.
+* :class:`ModuleView` - an eager model whose Linear layers went through ``quantize_``: QAT
+  (``FakeQuantizedLinear``, gradients flow) or a weight tensor subclass such as
+  ``Int8DynamicActivationInt8WeightConfig``'s (forward-only: those cut autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtta_plugins.view import NormLayer, NormMode, QuantizerHandle, QuantLayer, QuantView, bits_of
+
+from .quantize import is_compute_node, set_batchnorm_mode
+
+_NORM_TYPES = {
+    nn.BatchNorm1d: "batch",
+    nn.BatchNorm2d: "batch",
+    nn.BatchNorm3d: "batch",
+    nn.LayerNorm: "layer",
+    nn.GroupNorm: "group",
+}
+
+
+def _from_torchao(obj: object) -> bool:
+    return type(obj).__module__.startswith("torchao.")
+
+
+# --- quantizer handles ---------------------------------------------------------------------------
+class FakeQuantizeHandle(QuantizerHandle):
+    """A pt2e ``FakeQuantize`` module (scale and zero-point are buffers set by its observer)."""
+
+    def __init__(self, name: str, module: nn.Module, role: str) -> None:
+        self.name, self.module, self.role = name, module, role  # type: ignore[assignment]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int(self.module.quant_min), int(self.module.quant_max)
+
+    @property
+    def bits(self) -> int:
+        return bits_of(*self.qrange)
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        if not isinstance(value, int) or not 2 <= value <= 8:
+            raise ValueError(f"bit-width must be an int in 2..8, got {value!r}")
+        qmin, qmax = self.qrange
+        if qmin < 0 and qmin == -qmax:  # restricted symmetric, e.g. -7..7
+            new = (-(2 ** (value - 1) - 1), 2 ** (value - 1) - 1)
+        elif qmin < 0:
+            new = (-(2 ** (value - 1)), 2 ** (value - 1) - 1)
+        else:
+            new = (0, 2**value - 1)
+        fq, obs = self.module, self.module.activation_post_process
+        fq.quant_min, fq.quant_max = new
+        obs.quant_min, obs.quant_max = new
+        # Re-derive the scale from the range the observer recorded during calibration.
+        if getattr(obs, "min_val", torch.empty(0)).numel() and torch.isfinite(obs.min_val).all():
+            scale, zero_point = obs.calculate_qparams()
+            fq.scale.resize_(scale.shape).copy_(scale)
+            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.module.fake_quant_enabled[0])
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.module.enable_fake_quant(bool(value))
+
+    @property
+    def ch_axis(self) -> int | None:
+        per_channel = self.module.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        return int(self.module.ch_axis) if per_channel else None
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.module.scale, "zero_point": self.module.zero_point}
+
+
+class IntxFakeQuantizerHandle(QuantizerHandle):
+    """torchao QAT's ``IntxFakeQuantizer`` (on a ``FakeQuantizedLinear``)."""
+
+    def __init__(
+        self, name: str, module: nn.Module, role: str, weight: torch.Tensor | None
+    ) -> None:
+        self.name, self.module, self.role, self._weight = name, module, role, weight  # type: ignore[assignment]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
+
+        return tuple(_DTYPE_TO_QVALUE_BOUNDS[self.module.config.dtype])  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        return bits_of(*self.qrange)
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        if not isinstance(value, int) or not 2 <= value <= 8:
+            raise ValueError(f"bit-width must be an int in 2..8, got {value!r}")
+        signed = self.qrange[0] < 0
+        self.module.config.dtype = getattr(torch, f"{'int' if signed else 'uint'}{value}")
+        if not self.module.config.is_dynamic:
+            # Static scales belong to the old grid: re-initialise them from the weight.
+            self.module.scale = None
+            self.module.zero_point = None
+            if self._weight is not None:
+                with torch.no_grad():
+                    self.module(self._weight)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.module.enabled)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.module.enabled = bool(value)
+
+    @property
+    def ch_axis(self) -> int | None:
+        axis = getattr(self.module.config.granularity, "axis", None)
+        return int(axis) if axis is not None else None
+
+    def params(self) -> dict[str, torch.Tensor]:
+        if self.module.config.is_dynamic:
+            return {}
+        return {"scale": self.module.scale, "zero_point": self.module.zero_point}
+
+    def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
+        scale = self.module.scale
+        if not isinstance(scale, nn.Parameter):
+            raise NotImplementedError(
+                f"{self.name}: scale is not learnable (dynamic quantizer, or range_learning=False)"
+            )
+        scale.requires_grad_(flag)
+        return [scale]
+
+
+class ConstantQuantizerHandle(QuantizerHandle):
+    """A quantize/dequantize pair of a converted graph: parameters are constants, read-only."""
+
+    def __init__(self, name: str, node: torch.fx.Node, role: str, gm: torch.fx.GraphModule) -> None:
+        self.name, self.node, self.role, self.gm = name, node, role, gm  # type: ignore[assignment]
+        per_channel = "per_channel" in str(node.target)
+        # per_tensor: (x, scale, zp, qmin, qmax, dtype); per_channel: (x, scale, zp, axis, qmin, qmax, dtype)
+        self._range_at = 4 if per_channel else 3
+        self._axis = node.args[3] if per_channel else None
+
+    def _value(self, arg: object) -> object:
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            return getattr(self.gm, str(arg.target))
+        return arg
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int(self.node.args[self._range_at]), int(self.node.args[self._range_at + 1])
+
+    @property
+    def bits(self) -> int:
+        return bits_of(*self.qrange)
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        raise NotImplementedError(
+            f"{self.name}: a convert_pt2e model stores integer weights; change bit-widths on the "
+            "prepared model, before convert_pt2e"
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        raise NotImplementedError(f"{self.name}: a convert_pt2e model cannot turn quantization off")
+
+    @property
+    def ch_axis(self) -> int | None:
+        return int(self._axis) if self._axis is not None else None
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {
+            "scale": torch.as_tensor(self._value(self.node.args[1])),
+            "zero_point": torch.as_tensor(self._value(self.node.args[2])),
+        }
+
+
+# --- graph helpers -------------------------------------------------------------------------------
+def _find_param_target(node: object, gm: torch.fx.GraphModule, depth: int = 6) -> str | None:
+    """The ``get_attr`` parameter feeding ``node`` (through a fake-quant / fold pattern)."""
+    if not isinstance(node, torch.fx.Node) or depth < 0:
+        return None
+    if node.op == "get_attr":
+        return str(node.target)
+    for arg in node.args:
+        found = _find_param_target(arg, gm, depth - 1)
+        if found is not None and found.endswith("weight"):
+            return found
+    return None
+
+
+def _module_of(node: object, gm: torch.fx.GraphModule) -> nn.Module | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    return None
+
+
+def _sample_shape(gm: torch.fx.GraphModule) -> tuple[int, ...] | None:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and all(isinstance(s, int) for s in shape[1:]):
+                return tuple(int(s) for s in shape[1:])
+            return None
+    return None
+
+
+def _graph_norms(gm: torch.fx.GraphModule) -> list[NormLayer]:
+    norms = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is torch.ops.aten.batch_norm.default:
+            weight, bias, mean, var = node.args[1:5]
+            kind = "batch"
+        elif target is torch.ops.aten.layer_norm.default:
+            weight = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[3] if len(node.args) > 3 else None
+            mean = var = None
+            kind = "layer"
+        elif target is torch.ops.aten.group_norm.default:
+            weight = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[3] if len(node.args) > 3 else None
+            mean = var = None
+            kind = "group"
+        else:
+            continue
+
+        def fetch(arg: object) -> torch.Tensor | None:
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                return _get_tensor(gm, str(arg.target))
+            return None
+
+        w = fetch(weight)
+        name = (
+            str(weight.target).rsplit(".", 1)[0] if isinstance(weight, torch.fx.Node) else node.name
+        )
+        norms.append(NormLayer(name, kind, w, fetch(bias), fetch(mean), fetch(var)))  # type: ignore[arg-type]
+    return norms
+
+
+def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    module_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    return getattr(owner, attr)
+
+
+# --- views ---------------------------------------------------------------------------------------
+class Pt2eView(QuantView):
+    """A pt2e graph with fake-quant modules (prepared, not converted)."""
+
+    backend = "torchao"
+
+    def __init__(self, model: torch.fx.GraphModule) -> None:
+        super().__init__(model)
+        self.sample_shape = _sample_shape(model)
+        self._norm_mode = "batch" if self._bn_training() else "source"
+
+    def _bn_training(self) -> bool:
+        flags = [
+            bool(n.args[5])
+            for n in self.model.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.aten.batch_norm.default
+        ]
+        return bool(flags) and all(flags)
+
+    def layers(self) -> list[QuantLayer]:
+        gm = self.model
+        layers = []
+        for node in gm.graph.nodes:
+            kind = is_compute_node(node)
+            if kind is None:
+                continue
+            w_fq = _module_of(node.args[1], gm)
+            x_fq = _module_of(node.args[0], gm)
+            target = _find_param_target(node.args[1], gm) or node.name
+            name = target[: -len(".weight")] if target.endswith(".weight") else target
+            weight = _get_tensor(gm, target) if target != node.name else torch.empty(0)
+            w_handle = (
+                FakeQuantizeHandle(f"{name}.weight_quantizer", w_fq, "weight")
+                if w_fq is not None and hasattr(w_fq, "fake_quant_enabled")
+                else None
+            )
+            x_handle = (
+                FakeQuantizeHandle(f"{name}.input_quantizer", x_fq, "act")
+                if x_fq is not None and hasattr(x_fq, "fake_quant_enabled")
+                else None
+            )
+            layers.append(QuantLayer(name, kind, weight, w_handle, x_handle))  # type: ignore[arg-type]
+        # A layer's output quantizer is the next layer's input quantizer when nothing sits between.
+        return _dedupe_handles(layers)
+
+    def norms(self) -> list[NormLayer]:
+        return _graph_norms(self.model)
+
+    @property
+    def can_backprop(self) -> bool:
+        return True
+
+    def _apply_norm_mode(self, mode: NormMode) -> None:
+        set_batchnorm_mode(self.model, use_batch_stats=mode == "batch")
+
+
+def _dedupe_handles(layers: list[QuantLayer]) -> list[QuantLayer]:
+    """One handle object per quantizer module, so identity compares equal across layers."""
+    by_module: dict[int, QuantizerHandle] = {}
+    for layer in layers:
+        for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
+            handle = getattr(layer, attr)
+            if handle is None:
+                continue
+            key = id(getattr(handle, "module", handle))
+            setattr(layer, attr, by_module.setdefault(key, handle))
+    return layers
+
+
+class ConvertedView(QuantView):
+    """``convert_pt2e`` output: integer weights and Q/DQ constants; forward-only, BN folded."""
+
+    backend = "torchao"
+
+    def __init__(self, model: torch.fx.GraphModule) -> None:
+        super().__init__(model)
+        self.sample_shape = _sample_shape(model)
+
+    def layers(self) -> list[QuantLayer]:
+        gm = self.model
+        layers = []
+        for node in gm.graph.nodes:
+            kind = is_compute_node(node)
+            if kind is None:
+                continue
+            w_dq, x_dq = node.args[1], node.args[0]
+            name = node.name
+            w_handle = x_handle = None
+            weight = torch.empty(0)
+            if isinstance(w_dq, torch.fx.Node) and "dequantize" in str(w_dq.target):
+                w_handle = ConstantQuantizerHandle(f"{name}.weight_quantizer", w_dq, "weight", gm)
+                q_w = w_dq.args[0]
+                if isinstance(q_w, torch.fx.Node) and q_w.op == "get_attr":
+                    weight = _get_tensor(gm, str(q_w.target))
+            if isinstance(x_dq, torch.fx.Node) and "dequantize" in str(x_dq.target):
+                x_handle = ConstantQuantizerHandle(f"{name}.input_quantizer", x_dq, "act", gm)
+            layers.append(QuantLayer(name, kind, weight, w_handle, x_handle))  # type: ignore[arg-type]
+        return layers
+
+    def norms(self) -> list[NormLayer]:
+        return _graph_norms(
+            self.model
+        )  # batch norms were folded by convert_pt2e; layer norms remain
+
+    @property
+    def can_backprop(self) -> bool:
+        return False
+
+    def _apply_norm_mode(self, mode: NormMode) -> None:
+        set_batchnorm_mode(self.model, use_batch_stats=mode == "batch")
+
+
+class ModuleView(QuantView):
+    """An eager model with torchao-quantized Linear layers (QAT fake-quant or a weight subclass)."""
+
+    backend = "torchao"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.sample_shape = None
+        self._momenta: dict[int, float | None] = {}
+
+    def layers(self) -> list[QuantLayer]:
+        layers = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                continue
+            kind = "linear" if isinstance(module, nn.Linear) else "conv"
+            w_fq = getattr(module, "weight_fake_quantizer", None)
+            x_fq = getattr(module, "activation_fake_quantizer", None)
+            if w_fq is None and not _from_torchao(module.weight):
+                continue
+            layers.append(
+                QuantLayer(
+                    name,
+                    kind,
+                    module.weight,
+                    IntxFakeQuantizerHandle(
+                        f"{name}.weight_quantizer", w_fq, "weight", module.weight
+                    )
+                    if w_fq is not None
+                    else None,
+                    IntxFakeQuantizerHandle(f"{name}.input_quantizer", x_fq, "act", None)
+                    if x_fq is not None
+                    else None,
+                )
+            )
+        return layers
+
+    def norms(self) -> list[NormLayer]:
+        norms = []
+        for name, module in self.model.named_modules():
+            kind = _NORM_TYPES.get(type(module))
+            if kind is None:
+                continue
+            norms.append(
+                NormLayer(
+                    name,
+                    kind,  # type: ignore[arg-type]
+                    getattr(module, "weight", None),
+                    getattr(module, "bias", None),
+                    getattr(module, "running_mean", None),
+                    getattr(module, "running_var", None),
+                )
+            )
+        return norms
+
+    @property
+    def can_backprop(self) -> bool:
+        # Weight tensor subclasses (quantize_ with a non-QAT config) do not carry gradients.
+        return not any(_from_torchao(p) for p in self.model.parameters())
+
+    def _apply_norm_mode(self, mode: NormMode) -> None:
+        self.model.eval()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._momenta.setdefault(id(module), module.momentum)
+                module.train(mode == "batch")
+                module.momentum = 0.0 if mode == "batch" else self._momenta[id(module)]
+
+
+def recognise(model: nn.Module) -> QuantView | None:
+    """The right view for a torchao model, or ``None`` if this is not one."""
+    if isinstance(model, torch.fx.GraphModule):
+        has_fq = any(_from_torchao(m) and hasattr(m, "fake_quant_enabled") for m in model.modules())
+        if has_fq:
+            return Pt2eView(model)
+        has_qdq = any(
+            n.op == "call_function" and str(n.target).startswith("quantized_decomposed.")
+            for n in model.graph.nodes
+        )
+        if has_qdq:
+            return ConvertedView(model)
+        return None
+    for module in model.modules():
+        if _from_torchao(module) and "qat" in type(module).__module__:
+            return ModuleView(model)
+        weight = getattr(module, "weight", None)
+        if weight is not None and _from_torchao(weight):
+            return ModuleView(model)
+    return None

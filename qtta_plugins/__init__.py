@@ -1,0 +1,259 @@
+"""qtta-plugins: test-time adaptation for quantized models, as pluggy plugins.
+
+Public API::
+
+    qmodel = qtta_plugins.quantize(model, backend="torchao", bits="w4a4", calib=batches)
+    run = qtta_plugins.adapt(qmodel, stream)          # backend detected, method chosen
+    run.predictions, run.model, run.errors()          # in stream order; still a torchao model
+    run.reset(); run.save("state.pt"); run.load("state.pt")
+
+Importing this package imports no quantization backend: adapters load their backend lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .adaptation import Adaptation, DomainResult
+from .config import (
+    AdaptConfig,
+    NormConfig,
+    QuantConfig,
+    ReconstructConfig,
+    SourceConfig,
+    TentConfig,
+    parse_bits,
+)
+from .errors import BackendNotInstalledError, BadBatchError, UnknownBackendError, UnknownMethodError
+from .hookspecs import hookimpl
+from .plugins import available_backends, available_methods, list_plugins, plugin_manager
+from .view import Block, NormLayer, QuantizerHandle, QuantLayer, QuantView
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptConfig",
+    "Adaptation",
+    "BackendNotInstalledError",
+    "BadBatchError",
+    "Block",
+    "DomainResult",
+    "NormConfig",
+    "NormLayer",
+    "QuantConfig",
+    "QuantLayer",
+    "QuantView",
+    "QuantizerHandle",
+    "ReconstructConfig",
+    "SourceConfig",
+    "TentConfig",
+    "UnknownBackendError",
+    "UnknownMethodError",
+    "adapt",
+    "hookimpl",
+    "list_plugins",
+    "plugin_manager",
+    "quant_view",
+    "quantize",
+    "reconstruct",
+    "select_subnet",
+]
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def quant_view(model: torch.nn.Module) -> QuantView:
+    """The uniform view of a quantized model, from whichever installed adapter recognises it."""
+    if isinstance(model, QuantView):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    view = plugin_manager().hook.qtta_quant_view(model=model)
+    if view is None:
+        backends = ", ".join(available_backends()) or "none"
+        raise UnknownBackendError(
+            f"no installed backend adapter recognises a model of type {type(model).__qualname__} "
+            f"(installed adapters: {backends}). If it is a float model, quantize it first with "
+            "qtta_plugins.quantize(model, backend=..., bits=..., calib=...)."
+        )
+    return view
+
+
+def quantize(
+    model: torch.nn.Module,
+    backend: str | QuantConfig = "torchao",
+    bits: str | int | tuple[int, int] = "w8a8",
+    calib: Iterable[torch.Tensor] | torch.Tensor | None = None,
+    **options: Any,
+) -> torch.nn.Module:
+    """Quantize a float model with ``backend`` at ``bits`` (``"w4a4"``, ``4``, ``(4, 8)``).
+
+    ``calib``: calibration batches (an iterable of input tensors, or one tensor). The returned model
+    is the backend's own kind; ``model`` itself is not modified. ``options`` go to
+    :class:`QuantConfig` (e.g. ``first_last_bits=None``).
+    """
+    if isinstance(backend, QuantConfig):
+        config = backend
+    else:
+        w, a = parse_bits(bits)
+        config = QuantConfig(backend=backend, weight_bits=w, act_bits=a, **options)
+    if config.backend not in available_backends():
+        raise UnknownBackendError(
+            f"unknown backend {config.backend!r}; installed adapters: "
+            f"{', '.join(available_backends()) or 'none'}"
+        )
+    if calib is None:
+        raise ValueError("quantize needs calibration data: calib=<batches of inputs>")
+    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
+    batches = [b[0] if isinstance(b, tuple | list) else getattr(b, "x", b) for b in batches]
+    if not batches:
+        raise ValueError("calib is empty: quantize needs at least one calibration batch")
+    for b in batches:
+        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+            raise BadBatchError("calibration batches must be floating-point tensors")
+    result = plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
+    if result is None:  # pragma: no cover - a backend declared but not implementing quantize
+        raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
+    return result
+
+
+def _default_method(view: QuantView) -> str:
+    """Tent where gradients flow; the forward-only ZOA where they cannot (norm until it exists)."""
+    methods = available_methods("adapt")
+    has_bn = any(n.kind == "batch" and not n.folded for n in view.norms())
+    if view.can_backprop and view.norms():
+        return "tent"
+    if "zoa" in methods:
+        return "zoa"
+    if has_bn:
+        return "norm"
+    warnings.warn(
+        f"this {view.backend} model can neither backpropagate nor re-estimate norm statistics, and no "
+        "forward-only method is installed: running 'source' (no adaptation)",
+        stacklevel=3,
+    )
+    return "source"
+
+
+def _resolve_config(
+    method: str | AdaptConfig | None, view: QuantView, options: dict
+) -> AdaptConfig:
+    if isinstance(method, AdaptConfig):
+        if options:
+            raise TypeError("pass options inside the config object, or a method name plus options")
+        config = method
+    else:
+        name = method or _default_method(view)
+        methods = available_methods("adapt")
+        if name not in methods:
+            raise UnknownMethodError(
+                f"no installed plugin provides adaptation method {name!r}; "
+                f"available: {', '.join(sorted(methods))}"
+            )
+        config = methods[name].config_cls(method=name, **options)
+    if config.method not in available_methods("adapt"):
+        raise UnknownMethodError(
+            f"no installed plugin provides adaptation method {config.method!r}; "
+            f"available: {', '.join(sorted(available_methods('adapt')))}"
+        )
+    return config
+
+
+def adapt(
+    model: torch.nn.Module,
+    stream: Iterable[Any] | None = None,
+    method: str | AdaptConfig | None = None,
+    *,
+    inplace: bool = False,
+    progress: bool | None = None,
+    **options: Any,
+) -> Adaptation:
+    """Adapt a quantized model online to ``stream``: for each batch, predict, then update.
+
+    ``model``: a torchao / Brevitas / NNCF quantized model (its backend is detected). ``stream``: an
+    iterable of batches (tensors, ``(x, y)`` pairs, or objects with ``.x``/``.y``/``.domain``);
+    ``None`` prepares the adaptation without running it (call ``.step(x)`` / ``.run(stream)``).
+    ``method``: a name (``"tent"``, ``"norm"``, ``"source"``, or any installed plugin's) or a config
+    object; by default Tent where gradients flow, the forward-only ZOA where they cannot.
+    ``inplace=False`` (the default) adapts a copy: the caller's model is left untouched.
+
+    Returns the :class:`Adaptation`: ``.predictions`` in stream order, ``.model`` the adapted model
+    (same backend kind), ``.errors()`` per domain when labels were given, ``.reset()``,
+    ``.save(path)`` / ``.load(path)``.
+    """
+    if not inplace:
+        quant_view(model)  # fail on an unknown model before paying for a copy
+        with warnings.catch_warnings():
+            # torch's pytree emits a FutureWarning when an exported graph is deep-copied
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            model = copy.deepcopy(model)
+    view = quant_view(model)
+    config = _resolve_config(method, view, options)
+    _seed(config.seed)
+    snapshot = view.snapshot()
+    try:
+        tta = plugin_manager().hook.qtta_adapt(view=view, config=config)
+    except BaseException:
+        view.restore(snapshot)
+        raise
+    if tta is None:  # pragma: no cover - declared in qtta_methods but qtta_adapt returned None
+        raise UnknownMethodError(f"the plugin declaring {config.method!r} did not build it")
+    run = Adaptation(view, tta, config)
+    if stream is not None:
+        run.run(stream, progress=progress)
+    return run
+
+
+def reconstruct(
+    qmodel: torch.nn.Module,
+    fp_model: torch.nn.Module,
+    calib: Iterable[torch.Tensor],
+    method: str | ReconstructConfig = "ttaq",
+    **options: Any,
+) -> torch.nn.Module:
+    """PTQ reconstruction (TTAQ, BRECQ/QDrop) of ``qmodel`` against its float original ``fp_model``."""
+    if isinstance(method, ReconstructConfig):
+        config = method
+    else:
+        methods = available_methods("reconstruct")
+        if method not in methods:
+            raise UnknownMethodError(
+                f"no installed plugin provides reconstruction method {method!r}; "
+                f"available: {', '.join(sorted(methods)) or 'none yet'}"
+            )
+        config = methods[method].config_cls(method=method, **options)
+    result = plugin_manager().hook.qtta_reconstruct(
+        qmodel=qmodel, fp_model=fp_model, calib=calib, config=config
+    )
+    if result is None:
+        raise UnknownMethodError(
+            f"no installed plugin provides reconstruction method {config.method!r}"
+        )
+    return result
+
+
+def select_subnet(
+    bank: Any, budget: dict[str, float] | None = None, **limits: float
+) -> torch.nn.Module:
+    """RTF-Q: the most accurate subnet of ``bank`` within ``budget`` (``macs``, ``bitops``, ``bytes``)."""
+    budget = {**(budget or {}), **limits}
+    unknown = set(budget) - {"macs", "bitops", "bytes"}
+    if unknown:
+        raise ValueError(f"unknown budget keys {sorted(unknown)}; use macs, bitops and/or bytes")
+    result = plugin_manager().hook.qtta_select_subnet(bank=bank, budget=budget)
+    if result is None:
+        providers = ", ".join(sorted(available_methods("select_subnet"))) or "none yet"
+        raise UnknownMethodError(
+            f"no installed plugin provides subnet selection for a bank of type {type(bank).__name__} "
+            f"(installed select_subnet methods: {providers})"
+        )
+    return result

@@ -1,0 +1,236 @@
+"""The online loop around a test-time method: checks, rollback, reset, save / load, results.
+
+:class:`Adaptation` owns a model's view and one :class:`~qtta_plugins.methods.base.TestTimeMethod`.
+Each :meth:`Adaptation.step` checks the batch first (so a bad batch never reaches the model), backs up
+what the method may change, runs ``forward_and_adapt``, and puts everything back if the step fails or
+leaves a non-finite parameter. Predictions and, when the stream carries labels, errors per domain are
+recorded in stream order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import AdaptConfig
+from .errors import BadBatchError
+from .methods.base import TestTimeMethod
+from .view import QuantView
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    n: int = 0
+    errors: int = 0
+
+    @property
+    def error(self) -> float:
+        """Error rate in percent."""
+        return 100.0 * self.errors / self.n if self.n else float("nan")
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    y: torch.Tensor | None
+    domain: str
+
+
+def _unpack(item: Any) -> _Item:
+    """A stream yields tensors, ``(x, y)`` / ``(x, y, domain)`` tuples, or objects with ``.x``."""
+    if isinstance(item, torch.Tensor):
+        return _Item(item, None, "stream")
+    if hasattr(item, "x"):
+        return _Item(item.x, getattr(item, "y", None), str(getattr(item, "domain", "stream")))
+    if isinstance(item, tuple | list) and 1 <= len(item) <= 3:
+        x = item[0]
+        y = item[1] if len(item) > 1 else None
+        domain = str(item[2]) if len(item) > 2 else "stream"
+        return _Item(x, y, domain)
+    raise BadBatchError(
+        f"a stream must yield tensors, (x, y) pairs or batches with .x, not {type(item).__name__}"
+    )
+
+
+def check_batch(x: Any, sample_shape: tuple[int, ...] | None) -> None:
+    """Raise :class:`BadBatchError` naming what is wrong with ``x``."""
+    if not isinstance(x, torch.Tensor):
+        raise BadBatchError(f"batch must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise BadBatchError(
+            f"batch has dtype {x.dtype}; expected a floating-point tensor "
+            "(convert images with x.float() / 255 or your usual preprocessing)"
+        )
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise BadBatchError(f"batch is empty (shape {tuple(x.shape)})")
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise BadBatchError(
+            f"batch has shape {tuple(x.shape)}; this model expects (N, "
+            f"{', '.join(map(str, sample_shape))})"
+        )
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise BadBatchError(f"batch contains {bad} NaN or Inf value(s) out of {x.numel()}")
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() and not os.environ.get("QTTA_QUIET")
+
+
+class Adaptation:
+    """A model adapting online to a stream, with its state.
+
+    Attributes: ``model`` (the adapted model, still of its backend's kind), ``view``, ``method``,
+    ``config``, ``predictions`` (every prediction so far, in order), ``results`` (per-domain errors
+    when labels were given).
+    """
+
+    def __init__(self, view: QuantView, method: TestTimeMethod, config: AdaptConfig) -> None:
+        self.view = view
+        self.method = method
+        self.config = config
+        self.sample_shape: tuple[int, ...] | None = getattr(view, "sample_shape", None)
+        self._initial = (view.snapshot(), method._copy_state())
+        self._predictions: list[torch.Tensor] = []
+        self.results: dict[str, DomainResult] = {}
+        self.batches = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.view.model
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        if not self._predictions:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat(self._predictions)
+
+    # --- online use ------------------------------------------------------------------------------
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, domain: str = "stream"
+    ) -> torch.Tensor:
+        """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing."""
+        check_batch(x, self.sample_shape)
+        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+            raise BadBatchError(
+                f"labels must be a tensor with one entry per sample ({x.shape[0]}), got "
+                f"{getattr(y, 'shape', type(y).__name__)}"
+            )
+        params = self.method.adapted_parameters()
+        backup = [p.detach().clone() for p in params]
+        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+        method_state = self.method._copy_state()
+        try:
+            logits = self.method.forward_and_adapt(x)
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model produced non-finite logits on this batch")
+            if any(not torch.isfinite(p).all() for p in params):
+                raise FloatingPointError("adaptation produced a non-finite parameter on this batch")
+        except BaseException:
+            with torch.no_grad():
+                for p, saved in zip(params, backup, strict=True):
+                    p.copy_(saved)
+                for k, b in self.model.named_buffers():
+                    b.copy_(buffers[k])
+            self.method.load_state_dict(method_state)
+            raise
+        if self.sample_shape is None:
+            self.sample_shape = tuple(x.shape[1:])
+        pred = logits.argmax(1)
+        self._predictions.append(pred.detach().cpu())
+        if y is not None:
+            result = self.results.setdefault(domain, DomainResult(domain))
+            result.n += int(y.numel())
+            result.errors += int((pred.cpu() != y.cpu()).sum())
+        self.batches += 1
+        return logits
+
+    def run(
+        self, stream: Iterable[Any], *, progress: bool | None = None, desc: str | None = None
+    ) -> torch.Tensor:
+        """Adapt on every batch of ``stream`` in order; return this run's predictions."""
+        start = len(self._predictions)
+        total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
+        bar: Iterator[Any] = tqdm(
+            stream,
+            total=total,
+            desc=desc or self.config.method,
+            disable=not _progress_enabled(progress),
+            leave=False,
+        )
+        n = 0
+        for item in bar:
+            batch = _unpack(item)
+            self.step(batch.x, batch.y, batch.domain)
+            n += 1
+        if n == 0:
+            raise BadBatchError("the stream is empty: there was no batch to adapt on")
+        return torch.cat(self._predictions[start:])
+
+    # --- results ---------------------------------------------------------------------------------
+    def errors(self) -> dict[str, float]:
+        """Error (%) per domain in stream order, and ``"mean"`` over domains."""
+        out = {name: r.error for name, r in self.results.items()}
+        if out:
+            out["mean"] = sum(out.values()) / len(out)
+        return out
+
+    # --- state -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the model and method state before the first batch; results are cleared."""
+        model_state, method_state = self._initial
+        self.view.restore(model_state)
+        self.method.reset()
+        self.method.load_state_dict(method_state)
+        self._predictions.clear()
+        self.results.clear()
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "config": asdict(self.config),
+            "model": self.view.snapshot(),
+            "method_state": self.method._copy_state(),
+            "batches": self.batches,
+            "sample_shape": self.sample_shape,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.config.method:
+            raise ValueError(
+                f"state is for method {state.get('method')!r}, this adaptation runs {self.config.method!r}"
+            )
+        current = (self.view.snapshot(), self.method._copy_state())
+        try:
+            self.view.restore(state["model"])
+            self.method.load_state_dict(state["method_state"])
+        except BaseException:
+            self.view.restore(current[0])
+            self.method.load_state_dict(current[1])
+            raise
+        self.batches = state.get("batches", 0)
+        self.sample_shape = state.get("sample_shape", self.sample_shape)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+
+@dataclass
+class RunSummary:
+    """Errors per domain for one method over one stream (what ``qtta demo`` prints)."""
+
+    method: str
+    errors: dict[str, float] = field(default_factory=dict)

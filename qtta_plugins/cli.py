@@ -1,0 +1,87 @@
+"""The ``qtta`` command: ``qtta demo`` and ``qtta plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import list_plugins
+
+    rows = list_plugins()
+    width = max(len(p.name) for p in rows)
+    dist_w = max(len(p.distribution) for p in rows)
+    for p in rows:
+        provides = ", ".join(
+            [f"method {m}" for m in p.methods] + [f"backend {b}" for b in p.backends]
+        ) or ", ".join(p.hooks)
+        print(f"{p.name:<{width}}  {p.distribution:<{dist_w}}  {provides}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    if args.cache_dir:
+        os.environ["QTTA_CACHE_DIR"] = args.cache_dir
+    from .demo import run_demo
+
+    progress = False if args.quiet else None
+    run_demo(
+        backend=args.backend,
+        bits=args.bits,
+        methods=args.methods,
+        source=args.source,
+        severity=args.severity,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        plot=None if args.no_plot else (args.plot or f"qtta_demo_{args.backend}_{args.bits}.png"),
+        progress=progress,
+        threads=args.threads,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtta", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "plugins", help="list installed plugins and the distributions they come from"
+    )
+    p.set_defaults(func=_cmd_plugins)
+
+    d = sub.add_parser(
+        "demo", help="quantize a small CNN and adapt it along a continual corruption stream"
+    )
+    d.add_argument("--backend", default="torchao")
+    d.add_argument("--bits", default="w4a4", help="w8a8, w4a4, w2a4, ...")
+    d.add_argument("--methods", nargs="+", default=["source", "norm", "tent"])
+    d.add_argument("--source", default="digits", choices=["digits", "fashion-mnist"])
+    d.add_argument("--severity", type=int, default=5, choices=range(1, 6))
+    d.add_argument("--batch-size", type=int, default=50)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    d.add_argument("--plot", default=None, help="PNG path (default qtta_demo_<backend>_<bits>.png)")
+    d.add_argument("--no-plot", action="store_true")
+    d.add_argument(
+        "--cache-dir", default=None, help="cache directory (default $QTTA_CACHE_DIR or ~/.cache)"
+    )
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        print(f"qtta: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Configuration objects: one dataclass per choice, validated when it is built.
+
+``quantize(model, QuantConfig(backend="torchao", weight_bits=4, act_bits=4))`` and
+``adapt(model, stream, TentConfig(lr=1e-3))`` read the same way torchao's ``quantize_`` does. Method
+plugins subclass :class:`AdaptConfig` (or :class:`ReconstructConfig`) for their own options.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+_BITS_RE = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
+
+
+def parse_bits(bits: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``"w4a4"`` / ``4`` / ``(4, 8)`` -> ``(weight_bits, act_bits)``."""
+    if isinstance(bits, bool):
+        raise TypeError(f"bits must be 'wXaY', an int or a (w, a) pair, not {bits!r}")
+    if isinstance(bits, int):
+        return bits, bits
+    if isinstance(bits, str):
+        match = _BITS_RE.match(bits.strip())
+        if not match:
+            raise ValueError(f"bits {bits!r} is not of the form 'w<N>a<M>' (for example 'w4a4')")
+        return int(match.group(1)), int(match.group(2))
+    if isinstance(bits, tuple | list) and len(bits) == 2:
+        return int(bits[0]), int(bits[1])
+    raise TypeError(f"bits must be 'wXaY', an int or a (w, a) pair, not {bits!r}")
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a float model.
+
+    Weights are quantized per output channel, symmetric; activations per tensor, affine (pt2e route)
+    or per token, dynamic (torchao's Linear-only QAT route, which has no static per-tensor mode).
+
+    ``first_last_bits``: bit-width kept for the first layer's input and weights and the last layer,
+    as the low-bit PTQ literature does (BRECQ, QDrop, TTAQ all keep them at 8 bit). ``None`` quantizes
+    them like every other layer.
+    """
+
+    backend: str = "torchao"
+    weight_bits: int = 8
+    act_bits: int = 8
+    first_last_bits: int | None = 8
+    calib_batches: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError("QuantConfig.backend must be a non-empty backend name, e.g. 'torchao'")
+        for field in ("weight_bits", "act_bits"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or not 2 <= value <= 8:
+                raise ValueError(f"QuantConfig.{field} must be an int in 2..8, got {value!r}")
+        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
+            raise ValueError(
+                f"QuantConfig.first_last_bits must be 2..8 or None, got {self.first_last_bits!r}"
+            )
+        if self.calib_batches < 1:
+            raise ValueError(f"QuantConfig.calib_batches must be >= 1, got {self.calib_batches}")
+
+    @property
+    def tag(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+
+@dataclass
+class AdaptConfig:
+    """Base of every test-time adaptation method's configuration.
+
+    ``method`` names the method plugin; ``seed`` makes the run deterministic. A method plugin that is
+    handed a bare ``AdaptConfig`` (the user passed only a name) builds its own defaults from it.
+    """
+
+    method: str = "tent"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError("AdaptConfig.method must be a non-empty method name")
+
+
+@dataclass
+class SourceConfig(AdaptConfig):
+    """No adaptation: the quantized model as it is, norms on their source (running) statistics."""
+
+    method: str = "source"
+
+
+@dataclass
+class NormConfig(AdaptConfig):
+    """BN-adapt (Schneider et al. 2020): batch norms use the test batch's statistics; nothing is learned."""
+
+    method: str = "norm"
+
+
+@dataclass
+class TentConfig(AdaptConfig):
+    """Tent (Wang et al., ICLR 2021): entropy minimisation on the norm layers' affine parameters.
+
+    Batch norms use test-batch statistics. ``lr`` and ``momentum`` are for SGD, as in the reference
+    implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
+    """
+
+    method: str = "tent"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TentConfig.lr must be a positive finite number, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.steps < 1:
+            raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
+
+
+@dataclass
+class ReconstructConfig:
+    """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...)."""
+
+    method: str = "ttaq"
+    seed: int = 0

@@ -1,0 +1,115 @@
+"""The contract between qtta-plugins and its plugins.
+
+Two kinds of plugins implement these hooks:
+
+* **backend adapters** (torchao, Brevitas, NNCF, ...) translate a backend's quantized model into the
+  uniform :class:`~qtta_plugins.view.QuantView` and back, and quantize float models;
+* **methods** (``source``, ``norm``, ``tent``, later ZOA, TTAQ, RTF-Q, ...) work only on that view and
+  so run on every backend.
+
+Every hook is ``firstresult``: each implementation looks at the request (the backend or method name
+in ``config``, or the model's type) and returns ``None`` when it is not the one addressed, so the
+first plugin that recognises the request answers. A plugin is registered either by the core (the
+built-in methods) or through the ``qtta_plugins`` entry-point group, the same way for both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch
+
+    from .config import AdaptConfig, QuantConfig, ReconstructConfig
+    from .methods.base import MethodInfo, TestTimeMethod
+    from .view import QuantView
+
+PROJECT = "qtta_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def qtta_methods() -> list[MethodInfo]:
+    """Declare the methods this plugin provides.
+
+    Return a list of :class:`~qtta_plugins.methods.base.MethodInfo` (name, the hook it serves:
+    ``"adapt"``, ``"reconstruct"`` or ``"select_subnet"``, whether it needs autograd, a one-line
+    summary). Not firstresult: every plugin's lists are concatenated. The core uses them to list
+    what is installed, to name the alternatives in an "unknown method" error, and to pick a default.
+    """
+
+
+@hookspec
+def qtta_backends() -> list[str]:
+    """Declare the backend names this plugin adapts (e.g. ``["torchao"]``).
+
+    Not firstresult. Must not import the backend itself: it is called to list installed plugins and to
+    name the alternatives in an "unknown backend" error, even when the backend is not installed.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_quant_view(model: torch.nn.Module) -> QuantView | None:
+    """Recognise a quantized model of this plugin's backend and return its uniform view.
+
+    Return ``None`` when the model is not of this backend. Recognition must be cheap and must not import
+    the backend unless the model could be one of its models (check ``type(model).__module__`` or a
+    marker first). The view wraps the given model object itself (no copy): the caller decides whether
+    to copy first. It must cover models quantized with the backend's own API, not only ours.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_quantize(
+    model: torch.nn.Module, config: QuantConfig, calib: Iterable[torch.Tensor]
+) -> torch.nn.Module | None:
+    """Quantize a float model with the backend named in ``config.backend``.
+
+    Return ``None`` when ``config.backend`` is not this plugin's. Otherwise return a new model of the
+    backend's native kind (the input model is not modified), calibrated on the batches of ``calib``,
+    with weights and activations at ``config.weight_bits`` / ``config.act_bits``. Raise a clear
+    ``ImportError`` naming the pip extra when the backend is not installed.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_reconstruct(
+    qmodel: torch.nn.Module,
+    fp_model: torch.nn.Module,
+    calib: Iterable[torch.Tensor],
+    config: ReconstructConfig,
+) -> torch.nn.Module | None:
+    """PTQ reconstruction of an already-quantized model against its float original.
+
+    Return ``None`` when ``config.method`` is not this plugin's. Otherwise return the reconstructed model,
+    still of its backend's native kind, with the learned rounding and scales written back into the
+    backend's own state so that the backend's forward reproduces the reconstructed function.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_adapt(view: QuantView, config: AdaptConfig) -> TestTimeMethod | None:
+    """Build the online test-time adaptation method named ``config.method`` on a model's view.
+
+    Return ``None`` when the name is not this plugin's. Otherwise return a
+    :class:`~qtta_plugins.methods.base.TestTimeMethod`, already configured on ``view`` (which parameters
+    adapt, which norms use batch statistics). The core drives it over the stream one batch at a time
+    (predict, then update), validates each batch, rolls back on error, and handles reset / save / load,
+    so a method only writes ``forward_and_adapt``.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_select_subnet(bank: Any, budget: dict[str, float]) -> torch.nn.Module | None:
+    """Choose the most accurate subnet of an RTF-Q bank within ``budget`` and materialise it.
+
+    ``budget`` maps resource names (``"macs"``, ``"bitops"``, ``"bytes"``) to upper bounds. Return
+    ``None`` when ``bank`` is not of a kind this plugin knows. Otherwise return a standalone model of
+    the bank's backend, or raise ``ValueError`` naming the smallest feasible budget.
+    """

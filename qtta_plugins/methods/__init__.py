@@ -1,0 +1,7 @@
+"""Built-in methods. Each module is a plugin the core registers exactly as a third party's would be."""
+
+BUILTIN_METHOD_PLUGINS = (
+    "qtta_plugins.methods.source",
+    "qtta_plugins.methods.norm",
+    "qtta_plugins.methods.tent",
+)

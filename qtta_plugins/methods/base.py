@@ -1,0 +1,68 @@
+"""What a test-time adaptation method is, for the core that drives it.
+
+A method is a small class in the shape of Tent's reference code: ``__init__`` configures the model
+through its :class:`~qtta_plugins.view.QuantView` and collects the parameters it adapts, and
+:meth:`TestTimeMethod.forward_and_adapt` returns the prediction for one batch and then updates.
+Everything around that (input checks, rollback on error, reset, save / load, the stream loop) is the
+core's, in :mod:`qtta_plugins.adaptation`.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import AdaptConfig
+from ..view import QuantView
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method a plugin provides (returned by the ``qtta_methods`` hook)."""
+
+    name: str
+    hook: Literal["adapt", "reconstruct", "select_subnet"]
+    summary: str
+    needs_backward: bool = False
+    config_cls: type = AdaptConfig
+
+
+class TestTimeMethod(ABC):
+    """One online test-time adaptation method bound to one model view."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    #: whether ``forward_and_adapt`` needs autograd through the model
+    needs_backward: bool = False
+
+    def __init__(self, view: QuantView, config: AdaptConfig) -> None:
+        self.view = view
+        self.config = config
+
+    @abstractmethod
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits for ``x`` (the prediction is made before this batch's update), then adapt."""
+
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        """The parameters this method changes (the core backs them up around each step)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state beyond the model's tensors (optimizer moments, EMAs, banks...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
+
+    def reset(self) -> None:
+        """Forget the method's own state (the core restores the model's tensors)."""
+        return None
+
+    def _copy_state(self) -> dict[str, Any]:
+        return copy.deepcopy(self.state_dict())

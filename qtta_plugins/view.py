@@ -1,0 +1,234 @@
+"""The uniform view of a quantized model (DESIGN §3).
+
+Methods never touch backend classes: an adapter wraps a backend's model in a :class:`QuantView`, and
+methods read and change the model only through it. The view wraps the model object itself; copying,
+when the user did not ask for in-place work, is the caller's job (see :func:`qtta_plugins.adapt`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+NormMode = Literal["source", "batch"]
+
+
+class QuantizerHandle(ABC):
+    """One fake-quantizer of a model, whatever the backend's class for it."""
+
+    name: str
+    role: Literal["weight", "act"]
+
+    @property
+    @abstractmethod
+    def bits(self) -> int:
+        """Bit-width (the integer grid has ``qmax - qmin + 1 == 2**bits`` levels, or one fewer when
+        a symmetric quantizer drops the most negative level)."""
+
+    @bits.setter
+    @abstractmethod
+    def bits(self, value: int) -> None: ...
+
+    @property
+    @abstractmethod
+    def enabled(self) -> bool:
+        """Whether fake quantization is applied (``False``: the quantizer is the identity)."""
+
+    @enabled.setter
+    @abstractmethod
+    def enabled(self, value: bool) -> None: ...
+
+    @property
+    @abstractmethod
+    def qrange(self) -> tuple[int, int]:
+        """The integer range ``(qmin, qmax)``."""
+
+    @property
+    @abstractmethod
+    def ch_axis(self) -> int | None:
+        """Channel axis of per-channel parameters; ``None`` for per-tensor (or per-token)."""
+
+    @abstractmethod
+    def params(self) -> dict[str, torch.Tensor]:
+        """The quantizer's parameters under the backend's own names (scale, zero_point, ...)."""
+
+    def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
+        """Make the scale parameters trainable; return them. Raise where the backend cannot."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable scale on this backend")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, role={self.role}, bits={self.bits})"
+
+
+def bits_of(qmin: int, qmax: int) -> int:
+    """Bit-width of an integer range; symmetric ranges like -7..7 are 4-bit."""
+    return max(1, math.ceil(math.log2(qmax - qmin + 1)))
+
+
+@dataclass
+class QuantLayer:
+    """A quantized compute layer (conv / linear), in forward order."""
+
+    name: str
+    kind: Literal["conv", "linear"]
+    weight: torch.Tensor
+    weight_quantizer: QuantizerHandle | None
+    input_quantizer: QuantizerHandle | None = None
+    output_quantizer: QuantizerHandle | None = None
+
+
+@dataclass
+class NormLayer:
+    """A normalisation layer and its affine parameters.
+
+    ``folded``: the backend folded this norm into the preceding conv, so ``weight`` / ``bias`` are the
+    per-channel affine that stands in for it.
+    """
+
+    name: str
+    kind: Literal["batch", "layer", "group"]
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    folded: bool = False
+
+    def affine(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+
+@dataclass
+class Block:
+    """A unit of reconstruction (residual block, transformer block, stem, head)."""
+
+    name: str
+    layers: list[QuantLayer] = field(default_factory=list)
+
+
+class QuantView(ABC):
+    """A backend's quantized model seen uniformly.
+
+    Subclasses implement :meth:`layers`, :meth:`norms`, :attr:`can_backprop` and
+    :meth:`set_norm_mode`; snapshot / restore work on any ``nn.Module`` and may be extended.
+    """
+
+    backend: str = "?"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._norm_mode: NormMode = "source"
+
+    # --- what the model is made of -------------------------------------------------------------
+    @abstractmethod
+    def layers(self) -> list[QuantLayer]:
+        """The quantized conv / linear layers in forward order."""
+
+    @abstractmethod
+    def norms(self) -> list[NormLayer]:
+        """The norm layers in forward order (empty when all were folded and none is offered)."""
+
+    @property
+    @abstractmethod
+    def can_backprop(self) -> bool:
+        """Whether gradients reach the norm parameters (False for integer-kernel models)."""
+
+    def quantizers(self) -> list[QuantizerHandle]:
+        """Every distinct quantizer, in forward order."""
+        seen: dict[int, QuantizerHandle] = {}
+        for layer in self.layers():
+            for q in (layer.input_quantizer, layer.weight_quantizer, layer.output_quantizer):
+                if q is not None and id(q) not in seen:
+                    seen[id(q)] = q
+        return list(seen.values())
+
+    def blocks(self) -> list[Block]:
+        """Layers grouped by their top-level module (``layer1.0.conv1`` -> ``layer1.0``).
+
+        Adapters with better knowledge of their models' structure override this.
+        """
+        groups: dict[str, Block] = {}
+        for layer in self.layers():
+            parts = layer.name.split(".")
+            key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+            groups.setdefault(key, Block(key)).layers.append(layer)
+        return list(groups.values())
+
+    # --- how norms normalise ---------------------------------------------------------------------
+    @property
+    def norm_mode(self) -> NormMode:
+        return self._norm_mode
+
+    def set_norm_mode(self, mode: NormMode) -> None:
+        """``"source"``: batch norms use their running (source) statistics. ``"batch"``: they use the
+        current batch's statistics and leave the running statistics untouched (test-time methods
+        must not drift the source statistics, which a folded weight scale may depend on)."""
+        if mode not in ("source", "batch"):
+            raise ValueError(f"norm mode must be 'source' or 'batch', not {mode!r}")
+        self._apply_norm_mode(mode)
+        self._norm_mode = mode
+
+    @abstractmethod
+    def _apply_norm_mode(self, mode: NormMode) -> None: ...
+
+    # --- what adapts -----------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """No parameter requires grad."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """Affine parameters of every norm layer, in forward order, each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for norm in self.norms():
+            for p in norm.affine():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    # --- state -----------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """Everything adaptation may change: parameters, buffers, requires_grad flags, norm mode,
+        and each quantizer's bit-width and on/off switch (backends keep some of those outside the
+        state dict)."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()}
+        grads = {k: p.requires_grad for k, p in self.model.named_parameters()}
+        quantizers = {q.name: (q.bits, q.enabled) for q in self.quantizers()}
+        return {
+            "tensors": state,
+            "requires_grad": grads,
+            "norm_mode": self._norm_mode,
+            "quantizers": quantizers,
+        }
+
+    def restore(self, snapshot: dict[str, object]) -> None:
+        """Put back exactly what :meth:`snapshot` saw."""
+        tensors: dict[str, torch.Tensor] = snapshot["tensors"]  # type: ignore[assignment]
+        saved_quantizers: dict[str, tuple[int, bool]] = snapshot.get("quantizers", {})  # type: ignore[assignment]
+        for q in self.quantizers():
+            bits, enabled = saved_quantizers.get(q.name, (q.bits, q.enabled))
+            if q.bits != bits:
+                q.bits = bits  # before the tensors: a new bit-width re-derives the scale
+            if q.enabled != enabled:
+                q.enabled = enabled
+        current = self.model.state_dict(keep_vars=True)
+        missing = set(tensors) ^ set(current)
+        if missing:
+            raise ValueError(
+                f"snapshot does not match this model: differing keys {sorted(missing)[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in tensors.items():
+                current[k].copy_(v)
+        for k, p in self.model.named_parameters():
+            p.requires_grad_(snapshot["requires_grad"].get(k, p.requires_grad))  # type: ignore[union-attr]
+        self.set_norm_mode(snapshot["norm_mode"])  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, layers={len(self.layers())}, "
+            f"norms={len(self.norms())}, can_backprop={self.can_backprop})"
+        )

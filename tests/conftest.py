@@ -1,0 +1,70 @@
+"""Shared fixtures: one trained source model and its quantized versions per session.
+
+Threads are pinned to 2 (oversubscribing small CPU machines slows tiny models many-fold). Trained
+models and corrupted sets go to the user cache (``QTTA_CACHE_DIR`` or ``~/.cache/qtta-plugins``), so
+a second run of the suite reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("QTTA_QUIET", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SEED = 0
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from qtta_plugins.data import load_source
+
+    return load_source("digits", seed=SEED)
+
+
+@pytest.fixture(scope="session")
+def calib(digits):
+    train, _ = digits
+    return [train.x[i : i + 64] for i in range(0, 512, 64)]
+
+
+@pytest.fixture(scope="session")
+def float_cnn():
+    from qtta_plugins.models import train_source_model
+
+    return train_source_model("bncnn", "digits", seed=SEED, progress=False)
+
+
+@pytest.fixture(scope="session")
+def qcnn(float_cnn, calib):
+    """bits tag -> torchao pt2e fake-quant model (do not mutate: tests that adapt work on copies)."""
+    import qtta_plugins
+
+    return {
+        bits: qtta_plugins.quantize(float_cnn, "torchao", bits, calib)
+        for bits in ("w8a8", "w4a4", "w2a4")
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_stream():
+    from qtta_plugins.data import continual_stream
+
+    return continual_stream("digits", severity=5, batch_size=50, seed=SEED, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_result(tmp_path_factory):
+    """The full ``qtta demo`` run (torchao W4A4, source / norm / tent), computed once."""
+    from qtta_plugins.demo import run_demo
+
+    plot = tmp_path_factory.mktemp("demo") / "demo.png"
+    result = run_demo("torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED)
+    return result, plot
