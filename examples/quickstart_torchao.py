@@ -1,6 +1,6 @@
 """Quick start: quantize a CNN with torchao at W4A4 and adapt it along a continual corruption stream.
 
-    python examples/quickstart_torchao.py
+python examples/quickstart_torchao.py
 """
 
 import torch
