@@ -111,9 +111,11 @@ class IntxFakeQuantizerHandle(QuantizerHandle):
         signed = self.qrange[0] < 0
         self.module.config.dtype = getattr(torch, f"{'int' if signed else 'uint'}{value}")
         if not self.module.config.is_dynamic:
-            # Static scales belong to the old grid: re-initialise them from the weight.
-            self.module.scale = None
-            self.module.zero_point = None
+            # Static scales belong to the old grid: re-initialise them from the weight. They may be
+            # registered Parameters (range learning), which cannot be re-assigned plain tensors.
+            for name in ("scale", "zero_point"):
+                self.module._parameters.pop(name, None)
+                setattr(self.module, name, None)
             if self._weight is not None:
                 with torch.no_grad():
                     self.module(self._weight)

@@ -1,0 +1,197 @@
+"""One conformance suite for every installed backend adapter and two model families.
+
+Everything here goes through the public API and the uniform view only, so a new adapter is checked
+by the same assertions as ours: layers in forward order, quantizers with the right bit-widths,
+quantization off reproduces the float model, bit-widths round-trip, snapshot / restore is exact,
+gradients reach the norm parameters (and the scales where the backend allows), forward-only works.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import qtta_plugins
+from qtta_plugins.models import SmallBNCNN, TinyViT
+from qtta_plugins.plugins import available_backends
+
+BACKENDS = [b for b in ("torchao", "brevitas", "nncf") if importlib.util.find_spec(b) is not None]
+FAMILIES = ("bncnn", "vit")
+BITS = (4, 4)  # weight, activation bits of the inner layers; first / last stay at 8
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the conv / linear modules in the order the float model calls them."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return list(dict.fromkeys(order))
+
+
+@pytest.fixture(scope="module")
+def inputs(digits):
+    train, test = digits
+    return [train.x[i : i + 32] for i in range(0, 128, 32)], test.x[:64]
+
+
+@pytest.fixture(scope="module")
+def float_models(float_cnn):
+    torch.manual_seed(0)
+    return {"bncnn": float_cnn, "vit": TinyViT().eval()}
+
+
+@pytest.fixture(scope="module", params=[(b, f) for b in BACKENDS for f in FAMILIES], ids="-".join)
+def case(request, float_models, inputs):
+    backend, family = request.param
+    if backend not in available_backends():
+        pytest.fail(f"{backend} is installed but no qtta_plugins adapter for it is registered")
+    calib, _ = inputs
+    model = float_models[family]
+    qmodel = qtta_plugins.quantize(model, backend, BITS, calib)
+    return backend, family, model, qmodel
+
+
+def fresh(case):
+    """A copy of the quantized model and its view, on source statistics."""
+    qmodel = copy.deepcopy(case[3])
+    view = qtta_plugins.quant_view(qmodel)
+    view.set_norm_mode("source")
+    return qmodel, view
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_view_is_of_the_backend(case):
+    backend, *_ = case
+    _, view = fresh(case)
+    assert view.backend == backend
+    assert view.can_backprop
+
+
+def test_layers_in_forward_order(case, inputs):
+    _, _, model, _ = case
+    _, x = inputs
+    _, view = fresh(case)
+    assert [layer.name for layer in view.layers()] == forward_order(model, x)
+
+
+def test_quantizers_found_with_their_bit_widths(case):
+    _, view = fresh(case)
+    layers = view.layers()
+    for i, layer in enumerate(layers):
+        expected_w = 8 if i in (0, len(layers) - 1) else BITS[0]
+        assert layer.weight_quantizer is not None, layer.name
+        assert layer.weight_quantizer.role == "weight"
+        assert layer.weight_quantizer.bits == expected_w, layer.name
+        assert layer.weight_quantizer.ch_axis is not None, "weights are per channel"
+    inner_acts = [
+        layer.input_quantizer for layer in layers[1:-1] if layer.input_quantizer is not None
+    ]
+    assert inner_acts, "activation quantizers were found"
+    assert {q.bits for q in inner_acts} == {BITS[1]}
+    assert all(q.role == "act" for q in inner_acts)
+
+
+def test_quantization_off_reproduces_the_float_model(case, inputs):
+    _, _, model, _ = case
+    _, x = inputs
+    qmodel, view = fresh(case)
+    with torch.no_grad():
+        quantized = rel_error(qmodel(x), model(x))
+        for q in view.quantizers():
+            q.enabled = False
+        off = rel_error(qmodel(x), model(x))
+    assert quantized > 1e-3, "the model was quantized at all"
+    assert off < 1e-4, off
+
+
+def test_bit_width_round_trips_and_changes_the_function(case, inputs):
+    _, x = inputs
+    qmodel, view = fresh(case)
+    handle = view.layers()[1].weight_quantizer
+    with torch.no_grad():
+        before = qmodel(x)
+        handle.bits = 3
+        assert view.layers()[1].weight_quantizer.bits == 3
+        after3 = qmodel(x)
+        handle.bits = BITS[0]
+        assert view.layers()[1].weight_quantizer.bits == BITS[0]
+        back = qmodel(x)
+    assert not torch.allclose(before, after3)
+    assert torch.allclose(before, back, atol=1e-5)
+
+
+def test_snapshot_and_restore_are_exact(case, inputs):
+    _, x = inputs
+    qmodel, view = fresh(case)
+    snap = view.snapshot()
+    with torch.no_grad():
+        ref = qmodel(x)
+        for p in view.norm_parameters():
+            p.mul_(1.5).add_(0.1)
+        view.layers()[1].weight_quantizer.bits = 2
+        view.quantizers()[-1].enabled = False
+    view.set_norm_mode("batch")
+    with torch.no_grad():
+        assert not torch.equal(qmodel(x), ref)
+    view.restore(snap)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), ref)
+
+
+def test_gradients_reach_norms_and_scales(case, inputs):
+    _, x = inputs
+    qmodel, view = fresh(case)
+    view.set_norm_mode("batch")
+    view.freeze()
+    norms = view.norm_parameters()
+    assert norms
+    for p in norms:
+        p.requires_grad_(True)
+    scales = []
+    for q in view.quantizers():
+        try:
+            scales += q.set_trainable(True)
+        except NotImplementedError:
+            continue
+    qmodel(x).logsumexp(1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in norms)
+    assert sum(float(p.grad.abs().sum()) for p in norms) > 0
+    assert all(p.grad is not None for p in scales)
+
+
+def test_forward_only_needs_no_autograd(case, inputs):
+    _, x = inputs
+    qmodel, _ = fresh(case)
+    with torch.inference_mode():
+        out = qmodel(x)
+    assert not out.requires_grad and torch.isfinite(out).all()
+
+
+def test_adapt_runs_unchanged(case, inputs):
+    _, x = inputs
+    qmodel, _ = fresh(case)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    run = qtta_plugins.adapt(qmodel, [x[:32], x[32:]])
+    assert len(run.predictions) == len(x)
+    assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
+
+
+def test_families_are_what_they_claim():
+    assert any(isinstance(m, nn.BatchNorm2d) for m in SmallBNCNN().modules())
+    vit = TinyViT()
+    assert not any(isinstance(m, nn.Conv2d) for m in vit.modules())
+    assert any(isinstance(m, nn.LayerNorm) for m in vit.modules())
