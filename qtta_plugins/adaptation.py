@@ -10,9 +10,8 @@ recorded in stream order.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import AdaptConfig
 from .errors import BadBatchError
 from .methods.base import TestTimeMethod
+from .progress import show_progress
 from .view import QuantView
 
 
@@ -78,12 +78,6 @@ def check_batch(x: Any, sample_shape: tuple[int, ...] | None) -> None:
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise BadBatchError(f"batch contains {bad} NaN or Inf value(s) out of {x.numel()}")
-
-
-def _progress_enabled(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() and not os.environ.get("QTTA_QUIET")
 
 
 class Adaptation:
@@ -164,7 +158,7 @@ class Adaptation:
             stream,
             total=total,
             desc=desc or self.config.method,
-            disable=not _progress_enabled(progress),
+            disable=not show_progress(progress),
             leave=False,
         )
         n = 0
@@ -226,11 +220,3 @@ class Adaptation:
 
     def load(self, path: str | os.PathLike[str]) -> None:
         self.load_state_dict(torch.load(path, weights_only=False))
-
-
-@dataclass
-class RunSummary:
-    """Errors per domain for one method over one stream (what ``qtta demo`` prints)."""
-
-    method: str
-    errors: dict[str, float] = field(default_factory=dict)

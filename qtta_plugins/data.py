@@ -21,7 +21,6 @@ import os
 import pathlib
 import random
 import re
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .progress import show_progress
 
 __all__ = [
     "CORRUPTIONS",
@@ -455,15 +456,6 @@ def _save_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return bool(progress)
-    try:
-        return sys.stderr is not None and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def corrupt_set(
     images: ImageSet,
     corruption: str,
@@ -533,7 +525,7 @@ def corrupt_set(
     np.random.seed(global_seed)
     random.seed(python_seed)
     try:
-        bar = tqdm(range(n), desc=f"{corruption}-{severity}", disable=not _show_progress(progress))
+        bar = tqdm(range(n), desc=f"{corruption}-{severity}", disable=not show_progress(progress))
         for i in bar:
             rgb = np.repeat(clean_u8[i][:, :, None], 3, axis=2)
             corrupted = np.asarray(_corrupt_image(rgb, corruption, severity, int(image_seeds[i])))
