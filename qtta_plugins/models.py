@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import cache_dir, load_source
+from .progress import show_progress
 
 
 class SmallBNCNN(nn.Module):
@@ -147,23 +148,25 @@ def train_source_model(
     under ``seed``. Returned in eval mode.
     """
     train, _ = load_source(source, root=root, seed=seed)
-    key = f"{arch}-{train.name}-e{epochs}-b{batch_size}-lr{lr}-s{seed}-v1"
+    key = f"{arch}-{train.name}-e{epochs}-b{batch_size}-lr{lr}-s{seed}-v2"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     path = Path(cache_dir()) / "models" / f"{arch}-{train.name.replace('/', '_')}-{digest}.pt"
+    torch.manual_seed(seed)  # initial weights too, whatever the caller drew before
     model = build(arch, num_classes=int(train.y.max()) + 1)
     if cache and path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
 
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    show = progress if progress is not None else None
     bar = tqdm(
-        range(epochs), desc=f"train {arch} on {train.name}", disable=show is False, leave=False
+        range(epochs),
+        desc=f"train {arch} on {train.name}",
+        disable=not show_progress(progress),
+        leave=False,
     )
     for _ in bar:
         order = torch.randperm(len(train), generator=gen)

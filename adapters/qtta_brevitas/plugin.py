@@ -1,0 +1,47 @@
+"""The Brevitas adapter's hook implementations (registered through the ``qtta_plugins`` entry point).
+
+Nothing here imports Brevitas: a model is only handed to :mod:`.view` (which does) when one of its
+modules comes from a ``brevitas.`` module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qtta_plugins.config import QuantConfig
+from qtta_plugins.hookspecs import hookimpl
+from qtta_plugins.view import QuantView
+
+from . import BACKEND
+
+
+@hookimpl
+def qtta_backends() -> list[str]:
+    return [BACKEND]
+
+
+@hookimpl
+def qtta_quant_view(model: torch.nn.Module) -> QuantView | None:
+    # Cheap check first: only a model that holds Brevitas modules can be one of ours.
+    if not _may_be_brevitas(model):
+        return None
+    from .view import recognise
+
+    return recognise(model)
+
+
+@hookimpl
+def qtta_quantize(
+    model: torch.nn.Module, config: QuantConfig, calib: Sequence[torch.Tensor]
+) -> torch.nn.Module | None:
+    if config.backend != BACKEND:
+        return None
+    from .quantize import quantize
+
+    return quantize(model, config, calib)
+
+
+def _may_be_brevitas(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("brevitas.") for m in model.modules())

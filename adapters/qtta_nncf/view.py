@@ -1,0 +1,524 @@
+"""NNCF models seen through the uniform :class:`~qtta_plugins.view.QuantView`.
+
+``nncf.quantize`` on a PyTorch model returns the same class, its ``forward`` wrapped by NNCF and a
+``HookStorage`` module at ``model.__nncf_hooks`` holding the fake quantizers:
+
+* ``pre_hooks["<op>__<port>"]`` run on an operation's input ``port`` (port 1 of a conv / linear
+  is its weight: the weight quantizers live here);
+* ``post_hooks["<op>__<port>"]`` run on an operation's output (most activation quantizers: NNCF
+  puts them after the producer of a tensor, not in front of its consumers).
+
+Op names are NNCF's (``layer1/conv1/conv2d/0``), not module paths: inside a ``ModuleList`` the list
+scope is dropped (``blocks[1].qkv`` calls ``qkv/linear/1``), so module names, forward order and which
+activation quantizer feeds which layer are read from a trace of the model with NNCF's own graph
+builder. The trace needs one example input: the one ``qtta_plugins.quantize`` stored on the model
+(attribute ``_qtta_example_input``), one set as ``view.example_input = x``, or else the first input
+the model is called with once a view has looked at it (a one-shot forward pre-hook keeps it). Until
+one is known, :meth:`NNCFView.layers` falls back to what the hook names alone say (weight
+quantizers; only input quantizers NNCF pre-hooked on the layer itself) and warns;
+:meth:`NNCFView.quantizers` (all that snapshot / restore and the methods need) is exact either way,
+in hook-storage order instead of forward order.
+
+Quantizer handles wrap NNCF's ``SymmetricQuantizer`` (parameter ``scale``: the clipping threshold,
+so the grid is ``scale * k / level_high``) and ``AsymmetricQuantizer`` (``input_low``,
+``input_range``). Their bit-width is NNCF's ``num_bits``; the thresholds stay where calibration put
+them when it changes, so the same range is cut into ``2**bits`` levels (or one fewer, narrow range).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qtta_plugins.view import NormLayer, NormMode, QuantizerHandle, QuantLayer, QuantView
+
+HOOKS_ATTR = "__nncf_hooks"
+EXAMPLE_ATTR = "_qtta_example_input"
+"""Model attribute holding one example input (a batch of one), used to trace the model's graph."""
+
+_NORM_TYPES = {
+    nn.BatchNorm1d: "batch",
+    nn.BatchNorm2d: "batch",
+    nn.BatchNorm3d: "batch",
+    nn.LayerNorm: "layer",
+    nn.GroupNorm: "group",
+}
+_COMPUTE_FUNCS = {
+    "conv1d": "conv",
+    "conv2d": "conv",
+    "conv3d": "conv",
+    "conv_transpose1d": "conv",
+    "conv_transpose2d": "conv",
+    "conv_transpose3d": "conv",
+    "linear": "linear",
+}
+# Operations that only move or select values: an activation quantizer in front of one of them
+# quantizes the input of whatever consumes its output (NNCF propagates quantizers through them).
+_PASS_THROUGH = {
+    "reshape",
+    "view",
+    "flatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "unfold",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "clone",
+    "__getitem__",
+    "__get__",
+    "dropout",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "chunk",
+    "split",
+    "unbind",
+}
+_QUANTIZE_FUNCS = ("symmetric_quantize", "asymmetric_quantize")
+
+
+def _from_nncf(obj: object) -> bool:
+    return type(obj).__module__.startswith("nncf.")
+
+
+def hook_storage(model: nn.Module) -> nn.Module | None:
+    """NNCF's ``HookStorage`` of ``model``, or ``None``."""
+    return model._modules.get(HOOKS_ATTR)
+
+
+def is_quantizer(module: nn.Module) -> bool:
+    """An NNCF fake quantizer (``BaseQuantizer``: symmetric, asymmetric, LoRA variants)."""
+    return (
+        _from_nncf(module)
+        and hasattr(module, "_num_bits")
+        and hasattr(module, "enabled")
+        and hasattr(module, "set_levels")
+    )
+
+
+def quantizer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every NNCF quantizer of ``model`` by its module path, in hook-storage order."""
+    storage = hook_storage(model)
+    if storage is None:
+        return {}
+    return {
+        f"{HOOKS_ATTR}.{name}": module
+        for name, module in storage.named_modules()
+        if is_quantizer(module)
+    }
+
+
+# --- quantizer handles ---------------------------------------------------------------------------
+class NNCFQuantizerHandle(QuantizerHandle):
+    """An NNCF ``SymmetricQuantizer`` / ``AsymmetricQuantizer`` hook module.
+
+    ``name`` is the quantizer's module path in the model (as in its ``state_dict``), e.g.
+    ``__nncf_hooks.pre_hooks.layer1/conv1/conv2d/0__1.0``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, role: str) -> None:
+        self.name, self.module, self.role = name, module, role  # type: ignore[assignment]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int(self.module.level_low), int(self.module.level_high)
+
+    @property
+    def bits(self) -> int:
+        return int(self.module.num_bits)
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            raise ValueError(f"bit-width must be an int in 2..8, got {value!r}")
+        module = self.module
+        # NNCF's overflow fix ("half range", first layer on some CPU targets) drops one bit of an
+        # 8-bit weight grid. Below 8 bit it would halve the grid again: keep it only at 8 bit.
+        if not hasattr(module, "_qtta_half_range"):
+            module._qtta_half_range = bool(module._half_range)
+        module._half_range = module._qtta_half_range if value == 8 else False
+        # NNCF recomputes level_low / level_high from num_bits; scale (symmetric) and
+        # input_low / input_range (asymmetric) are thresholds, not step sizes: the calibrated
+        # range is kept and cut into the new number of levels.
+        module.num_bits = value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.module.is_enabled_quantization())
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        # NNCF's switch is the quantizer's ``enabled`` buffer (in the state dict). Its
+        # enable_quantization() / disable_quantization() also flip requires_grad of the
+        # quantizer's parameters, which would undo a method's freeze() / set_trainable(): set
+        # the buffer only.
+        self.module.enabled.fill_(1 if value else 0)
+
+    @property
+    def ch_axis(self) -> int | None:
+        if not self.module.per_channel:
+            return None
+        shape = list(self.module.scale_shape)
+        return max(range(len(shape)), key=lambda i: shape[i])
+
+    @property
+    def symmetric(self) -> bool:
+        return hasattr(self.module, "_scale_param_storage")
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """``{"scale": ...}`` (symmetric) or ``{"input_low": ..., "input_range": ...}``."""
+        return dict(self.module.get_trainable_params())
+
+    def _storage(self) -> list[nn.Parameter]:
+        names = (
+            ("_scale_param_storage",)
+            if self.symmetric
+            else ("input_low", "_input_range_param_storage")
+        )
+        return [getattr(self.module, n) for n in names]
+
+    def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
+        """NNCF's own storage parameters (``_scale_param_storage``, or ``input_low`` and
+        ``_input_range_param_storage``; log-domain when NNCF stores the scale as a logarithm)."""
+        params = self._storage()
+        for p in params:
+            p.requires_grad_(flag)
+        return params
+
+
+# --- structure of the traced graph ---------------------------------------------------------------
+@dataclass
+class _LayerInfo:
+    name: str
+    kind: str
+    weight_name: str | None
+    weight_q: str | None
+    input_q: str | None
+    output_q: str | None = None
+
+
+@dataclass
+class _Structure:
+    layers: list[_LayerInfo] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # quantizer names in forward order
+    roles: dict[str, str] = field(default_factory=dict)
+    traced: bool = False
+
+
+def _module_path(const_name: str) -> str:
+    return const_name.rsplit(".", 1)[0]
+
+
+def trace_structure(model: nn.Module, example: torch.Tensor) -> _Structure:
+    """Layers, their quantizers and the quantizers' forward order, from one traced forward.
+
+    Uses NNCF's graph builder (the trace NNCF itself quantizes from), in eval mode, with every
+    quantizer switched on for the trace (a disabled quantizer leaves no node) and put back after.
+    """
+    from ._backend import nncf_module
+
+    build_graph = nncf_module("nncf.torch.function_hook.graph.build_graph_mode").build_graph
+    NodeType = nncf_module("nncf.torch.function_hook.graph.graph_utils").NodeType
+
+    modules = quantizer_modules(model)
+    saved = {name: int(m.enabled[0]) for name, m in modules.items()}
+    device = next((p.device for p in model.parameters()), example.device)
+    try:
+        for m in modules.values():
+            m.enabled.fill_(1)
+        graph = build_graph(model, example.to(device))
+    finally:
+        for name, m in modules.items():
+            m.enabled.fill_(saved[name])
+
+    def inputs(node: int) -> dict[int, int]:
+        return {data["meta"].input_port: src for src, _, data in graph.in_edges(node, data=True)}
+
+    def func_name(node: int) -> str | None:
+        data = graph.nodes[node]
+        if data["type"] is not NodeType.fn_call:
+            return None
+        return getattr(data["meta"].func, "__name__", "")
+
+    def const_name(node: int | None) -> str | None:
+        if node is None or graph.nodes[node]["type"] is not NodeType.const:
+            return None
+        return graph.nodes[node]["meta"].name_in_model
+
+    quantizer_of: dict[int, str] = {}
+    structure = _Structure(traced=True)
+    for node in sorted(graph.nodes):
+        fname = func_name(node)
+        if fname is None or not fname.startswith(_QUANTIZE_FUNCS):
+            continue
+        ports = inputs(node)
+        name = next(
+            (
+                _module_path(c)
+                for port, src in sorted(ports.items())
+                if port > 0 and (c := const_name(src)) and _module_path(c) in modules
+            ),
+            None,
+        )
+        if name is None:
+            continue
+        quantizer_of[node] = name
+        if name not in structure.roles:
+            structure.order.append(name)
+            # A quantizer of a parameter (a weight, or a norm's affine parameter, which NNCF
+            # quantizes too in some presets) is a weight quantizer.
+            structure.roles[name] = "weight" if const_name(ports.get(0)) else "act"
+
+    def source_quantizer(node: int | None) -> str | None:
+        for _ in range(64):
+            if node is None:
+                return None
+            if node in quantizer_of:
+                return quantizer_of[node]
+            if func_name(node) not in _PASS_THROUGH:
+                return None
+            node = inputs(node).get(0)
+        return None
+
+    consumers: dict[int, list[int]] = {}
+    for src, dst in graph.edges():
+        consumers.setdefault(src, []).append(dst)
+
+    seen: dict[str, int] = {}
+    for node in sorted(graph.nodes):
+        kind = _COMPUTE_FUNCS.get(func_name(node) or "")
+        if kind is None:
+            continue
+        ports = inputs(node)
+        w_src = ports.get(1)
+        weight_q = quantizer_of.get(w_src) if w_src is not None else None
+        if weight_q is None:
+            continue  # not a quantized layer
+        weight_name = const_name(inputs(w_src).get(0))
+        base = weight_name[: -len(".weight")] if weight_name else graph.nodes[node]["meta"].op_name
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        name = base if count == 0 else f"{base}#{count}"  # a module called more than once
+        output_q = next(
+            (quantizer_of[c] for c in consumers.get(node, []) if c in quantizer_of), None
+        )
+        structure.layers.append(
+            _LayerInfo(name, kind, weight_name, weight_q, source_quantizer(ports.get(0)), output_q)
+        )
+    # Quantizers the trace did not reach (dead branches) keep their storage order, at the end.
+    for name in modules:
+        if name not in structure.roles:
+            structure.order.append(name)
+            structure.roles[name] = _static_role(name)
+    return structure
+
+
+def _split_hook_name(name: str) -> tuple[str, str, int]:
+    """``__nncf_hooks.pre_hooks.a/b/conv2d/0__1.0`` -> ``("pre_hooks", "a/b/conv2d/0", 1)``."""
+    parts = name.split(".")
+    op, _, port = parts[-2].rpartition("__")
+    return parts[-3], op.replace(":", "."), int(port)
+
+
+def _static_role(name: str) -> str:
+    kind, op, port = _split_hook_name(name)
+    func = op.rsplit("/", 2)[-2] if op.count("/") >= 1 else op
+    if kind == "pre_hooks" and port > 0 and (func in _COMPUTE_FUNCS or func.endswith("_norm")):
+        return "weight"
+    return "act"
+
+
+def static_structure(model: nn.Module) -> _Structure:
+    """What the hook names alone say, without running the model (no example input known).
+
+    Weight quantizers are exact; a layer's name is its NNCF op scope made a module path when such
+    a module exists (wrong inside a ``ModuleList``, whose scope NNCF drops); only input quantizers
+    that NNCF put in front of the layer itself (pre-hooks on port 0) are found.
+    """
+    modules = quantizer_modules(model)
+    structure = _Structure(traced=False)
+    structure.order = list(modules)
+    structure.roles = {name: _static_role(name) for name in modules}
+    pre = {
+        (op, port): name
+        for name in modules
+        for kind, op, port in [_split_hook_name(name)]
+        if kind == "pre_hooks"
+    }
+    module_names = dict(model.named_modules())
+    for (op, port), name in pre.items():
+        parts = op.split("/")
+        if port != 1 or len(parts) < 2 or parts[-2] not in _COMPUTE_FUNCS:
+            continue
+        scope = ".".join(p for p in parts[:-2] if p)
+        target = module_names.get(scope)
+        layer_name = scope if target is not None and hasattr(target, "weight") else op
+        weight_name = f"{scope}.weight" if layer_name == scope else None
+        structure.layers.append(
+            _LayerInfo(
+                layer_name, _COMPUTE_FUNCS[parts[-2]], weight_name, name, pre.get((op, 0)), None
+            )
+        )
+    return structure
+
+
+class _CaptureExample:
+    """One-shot forward pre-hook: keeps the first input's first sample on the model, then leaves.
+
+    Holds no reference to a view, so a deep copy of the model carries a working copy of it.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and len(args[0]):
+            module.__dict__[EXAMPLE_ATTR] = args[0][:1].detach().clone()
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is self:
+                    del module._forward_pre_hooks[key]
+
+
+# --- the view ------------------------------------------------------------------------------------
+class NNCFView(QuantView):
+    """A model returned by ``nncf.quantize`` (PyTorch backend), whoever called it.
+
+    The model stays an eager ``nn.Module`` with its norms unfolded, so gradients reach the norm
+    affine parameters and (see :meth:`NNCFQuantizerHandle.set_trainable`) the quantizer ranges.
+    """
+
+    backend = "nncf"
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None) -> None:
+        super().__init__(model)
+        self.sample_shape = None
+        self._handles: dict[int, NNCFQuantizerHandle] = {}
+        self._cache: tuple[object, tuple[int, ...], _Structure] | None = None
+        self._warned = False
+        if example_input is not None:
+            self.example_input = example_input
+
+    # --- example input -------------------------------------------------------------------------
+    @property
+    def example_input(self) -> torch.Tensor | None:
+        """One input sample (batch of one) used to trace the model; stored on the model."""
+        return self.model.__dict__.get(EXAMPLE_ATTR)
+
+    @example_input.setter
+    def example_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or len(x) == 0:
+            raise ValueError("example_input must be a non-empty batch tensor")
+        self.model.__dict__[EXAMPLE_ATTR] = x[:1].detach().clone()
+        self._cache = None
+
+    # --- structure -----------------------------------------------------------------------------
+    def _structure(self, *, warn: bool = False) -> _Structure:
+        modules = quantizer_modules(self.model)
+        example = self.example_input
+        ids = tuple(id(m) for m in modules.values())
+        if self._cache is not None and self._cache[0] is example and self._cache[1] == ids:
+            structure = self._cache[2]
+        else:
+            if example is not None:
+                structure = trace_structure(self.model, example)
+            else:
+                structure = static_structure(self.model)
+                self._capture_next_input()
+            self._cache = (example, ids, structure)
+        if warn and not structure.traced and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "NNCF view without an example input: layer names and input quantizers come from "
+                "NNCF's hook names only (run the model once, or set view.example_input = x, for "
+                "the traced structure)",
+                stacklevel=3,
+            )
+        return structure
+
+    def _capture_next_input(self) -> None:
+        hooks = self.model._forward_pre_hooks.values()
+        if not any(isinstance(h, _CaptureExample) for h in hooks):
+            self.model.register_forward_pre_hook(_CaptureExample())
+
+    def _handle(self, name: str, structure: _Structure) -> NNCFQuantizerHandle:
+        module = self.model.get_submodule(name)
+        handle = self._handles.get(id(module))
+        if handle is None or handle.name != name:
+            handle = NNCFQuantizerHandle(name, module, structure.roles.get(name, "act"))
+            self._handles[id(module)] = handle
+        else:
+            handle.role = structure.roles.get(name, handle.role)  # type: ignore[assignment]
+        return handle
+
+    def layers(self) -> list[QuantLayer]:
+        structure = self._structure(warn=True)
+        params = dict(self.model.named_parameters())
+        layers = []
+        for info in structure.layers:
+            weight = params.get(info.weight_name) if info.weight_name else None
+            layers.append(
+                QuantLayer(
+                    info.name,
+                    info.kind,  # type: ignore[arg-type]
+                    weight if weight is not None else torch.empty(0),
+                    self._handle(info.weight_q, structure) if info.weight_q else None,
+                    self._handle(info.input_q, structure) if info.input_q else None,
+                    self._handle(info.output_q, structure) if info.output_q else None,
+                )
+            )
+        return layers
+
+    def quantizers(self) -> list[QuantizerHandle]:
+        """Every NNCF quantizer, including those that feed no conv / linear (NNCF also quantizes
+        residual branches, attention inputs, pooled features): in forward order once the model
+        was traced, in hook-storage order before."""
+        structure = self._structure()
+        return [self._handle(name, structure) for name in structure.order]
+
+    def norms(self) -> list[NormLayer]:
+        norms = []
+        for name, module in self.model.named_modules():
+            kind = _NORM_TYPES.get(type(module))
+            if kind is None:
+                continue
+            norms.append(
+                NormLayer(
+                    name,
+                    kind,  # type: ignore[arg-type]
+                    getattr(module, "weight", None),
+                    getattr(module, "bias", None),
+                    getattr(module, "running_mean", None),
+                    getattr(module, "running_var", None),
+                )
+            )
+        return norms
+
+    @property
+    def can_backprop(self) -> bool:
+        return True
+
+    def _apply_norm_mode(self, mode: NormMode) -> None:
+        self.model.eval()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                state = module.__dict__
+                if mode == "batch":
+                    # The source momentum is kept on the module itself, so any view (or a deep
+                    # copy of the model) puts back the user's value.
+                    state.setdefault("_qtta_momentum", module.momentum)
+                    module.momentum = 0.0
+                elif "_qtta_momentum" in state:
+                    module.momentum = state.pop("_qtta_momentum")
+                module.train(mode == "batch")
+
+
+def recognise(model: nn.Module) -> NNCFView | None:
+    """The view of a model quantized by ``nncf.quantize``, or ``None`` if this is not one."""
+    if not quantizer_modules(model):
+        return None
+    return NNCFView(model)
