@@ -208,3 +208,39 @@ def test_unknown_models_and_backends_get_clear_errors(float_cnn, calib):
         qtta_plugins.quantize(float_cnn, "torchao", "w1a4", calib)
     with pytest.raises(ValueError, match=r"calib is empty"):
         qtta_plugins.quantize(float_cnn, "torchao", "w8a8", [])
+
+
+def test_adapt_works_on_a_model_prepared_with_torchaos_own_quantizer(float_cnn, calib, digits):
+    """A user's own pt2e flow (torchao's X86InductorQuantizer, QAT prepare) adapts unchanged."""
+    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    model = copy.deepcopy(float_cnn).train()
+    exported = torch.export.export(
+        model, (calib[0],), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    ).module()
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(is_qat=True)
+    )
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    move_exported_model_to_eval(prepared)
+    with torch.no_grad():
+        for batch in calib[:4]:
+            prepared(batch)
+    prepared.apply(disable_observer)
+
+    _, test = digits
+    before = [p.clone() for p in qtta_plugins.quant_view(prepared).norm_parameters()]
+    run = qtta_plugins.adapt(prepared, [test.x[:50], test.x[50:100]])
+    assert run.config.method == "tent" and len(run.predictions) == 100
+    after = run.view.norm_parameters()
+    assert len(after) == len(before) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(before, qtta_plugins.quant_view(prepared).norm_parameters(), strict=True)
+    )
