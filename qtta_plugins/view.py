@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,6 +109,52 @@ class Block:
 
     name: str
     layers: list[QuantLayer] = field(default_factory=list)
+
+
+_NORM_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.modules.batchnorm._BatchNorm, "batch"),
+    (nn.LayerNorm, "layer"),
+    (nn.GroupNorm, "group"),
+)
+
+
+def module_norms(named_modules: Iterable[tuple[str, nn.Module]]) -> list[NormLayer]:
+    """The torch norm modules among ``named_modules`` (for backends that keep norms as modules)."""
+    norms = []
+    for name, module in named_modules:
+        kind = next((k for t, k in _NORM_KINDS if isinstance(module, t)), None)
+        if kind is None:
+            continue
+        norms.append(
+            NormLayer(
+                name,
+                kind,  # type: ignore[arg-type]
+                getattr(module, "weight", None),
+                getattr(module, "bias", None),
+                getattr(module, "running_mean", None),
+                getattr(module, "running_var", None),
+            )
+        )
+    return norms
+
+
+def set_module_norm_mode(model: nn.Module, mode: NormMode) -> None:
+    """:meth:`QuantView.set_norm_mode` for models whose batch norms are torch modules.
+
+    The model goes to eval mode (no dropout, no observer updates); in ``"batch"`` mode each batch
+    norm uses batch statistics with momentum 0. The source momentum is kept on the module itself,
+    so a new view of the same model, or a deep copy, puts back the user's value.
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            state = module.__dict__
+            if mode == "batch":
+                state.setdefault("_qtta_momentum", module.momentum)
+                module.momentum = 0.0
+            elif "_qtta_momentum" in state:
+                module.momentum = state.pop("_qtta_momentum")
+            module.train(mode == "batch")
 
 
 class QuantView(ABC):

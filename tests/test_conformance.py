@@ -195,3 +195,24 @@ def test_families_are_what_they_claim():
     vit = TinyViT()
     assert not any(isinstance(m, nn.Conv2d) for m in vit.modules())
     assert any(isinstance(m, nn.LayerNorm) for m in vit.modules())
+
+
+def test_a_new_view_puts_back_the_source_momentum(case):
+    """Batch mode sets momentum 0; leaving it through another view of the model restores it."""
+    qmodel, view = fresh(case)
+    view.set_norm_mode("batch")
+    qtta_plugins.quant_view(qmodel).set_norm_mode("source")
+    modules = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    nodes = (
+        [
+            n
+            for n in getattr(qmodel, "graph", None).nodes
+            if n.op == "call_function" and n.target is torch.ops.aten.batch_norm.default
+        ]
+        if isinstance(qmodel, torch.fx.GraphModule)
+        else []
+    )
+    assert all(m.momentum == 0.1 and not m.training for m in modules)
+    assert all(n.args[6] == 0.1 and n.args[5] is False for n in nodes)
+    if case[1] == "bncnn":
+        assert modules or nodes

@@ -27,16 +27,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtta_plugins.view import NormLayer, NormMode, QuantizerHandle, QuantLayer, QuantView
-
-from ._backend import brevitas_module
-
-_NORM_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.modules.batchnorm._BatchNorm, "batch"),
-    (nn.LayerNorm, "layer"),
-    (nn.GroupNorm, "group"),
+from qtta_plugins.view import (
+    NormLayer,
+    NormMode,
+    QuantizerHandle,
+    QuantLayer,
+    QuantView,
+    module_norms,
+    set_module_norm_mode,
 )
 
+from ._backend import brevitas_module
 
 # call_function / call_method targets whose output stays on its input's quantization grid
 _GRID_PRESERVING = (
@@ -261,7 +262,6 @@ class BrevitasView(QuantView):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.sample_shape = None
-        self._momenta: dict[int, float | None] = {}
         self._handles: dict[int, BrevitasQuantizerHandle] = {}
 
     def _handle(self, name: str, proxy: nn.Module | None, role: str):
@@ -357,22 +357,7 @@ class BrevitasView(QuantView):
         return layers
 
     def norms(self) -> list[NormLayer]:
-        norms = []
-        for name, module in self._in_forward_order():
-            kind = next((k for t, k in _NORM_KINDS if isinstance(module, t)), None)
-            if kind is None:
-                continue
-            norms.append(
-                NormLayer(
-                    name,
-                    kind,  # type: ignore[arg-type]
-                    getattr(module, "weight", None),
-                    getattr(module, "bias", None),
-                    getattr(module, "running_mean", None),
-                    getattr(module, "running_var", None),
-                )
-            )
-        return norms
+        return module_norms(self._in_forward_order())
 
     @property
     def can_backprop(self) -> bool:
@@ -380,12 +365,7 @@ class BrevitasView(QuantView):
 
     def _apply_norm_mode(self, mode: NormMode) -> None:
         # eval() also stops Brevitas' activation quantizers from collecting statistics.
-        self.model.eval()
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._momenta.setdefault(id(module), module.momentum)
-                module.train(mode == "batch")
-                module.momentum = 0.0 if mode == "batch" else self._momenta[id(module)]
+        set_module_norm_mode(self.model, mode)
 
     # --- state ---------------------------------------------------------------------------------
     def _materialise(self) -> None:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.errors import BackendNotInstalledError
+from qtta_plugins.view import set_module_norm_mode
 
 from ._backend import nncf_module
 from .view import EXAMPLE_ATTR, HOOKS_ATTR, _CaptureExample, is_quantizer, quantizer_modules
@@ -80,10 +81,7 @@ def _check_bits(modules: dict[str, nn.Module]) -> None:
 
 def _fix_statistics(model: nn.Module) -> None:
     """Eval mode (BatchNorm on running statistics) and the source momentum put back."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and "_qtta_momentum" in vars(module):
-            module.momentum = module.__dict__.pop("_qtta_momentum")
-    model.eval()
+    set_module_norm_mode(model, "source")
 
 
 def _drop_disabled_quantizers(model: nn.Module) -> None:

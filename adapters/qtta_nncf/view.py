@@ -33,19 +33,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qtta_plugins.view import NormLayer, NormMode, QuantizerHandle, QuantLayer, QuantView
+from qtta_plugins.view import (
+    NormLayer,
+    NormMode,
+    QuantizerHandle,
+    QuantLayer,
+    QuantView,
+    module_norms,
+    set_module_norm_mode,
+)
 
 HOOKS_ATTR = "__nncf_hooks"
 EXAMPLE_ATTR = "_qtta_example_input"
 """Model attribute holding one example input (a batch of one), used to trace the model's graph."""
 
-_NORM_TYPES = {
-    nn.BatchNorm1d: "batch",
-    nn.BatchNorm2d: "batch",
-    nn.BatchNorm3d: "batch",
-    nn.LayerNorm: "layer",
-    nn.GroupNorm: "group",
-}
 _COMPUTE_FUNCS = {
     "conv1d": "conv",
     "conv2d": "conv",
@@ -481,40 +482,14 @@ class NNCFView(QuantView):
         return [self._handle(name, structure) for name in structure.order]
 
     def norms(self) -> list[NormLayer]:
-        norms = []
-        for name, module in self.model.named_modules():
-            kind = _NORM_TYPES.get(type(module))
-            if kind is None:
-                continue
-            norms.append(
-                NormLayer(
-                    name,
-                    kind,  # type: ignore[arg-type]
-                    getattr(module, "weight", None),
-                    getattr(module, "bias", None),
-                    getattr(module, "running_mean", None),
-                    getattr(module, "running_var", None),
-                )
-            )
-        return norms
+        return module_norms(self.model.named_modules())
 
     @property
     def can_backprop(self) -> bool:
         return True
 
     def _apply_norm_mode(self, mode: NormMode) -> None:
-        self.model.eval()
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                state = module.__dict__
-                if mode == "batch":
-                    # The source momentum is kept on the module itself, so any view (or a deep
-                    # copy of the model) puts back the user's value.
-                    state.setdefault("_qtta_momentum", module.momentum)
-                    module.momentum = 0.0
-                elif "_qtta_momentum" in state:
-                    module.momentum = state.pop("_qtta_momentum")
-                module.train(mode == "batch")
+        set_module_norm_mode(self.model, mode)
 
 
 def recognise(model: nn.Module) -> NNCFView | None:

@@ -17,17 +17,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtta_plugins.view import NormLayer, NormMode, QuantizerHandle, QuantLayer, QuantView, bits_of
+from qtta_plugins.view import (
+    NormLayer,
+    NormMode,
+    QuantizerHandle,
+    QuantLayer,
+    QuantView,
+    bits_of,
+    module_norms,
+    set_module_norm_mode,
+)
 
 from .quantize import is_compute_node, set_batchnorm_mode
-
-_NORM_TYPES = {
-    nn.BatchNorm1d: "batch",
-    nn.BatchNorm2d: "batch",
-    nn.BatchNorm3d: "batch",
-    nn.LayerNorm: "layer",
-    nn.GroupNorm: "group",
-}
 
 
 def _from_torchao(obj: object) -> bool:
@@ -389,7 +390,6 @@ class ModuleView(QuantView):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.sample_shape = None
-        self._momenta: dict[int, float | None] = {}
 
     def layers(self) -> list[QuantLayer]:
         layers = []
@@ -419,22 +419,7 @@ class ModuleView(QuantView):
         return layers
 
     def norms(self) -> list[NormLayer]:
-        norms = []
-        for name, module in self.model.named_modules():
-            kind = _NORM_TYPES.get(type(module))
-            if kind is None:
-                continue
-            norms.append(
-                NormLayer(
-                    name,
-                    kind,  # type: ignore[arg-type]
-                    getattr(module, "weight", None),
-                    getattr(module, "bias", None),
-                    getattr(module, "running_mean", None),
-                    getattr(module, "running_var", None),
-                )
-            )
-        return norms
+        return module_norms(self.model.named_modules())
 
     @property
     def can_backprop(self) -> bool:
@@ -442,12 +427,7 @@ class ModuleView(QuantView):
         return not any(_from_torchao(p) for p in self.model.parameters())
 
     def _apply_norm_mode(self, mode: NormMode) -> None:
-        self.model.eval()
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._momenta.setdefault(id(module), module.momentum)
-                module.train(mode == "batch")
-                module.momentum = 0.0 if mode == "batch" else self._momenta[id(module)]
+        set_module_norm_mode(self.model, mode)
 
 
 def recognise(model: nn.Module) -> QuantView | None:
