@@ -57,6 +57,18 @@ def main() -> None:
     x = test.x[: args.batch_size]
 
     rows = []
+    if not args.no_compile:
+        # Context for the compiled rows: how much of their speed is compilation, not integers.
+        float_ms = median_ms(model, x, args.min_run_time)
+        compiled_float = torch.compile(model)
+        rows.append(
+            (
+                "float",
+                "-",
+                "torch.compile",
+                median_ms(compiled_float, x, args.min_run_time) / float_ms,
+            )
+        )
     for backend in args.backends:
         if importlib.util.find_spec(backend) is None:
             print(f"# {backend}: not installed, skipped")
