@@ -42,18 +42,15 @@ AGREEMENT = 0.995
 
 @pytest.fixture(scope="module", autouse=True)
 def brevitas_plugin():
-    """Register the adapter when the installed distribution does not declare it (yet)."""
+    """The adapter as installed: registered through the ``qtta_plugins`` entry point."""
     import qtta_brevitas.plugin as plugin
 
     from qtta_plugins.plugins import plugin_manager
 
-    pm = plugin_manager()
-    registered_here = not pm.is_registered(plugin) and pm.get_plugin("brevitas") is None
-    if registered_here:
-        pm.register(plugin, name="brevitas")
-    yield plugin
-    if registered_here:
-        pm.unregister(plugin)
+    assert plugin_manager().is_registered(plugin), (
+        "qtta_brevitas.plugin is not registered by its entry point"
+    )
+    return plugin
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,15 @@ nncf = pytest.importorskip("nncf")
 
 @pytest.fixture(scope="module", autouse=True)
 def nncf_plugin():
-    """Register the adapter when the installed distribution does not declare it yet (and take it
-    out again afterwards, so other test modules see the installed plugins only)."""
+    """The adapter as installed: registered through the ``qtta_plugins`` entry point."""
     import qtta_nncf.plugin as plugin
 
     from qtta_plugins.plugins import plugin_manager
 
-    pm = plugin_manager()
-    added = not any(p is plugin for p in pm.get_plugins())
-    if added:
-        pm.register(plugin, name="nncf")
-    yield plugin
-    if added and any(p is plugin for p in plugin_manager().get_plugins()):
-        plugin_manager().unregister(plugin)
+    assert plugin_manager().is_registered(plugin), (
+        "qtta_nncf.plugin is not registered by its entry point"
+    )
+    return plugin
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
