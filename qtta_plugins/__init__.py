@@ -12,7 +12,6 @@ Importing this package imports no quantization backend: adapters load their back
 
 from __future__ import annotations
 
-import copy
 import random
 import warnings
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from .config import (
 from .errors import BackendNotInstalledError, BadBatchError, UnknownBackendError, UnknownMethodError
 from .hookspecs import hookimpl
 from .plugins import available_backends, available_methods, list_plugins, plugin_manager
-from .view import Block, NormLayer, QuantizerHandle, QuantLayer, QuantView
+from .view import Block, NormLayer, QuantizerHandle, QuantLayer, QuantView, copy_model
 
 __version__ = "0.1.0"
 
@@ -192,10 +191,7 @@ def adapt(
     """
     if not inplace:
         quant_view(model)  # fail on an unknown model before paying for a copy
-        with warnings.catch_warnings():
-            # torch's pytree emits a FutureWarning when an exported graph is deep-copied
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            model = copy.deepcopy(model)
+        model = copy_model(model)
     view = quant_view(model)
     config = _resolve_config(method, view, options)
     _seed(config.seed)

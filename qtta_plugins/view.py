@@ -7,7 +7,9 @@ when the user did not ask for in-place work, is the caller's job (see :func:`qtt
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -109,6 +111,14 @@ class Block:
 
     name: str
     layers: list[QuantLayer] = field(default_factory=list)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, quietly: torch's pytree warns (FutureWarning, about ``LeafSpec``)
+    whenever an exported graph is deep-copied, which says nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(model)
 
 
 _NORM_KINDS: tuple[tuple[type[nn.Module], str], ...] = (

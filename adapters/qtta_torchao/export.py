@@ -10,26 +10,23 @@ running statistics (norm mode ``"source"``), with whatever affine parameters ada
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import torch
 
+from qtta_plugins.view import copy_model
+
 from ._backend import torchao_module
-from .view import Pt2eView
+from .view import Pt2eView, recognise
 
 
 def convert(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """torchao's integer Q/DQ model of a prepared pt2e model (the caller's model is not modified)."""
-    if not isinstance(model, torch.fx.GraphModule) or not isinstance(_view(model), Pt2eView):
+    if not isinstance(model, torch.nn.Module) or not isinstance(recognise(model), Pt2eView):
         raise TypeError(
             "convert expects a torchao pt2e model with fake-quant modules (prepare_pt2e / "
             f"prepare_qat_pt2e output, or qtta_plugins.quantize(..., 'torchao')), got {type(model).__name__}"
         )
     quantize_pt2e = torchao_module("torchao.quantization.pt2e.quantize_pt2e")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        model = copy.deepcopy(model)
+    model = copy_model(model)
     Pt2eView(model).set_norm_mode("source")
     return quantize_pt2e.convert_pt2e(model)
 
@@ -40,9 +37,3 @@ def compile_converted(model: torch.fx.GraphModule) -> torch.nn.Module:
 
     inductor_config.freezing = True
     return torch.compile(model)
-
-
-def _view(model: torch.nn.Module):
-    from .view import recognise
-
-    return recognise(model)
