@@ -31,8 +31,19 @@ from .config import (
 )
 from .errors import BackendNotInstalledError, BadBatchError, UnknownBackendError, UnknownMethodError
 from .hookspecs import hookimpl
+from .methods.foa import FOAConfig
+from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins, plugin_manager
-from .view import Block, NormLayer, QuantizerHandle, QuantLayer, QuantView, copy_model
+from .view import (
+    Block,
+    NormLayer,
+    QuantizerHandle,
+    QuantLayer,
+    QuantView,
+    copy_model,
+    remember_source_sample,
+    source_sample,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +54,7 @@ __all__ = [
     "BadBatchError",
     "Block",
     "DomainResult",
+    "FOAConfig",
     "NormConfig",
     "NormLayer",
     "QuantConfig",
@@ -54,14 +66,18 @@ __all__ = [
     "TentConfig",
     "UnknownBackendError",
     "UnknownMethodError",
+    "ZOAConfig",
     "adapt",
+    "copy_model",
     "hookimpl",
     "list_plugins",
     "plugin_manager",
     "quant_view",
     "quantize",
     "reconstruct",
+    "remember_source_sample",
     "select_subnet",
+    "source_sample",
 ]
 
 
@@ -122,22 +138,25 @@ def quantize(
     result = plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
+    remember_source_sample(result, batches)
     return result
 
 
 def _default_method(view: QuantView) -> str:
-    """Tent where gradients flow; the forward-only ZOA where they cannot (norm until it exists)."""
+    """Tent where gradients flow; the forward-only ZOA where they cannot (it needs norm affines);
+    BN-adapt where only statistics can change; else no adaptation, with a warning."""
     methods = available_methods("adapt")
-    has_bn = any(n.kind == "batch" and not n.folded for n in view.norms())
-    if view.can_backprop and view.norms():
+    norms = view.norms()
+    if view.can_backprop and norms:
         return "tent"
-    if "zoa" in methods:
+    if "zoa" in methods and any(n.affine() for n in norms):
         return "zoa"
-    if has_bn:
+    if any(n.has_statistics for n in norms):
         return "norm"
     warnings.warn(
-        f"this {view.backend} model can neither backpropagate nor re-estimate norm statistics, and no "
-        "forward-only method is installed: running 'source' (no adaptation)",
+        f"this {view.backend} model can neither backpropagate nor adapt a norm layer (a "
+        "convert_pt2e graph whose batch norms were folded away? qtta_torchao.export.convert keeps "
+        "a stand-in for each): running 'source' (no adaptation)",
         stacklevel=3,
     )
     return "source"

@@ -89,8 +89,9 @@ class QuantLayer:
 class NormLayer:
     """A normalisation layer and its affine parameters.
 
-    ``folded``: the backend folded this norm into the preceding conv, so ``weight`` / ``bias`` are the
-    per-channel affine that stands in for it.
+    ``folded``: the backend folded this norm into the preceding conv, and the adapter offers a
+    stand-in in its place: a per-channel affine on the conv output that is the identity as inserted,
+    with the folded norm's statistics, so batch-statistics mode and affine adaptation still apply.
     """
 
     name: str
@@ -104,6 +105,11 @@ class NormLayer:
     def affine(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
+    @property
+    def has_statistics(self) -> bool:
+        """A batch norm with running statistics (batch-statistics mode applies to it)."""
+        return self.kind == "batch" and self.running_mean is not None
+
 
 @dataclass
 class Block:
@@ -111,6 +117,43 @@ class Block:
 
     name: str
     layers: list[QuantLayer] = field(default_factory=list)
+
+
+_SOURCE_SAMPLE = "_qtta_source_sample"
+SOURCE_SAMPLE_SIZE = 512
+
+
+def remember_source_sample(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Keep up to :data:`SOURCE_SAMPLE_SIZE` clean inputs on ``model`` (outside its state dict).
+
+    :func:`qtta_plugins.quantize` stores its calibration inputs this way, so forward-only methods can
+    compute source feature statistics on the quantized model without the user passing clean data
+    again. The sample follows the model through deep copies and :func:`copy_model`.
+    """
+    kept, n = [], 0
+    for x in batches:
+        x = x.detach()[: SOURCE_SAMPLE_SIZE - n].clone()
+        kept.append(x)
+        n += x.shape[0]
+        if n >= SOURCE_SAMPLE_SIZE:
+            break
+    if not kept:
+        return
+    sample = torch.cat(kept)
+    if isinstance(model, torch.fx.GraphModule):
+        model.meta[_SOURCE_SAMPLE] = sample  # a GraphModule's deep copy keeps .meta, not attributes
+    else:
+        object.__setattr__(model, _SOURCE_SAMPLE, sample)
+
+
+def source_sample(model: nn.Module) -> torch.Tensor | None:
+    """The clean inputs :func:`remember_source_sample` kept on ``model`` (or its compiled wrapper)."""
+    inner = model._modules.get("_orig_mod")
+    if isinstance(inner, nn.Module):
+        return source_sample(inner)
+    if isinstance(model, torch.fx.GraphModule):
+        return model.meta.get(_SOURCE_SAMPLE)
+    return model.__dict__.get(_SOURCE_SAMPLE)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -214,6 +257,22 @@ class QuantView(ABC):
             key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
             groups.setdefault(key, Block(key)).layers.append(layer)
         return list(groups.values())
+
+    def layer_input_module(self, layer: QuantLayer) -> nn.Module:
+        """The module whose forward *input* is ``layer``'s input activation before it is quantized.
+
+        Forward pre-hooks on it see, and may replace, what the layer will quantize and compute on:
+        forward-only methods read feature statistics there and add their output shift there. The
+        default is the layer's own module (backends that keep layers as modules and quantize inside
+        them); graph backends return a module in the graph just before the input quantizer.
+        """
+        return self.model.get_submodule(layer.name)
+
+    def norm_input_module(self, norm: NormLayer) -> nn.Module:
+        """The module whose forward input is what ``norm`` normalises (its pre-hooks see the raw
+        conv / residual output, before any statistics are taken out of it). Default: the norm's own
+        module; graph backends return a module in the graph just before the norm."""
+        return self.model.get_submodule(norm.name)
 
     # --- how norms normalise ---------------------------------------------------------------------
     @property

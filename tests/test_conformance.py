@@ -190,6 +190,27 @@ def test_adapt_runs_unchanged(case, inputs):
     assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
 
 
+def test_zoa_is_forward_only_and_adapts_on_every_backend(case, inputs):
+    """Two forward passes per batch, no autograd, norm affines move; BN CNNs and LN transformers."""
+    _, x = inputs
+    qmodel, _ = fresh(case)
+    run = qtta_plugins.adapt(qmodel, None, "zoa")
+    passes, grad = [0], []
+
+    def count(module, args):
+        passes[0] += 1
+        grad.append(torch.is_grad_enabled())
+
+    run.model.register_forward_pre_hook(count)
+    before = [p.detach().clone() for p in run.method.params]
+    for batch in (x[:32], x[32:]):
+        run.step(batch)
+    assert passes[0] == 4 and not any(grad)
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.method.params, strict=True))
+    # Source statistics came from the calibration sample quantize() kept on the model.
+    assert run.method.source_stats is not None and run.method.recorder.shift_target is not None
+
+
 def test_families_are_what_they_claim():
     assert any(isinstance(m, nn.BatchNorm2d) for m in SmallBNCNN().modules())
     vit = TinyViT()

@@ -40,8 +40,10 @@ def qtta_quantize(
 
 
 def _may_be_torchao(model: torch.nn.Module) -> bool:
-    if isinstance(model, torch.fx.GraphModule):
-        return True  # exported graphs name their quantizers by op, checked in recognise()
+    if isinstance(model, torch.fx.GraphModule) or isinstance(
+        getattr(model, "_orig_mod", None), torch.fx.GraphModule
+    ):
+        return True  # exported graphs (or their torch.compile wrappers) name quantizers by op
     return any(type(m).__module__.startswith("torchao.") for m in model.modules()) or any(
         type(p).__module__.startswith("torchao.") for p in model.parameters()
     )

@@ -318,6 +318,19 @@ class Pt2eView(QuantView):
     def norms(self) -> list[NormLayer]:
         return _graph_norms(self.model)
 
+    def layer_input_module(self, layer: QuantLayer) -> nn.Module:
+        # The layer's input FakeQuantize module: its forward input is the unquantized activation.
+        handle = layer.input_quantizer
+        if handle is None or not hasattr(handle, "module"):
+            return _input_tap(self.model, _compute_nodes(self.model)[self._index(layer)])
+        return handle.module
+
+    def norm_input_module(self, norm: NormLayer) -> nn.Module:
+        return _norm_tap(self.model, norm.name)
+
+    def _index(self, layer: QuantLayer) -> int:
+        return [x.name for x in self.layers()].index(layer.name)
+
     @property
     def can_backprop(self) -> bool:
         return True
@@ -340,21 +353,28 @@ def _dedupe_handles(layers: list[QuantLayer]) -> list[QuantLayer]:
 
 
 class ConvertedView(QuantView):
-    """``convert_pt2e`` output: integer weights and Q/DQ constants; forward-only, BN folded."""
+    """``convert_pt2e`` output: integer weights and Q/DQ constants; forward-only.
+
+    ``convert_pt2e`` folds batch norms into the convs. Models converted by
+    :func:`qtta_torchao.export.convert` carry a stand-in for each folded norm (see
+    :func:`insert_folded_norms`), listed by :meth:`norms` with ``folded=True``; a model converted by
+    other means has none, and only its layer norms (if any) can adapt.
+
+    ``model`` may be the ``torch.compile`` wrapper of a converted graph: the view reads the graph
+    inside it and runs the compiled module.
+    """
 
     backend = "torchao"
 
-    def __init__(self, model: torch.fx.GraphModule) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.sample_shape = _sample_shape(model)
+        self.gm: torch.fx.GraphModule = _inner_graph(model)
+        self.sample_shape = _sample_shape(self.gm)
 
     def layers(self) -> list[QuantLayer]:
-        gm = self.model
+        gm = self.gm
         layers = []
-        for node in gm.graph.nodes:
-            kind = is_compute_node(node)
-            if kind is None:
-                continue
+        for node in _compute_nodes(gm):
             w_dq, x_dq = node.args[1], node.args[0]
             name = node.name
             w_handle = x_handle = None
@@ -366,20 +386,202 @@ class ConvertedView(QuantView):
                     weight = _get_tensor(gm, str(q_w.target))
             if isinstance(x_dq, torch.fx.Node) and "dequantize" in str(x_dq.target):
                 x_handle = ConstantQuantizerHandle(f"{name}.input_quantizer", x_dq, "act", gm)
-            layers.append(QuantLayer(name, kind, weight, w_handle, x_handle))  # type: ignore[arg-type]
+            layers.append(QuantLayer(name, kind_of(node), weight, w_handle, x_handle))  # type: ignore[arg-type]
         return layers
 
     def norms(self) -> list[NormLayer]:
-        return _graph_norms(
-            self.model
-        )  # batch norms were folded by convert_pt2e; layer norms remain
+        folded = set(self.gm.meta.get(FOLDED_NORMS_KEY, ()))
+        norms = _graph_norms(self.gm)
+        for norm in norms:
+            norm.folded = norm.name in folded
+        return norms
+
+    def layer_input_module(self, layer: QuantLayer) -> nn.Module:
+        index = [x.name for x in self.layers()].index(layer.name)
+        return _input_tap(self.gm, _compute_nodes(self.gm)[index])
+
+    def norm_input_module(self, norm: NormLayer) -> nn.Module:
+        return _norm_tap(self.gm, norm.name)
 
     @property
     def can_backprop(self) -> bool:
         return False
 
     def _apply_norm_mode(self, mode: NormMode) -> None:
-        set_batchnorm_mode(self.model, use_batch_stats=mode == "batch")
+        set_batchnorm_mode(self.gm, use_batch_stats=mode == "batch")
+
+
+# --- folded norms and input taps of converted graphs ---------------------------------------------
+FOLDED_NORMS_KEY = "qtta_folded_norms"
+
+
+def kind_of(node: torch.fx.Node) -> str:
+    return is_compute_node(node) or "linear"
+
+
+def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if is_compute_node(n) is not None]
+
+
+def _inner_graph(model: nn.Module) -> torch.fx.GraphModule:
+    inner = model._modules.get("_orig_mod", model) if hasattr(model, "_orig_mod") else model
+    if not isinstance(inner, torch.fx.GraphModule):
+        raise TypeError(f"expected a converted pt2e GraphModule, got {type(inner).__name__}")
+    return inner
+
+
+class InputTap(nn.Identity):
+    """An identity in a converted graph, in front of a layer's input quantizer: forward pre-hooks on
+    it see the unquantized activation (graph nodes cannot carry hooks; modules can)."""
+
+
+def _input_tap(gm: torch.fx.GraphModule, compute: torch.fx.Node) -> nn.Module:
+    """The :class:`InputTap` in front of ``compute``'s input quantizer, inserted on first use."""
+    source = compute.args[0]
+    # Walk back through dequantize -> quantize to the float activation the layer quantizes.
+    q_node = None
+    if isinstance(source, torch.fx.Node) and "dequantize" in str(source.target):
+        q_node = source.args[0] if isinstance(source.args[0], torch.fx.Node) else None
+        if q_node is not None and "quantize" not in str(q_node.target):
+            q_node = None
+    return _tap_before(gm, q_node if q_node is not None else compute)
+
+
+def _tap_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node) -> nn.Module:
+    """An :class:`InputTap` between ``consumer`` and its first argument (reused if present)."""
+    value = consumer.args[0]
+    if isinstance(value, torch.fx.Node) and value.op == "call_module":
+        module = gm.get_submodule(str(value.target))
+        if isinstance(module, InputTap):
+            return module
+    index = sum(isinstance(m, InputTap) for m in gm.modules())
+    target = f"qtta_input_taps.tap{index}"
+    gm.add_submodule(target, InputTap())
+    with gm.graph.inserting_before(consumer):
+        tap = gm.graph.call_module(target, (value,))
+    tap.meta = dict(value.meta) if isinstance(value, torch.fx.Node) else {}
+    consumer.replace_input_with(value, tap)
+    gm.recompile()
+    return gm.get_submodule(target)
+
+
+FoldedNorm = tuple[int, str, torch.Tensor, torch.Tensor, float]
+
+
+def foldable_norms(prepared: torch.fx.GraphModule) -> list[FoldedNorm]:
+    """The batch norms of a prepared QAT graph that ``convert_pt2e`` will fold, each as
+    ``(index of its conv among the compute layers, name, gamma, beta, eps)``."""
+    found = []
+    prepared_convs = _compute_nodes(prepared)
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        conv = _upstream_compute(node, depth=6)
+        weight, bias = node.args[1], node.args[2]
+        if (
+            conv is None
+            or not isinstance(weight, torch.fx.Node)
+            or not isinstance(bias, torch.fx.Node)
+        ):
+            continue
+        name = str(weight.target).rsplit(".", 1)[0]
+        gamma = _get_tensor(prepared, str(weight.target)).detach().clone()
+        beta = _get_tensor(prepared, str(bias.target)).detach().clone()
+        found.append((prepared_convs.index(conv), name, gamma, beta, float(node.args[7])))
+    return found
+
+
+def _norm_tap(gm: torch.fx.GraphModule, name: str) -> nn.Module:
+    """The :class:`InputTap` in front of the graph norm called ``name``, inserted on first use."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _NORM_OPS:
+            continue
+        weight = node.args[1] if node.target is torch.ops.aten.batch_norm.default else node.args[2]
+        if isinstance(weight, torch.fx.Node) and str(weight.target).rsplit(".", 1)[0] == name:
+            return _tap_before(gm, node)
+    raise KeyError(f"no norm named {name!r} in this graph")
+
+
+_NORM_OPS = (
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten.layer_norm.default,
+    torch.ops.aten.group_norm.default,
+)
+
+
+def remove_input_taps(gm: torch.fx.GraphModule) -> None:
+    """Take every :class:`InputTap` out of ``gm`` (before handing the graph to ``convert_pt2e``)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), InputTap):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        if hasattr(gm, "qtta_input_taps"):
+            del gm.qtta_input_taps
+        gm.recompile()
+
+
+def insert_folded_norms(converted: torch.fx.GraphModule, folded: list[FoldedNorm]) -> None:
+    """Give ``converted`` a stand-in for each batch norm ``convert_pt2e`` folded away
+    (``folded`` from :func:`foldable_norms` of the prepared graph, taken before converting).
+
+    Each stand-in is an ``aten.batch_norm`` on the folded conv's output, under the folded norm's
+    own name. With the norm's affine (gamma, beta) and eps it holds
+    ``running_mean = beta``, ``running_var = gamma**2``, ``weight = sqrt(gamma**2 + eps)``,
+    ``bias = beta``, which is the identity on running statistics - the converted model computes
+    what it computed before - and, on batch statistics, renormalises the conv output exactly as
+    the folded norm would have (the folded conv output is an affine map of the unfolded one, whose
+    source mean and standard deviation are beta and |gamma|), up to where eps enters. Its
+    ``weight`` / ``bias`` are the per-channel affine that forward-only methods adapt.
+    """
+    converted_convs = _compute_nodes(converted)
+    names = []
+    for index, name, gamma, beta, eps in folded:
+        if index >= len(converted_convs):
+            raise RuntimeError(
+                "convert_pt2e changed the conv/linear layers; cannot place the norms"
+            )
+        conv = converted_convs[index]
+        holder = nn.BatchNorm2d(gamma.numel(), eps=eps)
+        with torch.no_grad():
+            holder.running_mean.copy_(beta)
+            holder.running_var.copy_(gamma.square())
+            holder.weight.copy_((gamma.square() + eps).sqrt())
+            holder.bias.copy_(beta)
+        holder.requires_grad_(False)
+        converted.add_submodule(name, holder)
+        graph = converted.graph
+        with graph.inserting_before(conv):
+            attrs = [
+                graph.get_attr(f"{name}.{a}")
+                for a in ("weight", "bias", "running_mean", "running_var")
+            ]
+        with graph.inserting_after(conv):
+            bn = graph.call_function(
+                torch.ops.aten.batch_norm.default, (conv, *attrs, False, 0.1, eps, False)
+            )
+        bn.meta = dict(conv.meta)
+        for user in list(conv.users):
+            if user is not bn:
+                user.replace_input_with(conv, bn)
+        names.append(name)
+    converted.meta[FOLDED_NORMS_KEY] = tuple(names)
+    converted.graph.lint()
+    converted.recompile()
+
+
+def _upstream_compute(node: torch.fx.Node, depth: int) -> torch.fx.Node | None:
+    """The conv feeding a batch norm through the QAT fold pattern (div / add of the conv output)."""
+    current: object = node.args[0]
+    for _ in range(depth):
+        if not isinstance(current, torch.fx.Node):
+            return None
+        if is_compute_node(current) is not None:
+            return current
+        current = current.args[0] if current.args else None
+    return None
 
 
 class ModuleView(QuantView):
@@ -432,6 +634,12 @@ class ModuleView(QuantView):
 
 def recognise(model: nn.Module) -> QuantView | None:
     """The right view for a torchao model, or ``None`` if this is not one."""
+    inner = model._modules.get("_orig_mod") if hasattr(model, "_orig_mod") else None
+    if isinstance(inner, torch.fx.GraphModule):
+        view = recognise(inner)
+        if isinstance(view, ConvertedView):
+            return ConvertedView(model)  # the compiled integer path: run the compiled module
+        return None
     if isinstance(model, torch.fx.GraphModule):
         has_fq = any(_from_torchao(m) and hasattr(m, "fake_quant_enabled") for m in model.modules())
         if has_fq:

@@ -4,4 +4,6 @@ BUILTIN_METHOD_PLUGINS = (
     "qtta_plugins.methods.source",
     "qtta_plugins.methods.norm",
     "qtta_plugins.methods.tent",
+    "qtta_plugins.methods.zoa",
+    "qtta_plugins.methods.foa",
 )

@@ -15,10 +15,10 @@ from .base import MethodInfo, TestTimeMethod
 class NormAdapt(TestTimeMethod):
     def __init__(self, view: QuantView, config: AdaptConfig) -> None:
         super().__init__(view, config)
-        if not any(n.kind == "batch" and not n.folded for n in view.norms()):
+        if not any(n.has_statistics for n in view.norms()):
             raise ValueError(
                 "method 'norm' needs batch-norm layers with statistics, and this "
-                f"{view.backend} model has none (folded or absent); try method='zoa' or 'tent'"
+                f"{view.backend} model has none (folded away, or absent); try method='zoa' or 'tent'"
             )
         view.set_norm_mode("batch")
 

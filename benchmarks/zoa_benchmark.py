@@ -1,0 +1,371 @@
+"""ZOA against FOA and the baselines on Fashion-MNIST-C, per backend and bit-width (issue 4).
+
+    python benchmarks/zoa_benchmark.py                       # the published table (docs/zoa.md)
+    python benchmarks/zoa_benchmark.py --quick               # digits-C, 2 domains: a smoke run
+
+Stream: Fashion-MNIST-C, 15 corruptions at severity 5, continual, no reset, batch 64, seed 0
+(``--n-per-domain`` test images per corruption); and the 10-round protocol for ZOA (W4A4). Rows:
+source, norm (BN-adapt), Tent, FOA, ZOA and ZOA with the bank / the shift / the detector off.
+Columns: mean error; forward passes per batch (counted); time per batch as a ratio to plain
+inference of the same quantized model (``model(x)``, timed in the same run on the same batches);
+peak memory above the row's starting RSS (sampled); bank bytes per stored domain as a fraction of
+the model's bytes. Also ZOA on torchao's converted integer model, eager and ``torch.compile``d, with
+its time ratio to plain inference of that same model. Results go to a JSON file; ``--plot`` draws
+the error along the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("QTTA_QUIET", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+import qtta_plugins  # noqa: E402
+from qtta_plugins.data import continual_stream, load_source  # noqa: E402
+from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
+
+ROWS = {
+    "source": ("source", {}),
+    "norm": ("norm", {}),
+    "tent": ("tent", {}),
+    "foa": ("foa", {}),
+    "zoa": ("zoa", {}),
+    "zoa -bank": ("zoa", {"bank": False}),
+    "zoa -shift": ("zoa", {"shift": False}),
+    "zoa -detector": ("zoa", {"detector": False}),
+}
+
+
+class PeakRSS:
+    """Samples this process's resident set size every few milliseconds while running."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        with contextlib.suppress(OSError):  # give freed memory back, so peaks are this row's
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def packed_weight_bytes(model: torch.nn.Module) -> float:
+    """The quantized weights at their bit-widths (what an integer deployment stores)."""
+    view = qtta_plugins.quant_view(model)
+    return sum(
+        layer.weight.numel() * (layer.weight_quantizer.bits if layer.weight_quantizer else 32) / 8
+        for layer in view.layers()
+    )
+
+
+@torch.no_grad()
+def plain_time(model: torch.nn.Module, xs: list[torch.Tensor]) -> float:
+    """Median seconds of ``model(x)`` over ``xs`` (after one warm-up call)."""
+    model(xs[0])
+    times = []
+    for x in xs:
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_row(model, stream, method, options, timing_batches, inplace=False, plain_model=None):
+    """Adapt over the stream; return errors, passes per batch, time ratio, peak memory, run."""
+    plain_model = plain_model if plain_model is not None else model
+    run = qtta_plugins.adapt(model, None, method, progress=False, inplace=inplace, **options)
+    calls = [0]
+    handle = run.model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    step_times, per_batch = [], []
+    with PeakRSS() as mem:
+        for batch in stream:
+            t = time.perf_counter()
+            logits = run.step(batch.x, batch.y, batch.domain)
+            step_times.append(time.perf_counter() - t)
+            per_batch.append(
+                (batch.round, batch.domain, int((logits.argmax(1) != batch.y).sum()), len(batch.y))
+            )
+    handle.remove()
+    # Plain inference of the same quantized model, on the same batches, in the same run.
+    plain = plain_time(plain_model, timing_batches)
+    ratio = statistics.median(step_times) / plain
+    return {
+        "errors": run.errors(),
+        "passes_per_batch": calls[0] / len(step_times),
+        "time_ratio": ratio,
+        "peak_extra_mb": mem.extra_mb,
+        "per_batch": per_batch,
+    }, run
+
+
+def round_errors(per_batch, rounds: int) -> list[float]:
+    """Mean over domains of the error (%) in each round."""
+    out = []
+    for r in range(rounds):
+        domains: dict[str, list[int]] = {}
+        for rnd, dom, err, n in per_batch:
+            if rnd == r:
+                acc = domains.setdefault(dom, [0, 0])
+                acc[0] += err
+                acc[1] += n
+        out.append(statistics.mean(100 * e / n for e, n in domains.values()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS))
+    parser.add_argument("--n-per-domain", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--rounds10-bits", default="w4a4", help="bits of the 10-round ZOA run ('' skips it)"
+    )
+    parser.add_argument(
+        "--no-compiled", action="store_true", help="skip the torchao integer-path rows"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="digits-C, two domains, fewer rows")
+    parser.add_argument("--out", default="benchmarks/results/zoa.json")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    backends = args.backends or [
+        b for b in ("torchao", "brevitas", "nncf") if importlib.util.find_spec(b) is not None
+    ]
+    source = "digits" if args.quick else "fashion-mnist"
+    corruptions = ["gaussian_noise", "fog"] if args.quick else None
+    kw = {"corruptions": corruptions} if corruptions else {}
+    n_test = None if args.quick else args.n_per_domain
+    epochs = 12 if args.quick else 4
+    model = train_source_model("bncnn", source, epochs=epochs, seed=args.seed)
+    train, test = load_source(source, n_test=n_test, seed=args.seed)
+    calib = [train.x[i : i + 64] for i in range(0, 512, 64)]
+    stream = continual_stream(
+        source, severity=5, batch_size=args.batch_size, n_test=n_test, seed=args.seed, **kw
+    )
+    timing_batches = [b.x for b in list(stream)[:: max(1, len(stream) // 16)]][:16]
+    results: dict = {
+        "stream": f"{source}-C severity 5, {len(stream.domains)} domains, "
+        f"{len(stream.sets[0])} images each, batch {args.batch_size}, seed {args.seed}",
+        "float_clean_accuracy": 100 * accuracy(model, test.x, test.y),
+        "rows": [],
+        "rounds10": [],
+        "integer_path": [],
+    }
+    print(
+        results["stream"],
+        f"| float clean accuracy {results['float_clean_accuracy']:.1f}%",
+        flush=True,
+    )
+
+    for backend in backends:
+        for bits in args.bits:
+            qm = qtta_plugins.quantize(model, backend, bits, calib)
+            clean = 100 * accuracy(qm, test.x, test.y)
+            size, packed = model_bytes(qm), packed_weight_bytes(qm)
+            for row in args.rows:
+                method, options = ROWS[row]
+                if args.quick and method == "foa":
+                    options = {**options, "population": 7}
+                res, run = run_row(qm, stream, method, options, timing_batches)
+                bank = getattr(run.method, "bank_bytes_per_domain", None)
+                entry = {
+                    "backend": backend,
+                    "bits": bits.upper(),
+                    "row": row,
+                    "clean_accuracy": clean,
+                    "mean_error": res["errors"]["mean"],
+                    "errors": res["errors"],
+                    "passes_per_batch": res["passes_per_batch"],
+                    "time_ratio": res["time_ratio"],
+                    "peak_extra_mb": res["peak_extra_mb"],
+                    "bank_bytes_per_domain": bank,
+                    "bank_fraction_of_model": bank / size if bank else None,
+                    "bank_fraction_of_packed_weights": bank / packed if bank else None,
+                    "stored_domains": int(run.method.bank_deltas.shape[0]) if bank else None,
+                    "detected_changes": len(run.method.changes) if bank else None,
+                }
+                results["rows"].append(entry)
+                print(
+                    f"{backend:8s} {bits.upper():5s} {row:14s} err {entry['mean_error']:5.1f}  "
+                    f"passes {entry['passes_per_batch']:4.1f}  time x{entry['time_ratio']:5.2f}  "
+                    f"mem +{entry['peak_extra_mb']:6.1f} MB"
+                    + (f"  bank {bank} B = {100 * bank / size:.2f}% of model" if bank else ""),
+                    flush=True,
+                )
+            if bits == args.rounds10_bits:
+                long = continual_stream(
+                    source,
+                    severity=5,
+                    batch_size=args.batch_size,
+                    n_test=n_test,
+                    seed=args.seed,
+                    rounds=10,
+                    **kw,
+                )
+                res, run = run_row(qm, long, "zoa", {}, timing_batches)
+                per_round = round_errors(res["per_batch"], 10)
+                results["rounds10"].append(
+                    {
+                        "backend": backend,
+                        "bits": bits.upper(),
+                        "round_errors": per_round,
+                        "stored_domains": int(run.method.bank_deltas.shape[0]),
+                        "detected_changes": len(run.method.changes),
+                        "per_batch": res["per_batch"],
+                    }
+                )
+                print(
+                    f"{backend:8s} {bits.upper():5s} zoa 10 rounds: "
+                    + " ".join(f"{e:.1f}" for e in per_round),
+                    flush=True,
+                )
+            if backend == "torchao" and not args.no_compiled:
+                try:
+                    results["integer_path"] += integer_path(qm, stream, timing_batches, bits)
+                except Exception as exc:  # reported, not fatal: the other rows stand on their own
+                    print(f"torchao integer path failed: {type(exc).__name__}: {exc}", flush=True)
+                    results["integer_path"].append(
+                        {"bits": bits.upper(), "error": f"{type(exc).__name__}: {exc}"}
+                    )
+            if not args.quick:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def integer_path(qm, stream, timing_batches, bits):
+    """ZOA on torchao's converted integer model, eager and compiled (inductor, weights not frozen)."""
+    from qtta_torchao.export import compile_converted, convert
+
+    out = []
+    converted = convert(qm)
+    for label in ("convert_pt2e eager", "convert_pt2e + torch.compile"):
+        for method in ("source", "zoa"):
+            if "eager" in label:
+                res, _ = run_row(converted, stream, method, {}, timing_batches)
+            else:
+                # Adapt a compiled copy in place, and time plain inference on another compiled copy.
+                target = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
+                plain = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
+                res, _ = run_row(
+                    target, stream, method, {}, timing_batches, inplace=True, plain_model=plain
+                )
+            out.append(
+                {
+                    "bits": bits.upper(),
+                    "model": label,
+                    "row": method,
+                    "mean_error": res["errors"]["mean"],
+                    "passes_per_batch": res["passes_per_batch"],
+                    "time_ratio": res["time_ratio"],
+                }
+            )
+            print(
+                f"torchao  {bits.upper():5s} {label:30s} {method:6s} err {res['errors']['mean']:5.1f}  time x{res['time_ratio']:5.2f}",
+                flush=True,
+            )
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["bits"] == "W4A4"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(
+        1, len(backends) + 1, figsize=(5 * (len(backends) + 1), 4), squeeze=False
+    )
+    for ax, backend in zip(axes[0], backends, strict=False):
+        for r in rows:
+            if r["backend"] != backend or r["row"] not in ("source", "norm", "tent", "foa", "zoa"):
+                continue
+            domains = [d for d in r["errors"] if d != "mean"]
+            ax.plot(
+                range(len(domains)),
+                [r["errors"][d] for d in domains],
+                marker="o",
+                ms=3,
+                label=f"{r['row']} ({r['mean_error']:.1f})",
+            )
+        ax.set_xticks(range(len(domains)))
+        ax.set_xticklabels([d.replace("_", " ") for d in domains], rotation=70, fontsize=7)
+        ax.set_title(f"{backend} W4A4: error per domain along the stream")
+        ax.set_ylabel("error (%)")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for r in results["rounds10"]:
+        ax.plot(
+            range(1, len(r["round_errors"]) + 1),
+            r["round_errors"],
+            marker="o",
+            ms=3,
+            label=f"{r['backend']} {r['bits']}",
+        )
+    ax.set_title("ZOA over 10 rounds (mean error per round)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean error (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

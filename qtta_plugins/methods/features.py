@@ -1,0 +1,234 @@
+"""Feature statistics and the output shift, shared by the forward-only methods (``zoa``, ``foa``).
+
+Both methods look at the model through the same window: per-channel statistics of intermediate
+features, compared with the same statistics of the quantized model on clean source data, and an
+additive shift of the last layer's input that moves its mean back to the source mean (FOA's
+"back-to-source activation shifting"). Features are read at the inputs of quantized layers, through
+:meth:`~qtta_plugins.view.QuantView.layer_input_module`, so this works on every backend, including
+integer graphs that cannot backpropagate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..view import QuantLayer, QuantView, source_sample
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel mean and standard deviation of a feature over the batch."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def pooled(x: torch.Tensor) -> torch.Tensor:
+    """A feature as ``(N, C)``: conv maps averaged over space, token sequences over tokens."""
+    if x.ndim == 4:
+        return x.mean((2, 3))
+    if x.ndim == 3:
+        return x.mean(1)
+    if x.ndim == 2:
+        return x
+    return x.reshape(x.shape[0], -1)
+
+
+def channel_stats(x: torch.Tensor) -> ChannelStats:
+    """Mean and std over the batch of the pooled feature (ZOA's "pooled stage outputs")."""
+    p = pooled(x)
+    return ChannelStats(
+        p.mean(0), p.std(0, unbiased=False) if p.shape[0] > 1 else p.new_zeros(p.shape[1])
+    )
+
+
+def map_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance over every position of a feature map (for the detector)."""
+    if x.ndim == 4:
+        dims: tuple[int, ...] = (0, 2, 3)
+    elif x.ndim == 3:
+        dims = (0, 1)
+    else:
+        dims = (0,)
+    var, mean = torch.var_mean(x, dims, correction=0)
+    return mean, var
+
+
+def feature_layers(view: QuantView, which: str = "blocks") -> list[QuantLayer]:
+    """The layers whose inputs are the features: ``"blocks"`` (default) the first layer of every
+    block but the first - the block boundaries, i.e. the stage outputs of a CNN and the residual
+    stream between transformer blocks - plus the last layer (the pooled feature the head sees);
+    ``"all"``: every layer but the first (whose input is the image)."""
+    layers = view.layers()
+    if len(layers) < 2:
+        raise ValueError(f"this {view.backend} model has fewer than two quantized layers")
+    if which == "all":
+        chosen = layers[1:]
+    elif which == "blocks":
+        firsts = {b.layers[0].name for b in view.blocks()[1:] if b.layers}
+        chosen = [layer for layer in layers[1:] if layer.name in firsts]
+        if layers[-1] not in chosen:
+            chosen.append(layers[-1])
+    else:
+        raise ValueError(f"feature layers must be 'blocks' or 'all', not {which!r}")
+    return chosen
+
+
+class FeatureRecorder:
+    """Forward pre-hooks at the inputs of ``layers``: record their statistics, shift the last one.
+
+    ``record``: whether a forward pass records. The last layer's input is shifted by
+    ``shift_target - feature_ema`` when ``shift_target`` is set (recording sees the unshifted
+    feature). ``detector``: a module whose input's per-channel map statistics are recorded for the
+    domain-change detector. Layers sharing one input (a residual block's conv and shortcut) are
+    tapped once.
+    """
+
+    def __init__(
+        self, view: QuantView, layers: Sequence[QuantLayer], detector: nn.Module | None = None
+    ) -> None:
+        modules: dict[int, nn.Module] = {}
+        for layer in layers:
+            module = view.layer_input_module(layer)
+            modules.setdefault(id(module), module)
+        self.modules = list(modules.values())
+        self.record = True
+        self.stats: list[ChannelStats | None] = [None] * len(self.modules)
+        self.detector_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The output shift: the last feature is moved by (source mean - EMA of its batch means).
+        self.shift_target: torch.Tensor | None = None  # None: no shift
+        self.shift_momentum = 0.9
+        self.shift_enabled = True
+        self.update_ema = True  # False on extra passes over the same batch
+        self.feature_ema: torch.Tensor | None = None
+        self.last_feature_mean: torch.Tensor | None = None
+        self.applied_shift: torch.Tensor | None = None
+        self._handles = [
+            m.register_forward_pre_hook(self._hook_for(i)) for i, m in enumerate(self.modules)
+        ]
+        if detector is not None:
+            self._handles.append(detector.register_forward_pre_hook(self._detector_hook))
+
+    def _detector_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.record and self.update_ema:  # once per batch: pass 1 only
+            self.detector_stats = map_stats(args[0])
+
+    def _hook_for(self, index: int):
+        last = len(self.modules) - 1
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if self.record:
+                self.stats[index] = channel_stats(x)
+            if index != last or self.shift_target is None or not self.shift_enabled:
+                return None
+            if self.update_ema:
+                mean = pooled(x).mean(0)
+                self.last_feature_mean = mean
+                m = self.shift_momentum
+                self.feature_ema = (
+                    mean if self.feature_ema is None else m * self.feature_ema + (1 - m) * mean
+                )
+                self.applied_shift = self.shift_target - self.feature_ema
+            shift = self.applied_shift  # extra passes over the same batch reuse pass 1's shift
+            if shift is None:
+                return None
+            # Broadcast over everything but the channel axis: (C,1,1) for maps, (C,) for tokens / vectors.
+            return (
+                x + shift.view(-1, *([1] * (x.ndim - 2))) if x.ndim == 4 else x + shift,
+                *args[1:],
+            )
+
+        return hook
+
+    def clear(self) -> None:
+        self.stats = [None] * len(self.modules)
+        self.detector_stats = None
+
+    def collected(self) -> list[ChannelStats]:
+        missing = [i for i, s in enumerate(self.stats) if s is None]
+        if missing:
+            raise RuntimeError(f"feature tap(s) {missing} saw no input in this forward pass")
+        return self.stats  # type: ignore[return-value]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def source_batches(view: QuantView, data: object, batch_size: int) -> list[torch.Tensor] | None:
+    """Clean source inputs as batches: ``data`` (a tensor, or an iterable of tensors / ``(x, y)``
+    pairs), or else the sample :func:`qtta_plugins.quantize` kept on the model."""
+    if data is None:
+        data = source_sample(view.model)
+        if data is None:
+            return None
+    if isinstance(data, torch.Tensor):
+        return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    if isinstance(data, Iterable):
+        out = []
+        for item in data:
+            x = item[0] if isinstance(item, tuple | list) else getattr(item, "x", item)
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError("source_data must hold floating-point input tensors")
+            out.append(x)
+        return out
+    raise TypeError(
+        f"source_data must be a tensor or an iterable of tensors, not {type(data).__name__}"
+    )
+
+
+@torch.no_grad()
+def source_statistics(
+    view: QuantView, recorder: FeatureRecorder, batches: list[torch.Tensor]
+) -> tuple[list[ChannelStats], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Feature statistics of the quantized model on clean batches, in the mode it will adapt in,
+    averaged over batches (the same estimator the test batches get); and the detector feature's
+    per-channel mean and variance."""
+    sums: list[ChannelStats] | None = None
+    det_mean = det_var = None
+    was_recording, shift = recorder.record, recorder.shift_enabled
+    recorder.record, recorder.shift_enabled = True, False
+    try:
+        for x in batches:
+            recorder.clear()
+            view.model(x)
+            stats = recorder.collected()
+            if sums is None:
+                sums = [ChannelStats(s.mean.clone(), s.std.clone()) for s in stats]
+                if recorder.detector_stats is not None:
+                    det_mean, det_var = (t.clone() for t in recorder.detector_stats)
+            else:
+                for acc, s in zip(sums, stats, strict=True):
+                    acc.mean += s.mean
+                    acc.std += s.std
+                if det_mean is not None and recorder.detector_stats is not None:
+                    det_mean += recorder.detector_stats[0]
+                    det_var += recorder.detector_stats[1]  # type: ignore[operator]
+    finally:
+        recorder.record, recorder.shift_enabled = was_recording, shift
+        recorder.clear()
+    n = len(batches)
+    assert sums is not None
+    detector = None if det_mean is None else (det_mean / n, det_var / n)  # type: ignore[operator]
+    return [ChannelStats(s.mean / n, s.std / n) for s in sums], detector
+
+
+def no_source_data_warning(method: str) -> None:
+    warnings.warn(
+        f"{method}: no clean source data (pass source_data=..., or quantize with "
+        "qtta_plugins.quantize, which keeps a calibration sample): the statistics-alignment term "
+        "and the output shift are off",
+        stacklevel=4,
+    )
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy of the softmax of ``logits``."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)

@@ -1,0 +1,473 @@
+"""``zoa``: forward-only continual test-time adaptation with a domain-knowledge bank.
+
+Our implementation of ZOA (zeroth-order adaptation for quantized models), from the algorithm of the
+authors' public code as DESIGN §4 describes it, without that code's known faults (see the notes at
+the end). Two forward passes per batch, no backward pass and no autograd graph, so it adapts models
+that cannot backpropagate - torchao's ``convert_pt2e`` integer graphs included.
+
+Configure: batch norms use test-batch statistics; a subset of norm layers adapts (by default those
+between the first and the last block, as the authors leave the first and last stages frozen).
+Their affine parameters are *fused*::
+
+    theta = theta_0 + sum_k softmax(s * alpha)_k * delta_k + eps
+
+``theta_0`` the source affine, ``delta_0 = 0`` (the source) and ``delta_1..K`` the bank's stored
+domain deltas, ``alpha`` the mixing logits (shared by all layers, ``s = temperature``), ``eps`` the
+live residual.
+
+Forward and adapt, per batch ``x``:
+
+1. pass 1 at ``theta``: its logits are the prediction; loss
+   ``L = lambda * sum_f [MSE(std_f, std_f^src) + MSE(mean_f, mean_f^src)] + mean entropy`` over the
+   pooled features ``f`` (block boundaries), with source statistics measured once by the quantized
+   model itself on clean data;
+2. the domain-change detector compares pass 1's early feature map with its running statistics; on a
+   change, the bank stores the current total delta (see :meth:`ZOA._store`);
+3. pass 2 at ``(eps + c * D, alpha + c_alpha * D_alpha)``, ``D`` drawn as ``+-U[0.5, 1]``, gives
+   ``L+``; one-sided SPSA: ``g = (L+ - L) / (c * D)``;
+4. ``eps`` takes an SGD step with weight decay (which pulls it back to the stored mix); ``alpha`` an
+   AdamW step, once the bank holds a domain.
+
+The output shift (from FOA) adds ``mean_src - EMA(mean_batch)`` to the last layer's input; the EMA
+restarts at a detected domain change.
+
+Not copied from the public reference code: the CNN shift is a per-channel vector (the code used a
+scalar); the bank's similarity is recomputed after every merge (the code kept a stale matrix after a
+delete); running statistics (shift EMA, detector) update from pass 1 only (the code updated them in
+both passes, counting every batch twice and the perturbed one among them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdaptConfig
+from ..hookspecs import hookimpl
+from ..view import NormLayer, QuantView
+from .base import MethodInfo, TestTimeMethod
+from .features import (
+    FeatureRecorder,
+    entropy,
+    feature_layers,
+    no_source_data_warning,
+    source_batches,
+    source_statistics,
+)
+
+
+@dataclass
+class ZOAConfig(AdaptConfig):
+    """ZOA's options. ``None`` picks the authors' default for the model family (CNN with batch
+    norms / transformer with layer norms), as the field's comment says.
+
+    Every component can be switched off for ablations: ``bank=False`` (no stored domains, no
+    ``alpha``), ``shift=False`` (no output shift), ``detector=False`` (no change detection: the bank
+    then stores every ``store_period`` batches), ``align_weight=0`` (entropy only),
+    ``entropy=False`` (alignment only), ``batch_stats=False`` (norms keep source statistics).
+    """
+
+    method: str = "zoa"
+    #: which norms adapt: "middle" (not those of the first and last block) or "all"
+    norm_layers: str = "middle"
+    #: where features are read: "blocks" (block boundaries + head input) or "all" layer inputs
+    feature_layers: str = "blocks"
+    lr: float = 3e-3  # SGD on eps (chosen on the digits-C dev stream; see docs/zoa.md)
+    weight_decay: float = 0.4  # on eps: pulls it back towards the stored mix
+    c: float = 0.02  # SPSA step for eps (authors: 0.01 CNN / 0.02 ViT; 0.02 won on digits-C)
+    c_alpha: float = 0.05  # SPSA step for alpha
+    alpha_lr: float = 0.01  # AdamW on alpha
+    alpha_weight_decay: float = 0.1
+    temperature: float = 10.0  # s in softmax(s * alpha)
+    align_weight: float | None = None  # lambda: 1 CNN / 30 transformer; 0 turns alignment off
+    entropy: bool = True
+    shift: bool = True
+    shift_momentum: float = 0.9
+    detector: bool = True
+    detector_momentum: float = 0.8
+    detector_threshold: float | None = None  # symmetric KL: 0.05 CNN / 0.1 transformer (see docs)
+    min_domain_batches: int = 2  # a domain shorter than this is not stored
+    bank: bool = True
+    bank_size: int = 32
+    store_period: int = 50  # with detector=False: store every this many batches
+    batch_stats: bool = True
+    source_batch_size: int = 64
+    #: clean source inputs for the source statistics (tensor or iterable of batches); default: the
+    #: calibration sample qtta_plugins.quantize kept on the model
+    source_data: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.norm_layers not in ("middle", "all"):
+            raise ValueError(
+                f"ZOAConfig.norm_layers must be 'middle' or 'all', not {self.norm_layers!r}"
+            )
+        if self.feature_layers not in ("blocks", "all"):
+            raise ValueError(
+                f"ZOAConfig.feature_layers must be 'blocks' or 'all', not {self.feature_layers!r}"
+            )
+        for name in ("lr", "c", "c_alpha", "alpha_lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ZOAConfig.{name} must be a positive number, got {value!r}")
+        for name in ("detector_threshold",):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"ZOAConfig.{name} must be a positive number or None, got {value!r}"
+                )
+        if self.align_weight is not None and not self.align_weight >= 0:
+            raise ValueError(f"ZOAConfig.align_weight must be >= 0, got {self.align_weight!r}")
+        for name in ("shift_momentum", "detector_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"ZOAConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.bank_size < 1 or self.store_period < 1 or self.min_domain_batches < 0:
+            raise ValueError(
+                "ZOAConfig.bank_size and store_period must be >= 1, min_domain_batches >= 0"
+            )
+        if not (self.entropy or self.align_weight != 0):
+            raise ValueError("ZOAConfig: with entropy=False and align_weight=0 there is no loss")
+
+
+def adapted_norms(view: QuantView, which: str) -> list[NormLayer]:
+    """The norm layers ZOA adapts: ``"all"``, or ``"middle"`` - those outside the first and last
+    block that holds norms (the authors' choice: early and last stages stay frozen). A model with
+    norms in fewer than three blocks adapts them all."""
+    norms = [n for n in view.norms() if n.affine()]
+    if which == "all":
+        return norms
+    groups = [_block_key(n.name) for n in norms]
+    distinct = list(dict.fromkeys(groups))
+    if len(distinct) < 3:
+        return norms
+    inner = set(distinct[1:-1])
+    return [n for n, g in zip(norms, groups, strict=True) if g in inner]
+
+
+def _block_key(name: str) -> str:
+    """``layer1.bn1`` -> ``layer1``; ``blocks.3.norm1`` -> ``blocks.3`` (as QuantView.blocks groups)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def symmetric_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
+    """Mean over channels of the symmetric KL divergence between two diagonal Gaussians."""
+    v1, v2 = v1 + 1e-5, v2 + 1e-5
+    d2 = (m1 - m2).square()
+    return float((0.25 * ((v1 + d2) / v2 + (v2 + d2) / v1 - 2.0)).mean())
+
+
+class ZOA(TestTimeMethod):
+    needs_backward = False
+
+    def __init__(self, view: QuantView, config: ZOAConfig) -> None:
+        super().__init__(view, config)
+        has_bn = any(n.has_statistics for n in view.norms())
+        transformer = not has_bn
+        self.c = config.c
+        self.align_weight = (
+            config.align_weight
+            if config.align_weight is not None
+            else (30.0 if transformer else 1.0)
+        )
+        self.threshold = (
+            config.detector_threshold
+            if config.detector_threshold is not None
+            else (0.1 if transformer else 0.05)
+        )
+        norms = adapted_norms(view, config.norm_layers)
+        if not norms:
+            raise ValueError(
+                f"method 'zoa' found no norm affine parameters to adapt in this {view.backend} model"
+                + (
+                    " (a convert_pt2e graph: convert with qtta_torchao.export.convert, which keeps a "
+                    "per-channel affine in place of each folded batch norm)"
+                    if not view.can_backprop
+                    else ""
+                )
+            )
+        self.params: list[nn.Parameter] = []
+        for norm in norms:
+            for p in norm.affine():
+                if all(p is not q for q in self.params):
+                    self.params.append(p)
+        self.norm_names = [n.name for n in norms]
+        view.freeze()
+        if config.batch_stats and has_bn:
+            view.set_norm_mode("batch")
+        with torch.no_grad():
+            self.theta0 = torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+        self._slices = []
+        start = 0
+        for p in self.params:
+            self._slices.append((start, start + p.numel()))
+            start += p.numel()
+
+        layers = feature_layers(view, config.feature_layers)
+        # The detector watches what the first norm normalises (a batch norm's statistics would
+        # otherwise take the shift out before we see it).
+        all_norms = view.norms()
+        first = next(
+            (n for n in all_norms if n.has_statistics), all_norms[0] if all_norms else None
+        )
+        detector = (
+            view.norm_input_module(first) if (config.detector and first is not None) else None
+        )
+        self.recorder = FeatureRecorder(view, layers, detector)
+        self.recorder.shift_momentum = config.shift_momentum
+        batches = source_batches(view, config.source_data, config.source_batch_size)
+        if batches:
+            self.source_stats, self.source_detector = source_statistics(
+                view, self.recorder, batches
+            )
+            if config.shift:
+                self.recorder.shift_target = self.source_stats[-1].mean
+        else:
+            no_source_data_warning("zoa")
+            self.source_stats, self.source_detector = None, None
+            self.align_weight = 0.0
+            if not config.entropy:
+                raise ValueError("zoa: with entropy=False the method needs clean source data")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._init_state()
+
+    # --- state -------------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        d = self.theta0.numel()
+        self.eps = torch.zeros(d)
+        self.bank_deltas = torch.zeros(
+            0, d
+        )  # K stored domains (the source's zero delta is implicit)
+        self.alpha = torch.zeros(1)
+        self.alpha_moments = (torch.zeros(1), torch.zeros(1))
+        self.alpha_steps = 0
+        self.running_detector: tuple[torch.Tensor, torch.Tensor] | None = (
+            tuple(t.clone() for t in self.source_detector) if self.source_detector else None  # type: ignore[assignment]
+        )
+        self.domain_batches = 0
+        self.batches = 0
+        self.changes: list[int] = []  # batch indices where a change was detected
+        self.recorder.feature_ema = None
+        self.recorder.applied_shift = None
+
+    def reset(self) -> None:
+        self._init_state()
+        self.generator.manual_seed(self.config.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "eps": self.eps.clone(),
+            "bank_deltas": self.bank_deltas.clone(),
+            "alpha": self.alpha.clone(),
+            "alpha_moments": tuple(t.clone() for t in self.alpha_moments),
+            "alpha_steps": self.alpha_steps,
+            "running_detector": None
+            if self.running_detector is None
+            else tuple(t.clone() for t in self.running_detector),
+            "domain_batches": self.domain_batches,
+            "batches": self.batches,
+            "changes": list(self.changes),
+            "feature_ema": _clone(self.recorder.feature_ema),
+            "applied_shift": _clone(self.recorder.applied_shift),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("eps") is None or state["eps"].shape != self.eps.shape:
+            raise ValueError("ZOA state does not match this model's adapted parameters")
+        self.eps = state["eps"].clone()
+        self.bank_deltas = state["bank_deltas"].clone()
+        self.alpha = state["alpha"].clone()
+        self.alpha_moments = tuple(t.clone() for t in state["alpha_moments"])  # type: ignore[assignment]
+        self.alpha_steps = state["alpha_steps"]
+        det = state["running_detector"]
+        self.running_detector = None if det is None else tuple(t.clone() for t in det)  # type: ignore[assignment]
+        self.domain_batches = state["domain_batches"]
+        self.batches = state["batches"]
+        self.changes = list(state["changes"])
+        self.recorder.feature_ema = _clone(state["feature_ema"])
+        self.recorder.applied_shift = _clone(state.get("applied_shift"))
+        self.generator.set_state(state["generator"])
+        self._write(self.eps, self.alpha)
+
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        return self.params
+
+    @property
+    def bank_bytes_per_domain(self) -> int:
+        """Bytes one stored domain takes (a float32 delta of every adapted parameter)."""
+        return self.theta0.numel() * 4
+
+    # --- the fused parameters ----------------------------------------------------------------
+    def _mix(self, alpha: torch.Tensor) -> torch.Tensor:
+        if self.bank_deltas.shape[0] == 0:
+            return torch.zeros_like(self.theta0)
+        weights = torch.softmax(self.config.temperature * alpha, 0)
+        return weights[1:] @ self.bank_deltas
+
+    def _write(self, eps: torch.Tensor, alpha: torch.Tensor) -> None:
+        theta = self.theta0 + self._mix(alpha) + eps
+        with torch.no_grad():
+            for p, (a, b) in zip(self.params, self._slices, strict=True):
+                p.copy_(theta[a:b].view_as(p))
+
+    # --- one batch ---------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor) -> float:
+        loss = entropy(logits).mean() if self.config.entropy else logits.new_zeros(())
+        if self.align_weight and self.source_stats is not None:
+            align = logits.new_zeros(())
+            for s, src in zip(self.recorder.collected(), self.source_stats, strict=True):
+                align = (
+                    align + (s.std - src.std).square().mean() + (s.mean - src.mean).square().mean()
+                )
+            loss = loss + self.align_weight * align
+        return float(loss)
+
+    def _draw(self, n: int) -> torch.Tensor:
+        magnitude = torch.rand(n, generator=self.generator) * 0.5 + 0.5
+        sign = torch.randint(0, 2, (n,), generator=self.generator) * 2 - 1
+        return magnitude * sign
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        recorder = self.recorder
+        # Pass 1: the prediction, the loss at the current parameters, the running statistics.
+        recorder.update_ema = True
+        recorder.clear()
+        logits = self.view.model(x)
+        loss = self._loss(logits)
+        self._detect(x.shape[0])
+        self.batches += 1
+        self.domain_batches += 1
+
+        # Pass 2: one simultaneous perturbation of eps (and alpha once the bank holds a domain).
+        use_alpha = cfg.bank and self.bank_deltas.shape[0] > 0
+        d_eps = self._draw(self.eps.numel())
+        d_alpha = self._draw(self.alpha.numel()) if use_alpha else None
+        alpha_plus = self.alpha + cfg.c_alpha * d_alpha if d_alpha is not None else self.alpha
+        self._write(self.eps + self.c * d_eps, alpha_plus)
+        recorder.update_ema = False
+        recorder.clear()
+        loss_plus = self._loss(self.view.model(x))
+        recorder.update_ema = True
+
+        # One-sided SPSA estimates and the updates.
+        diff = loss_plus - loss
+        grad_eps = diff / (self.c * d_eps)
+        self.eps = self.eps - cfg.lr * (grad_eps + cfg.weight_decay * self.eps)
+        if d_alpha is not None:
+            self._adamw(diff / (cfg.c_alpha * d_alpha))
+        self._write(self.eps, self.alpha)
+        return logits
+
+    def _adamw(self, grad: torch.Tensor) -> None:
+        """One AdamW step on alpha (decoupled weight decay, betas 0.9 / 0.999)."""
+        cfg = self.config
+        b1, b2 = 0.9, 0.999
+        self.alpha_steps += 1
+        m, v = self.alpha_moments
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad.square()
+        self.alpha_moments = (m, v)
+        m_hat = m / (1 - b1**self.alpha_steps)
+        v_hat = v / (1 - b2**self.alpha_steps)
+        alpha = self.alpha * (1 - cfg.alpha_lr * cfg.alpha_weight_decay)
+        self.alpha = alpha - cfg.alpha_lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+    # --- the domain-change detector and the bank ---------------------------------------------
+    def _detect(self, batch_size: int) -> None:
+        cfg = self.config
+        changed = False
+        if cfg.detector and self.recorder.detector_stats is not None:
+            mean, var = self.recorder.detector_stats
+            if self.running_detector is None:
+                self.running_detector = (mean.clone(), var.clone())
+            else:
+                r_mean, r_var = self.running_detector
+                changed = symmetric_kl(mean, var, r_mean, r_var) > self.threshold
+                if changed:
+                    self.running_detector = (mean.clone(), var.clone())
+                else:
+                    m = cfg.detector_momentum
+                    self.running_detector = (m * r_mean + (1 - m) * mean, m * r_var + (1 - m) * var)
+        elif not cfg.detector:
+            changed = self.domain_batches >= cfg.store_period
+        if not changed:
+            return
+        self.changes.append(self.batches)
+        if cfg.bank and self.domain_batches >= cfg.min_domain_batches:
+            self._store()
+        self.domain_batches = 0
+        if cfg.detector and self.recorder.last_feature_mean is not None:
+            # The shift's EMA belongs to the old domain: restart it at this batch's mean. (This
+            # batch's two passes keep the shift pass 1 applied, so its SPSA difference is sound.)
+            self.recorder.feature_ema = self.recorder.last_feature_mean.clone()
+
+    def _store(self) -> None:
+        """Store the current total delta as a domain, make it dominant, let eps absorb the rest.
+
+        The function does not jump: ``mix(alpha') + eps' == mix(alpha) + eps`` by construction.
+        Beyond ``bank_size`` domains, the two most cosine-similar are merged into their mean, with
+        their mixing weights summed.
+        """
+        cfg = self.config
+        total = self._mix(self.alpha) + self.eps
+        if float(total.abs().max()) == 0.0:
+            return
+        self.bank_deltas = torch.cat([self.bank_deltas, total[None]])
+        # Dominant: one unit of logit above the rest is e^temperature times their weight.
+        self.alpha = torch.cat([self.alpha, self.alpha.max().reshape(1) + 1.0])
+        while self.bank_deltas.shape[0] > cfg.bank_size:
+            self._merge_most_similar()
+        self.eps = total - self._mix(self.alpha)
+        self.alpha_moments = (torch.zeros_like(self.alpha), torch.zeros_like(self.alpha))
+        self.alpha_steps = 0
+
+    def _merge_most_similar(self) -> None:
+        deltas = self.bank_deltas
+        unit = deltas / deltas.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-math.inf)
+        flat = int(similarity.argmax())
+        i, j = divmod(flat, deltas.shape[0])
+        i, j = min(i, j), max(i, j)
+        merged = (deltas[i] + deltas[j]) / 2
+        s = self.config.temperature
+        # alpha indices are shifted by one (alpha[0] is the source).
+        a_merged = torch.logsumexp(s * self.alpha[[i + 1, j + 1]], 0) / s
+        rows = [deltas[k] for k in range(deltas.shape[0]) if k != j]
+        rows[i] = merged  # i < j: removing j leaves i where it was
+        self.bank_deltas = torch.stack(rows)
+        alpha = self.alpha.clone()
+        alpha[i + 1] = a_merged
+        self.alpha = torch.cat([alpha[: j + 1], alpha[j + 2 :]])
+
+
+@hookimpl
+def qtta_methods() -> list[MethodInfo]:
+    return [
+        MethodInfo(
+            "zoa",
+            "adapt",
+            "forward-only: 2 passes (SPSA) on fused norm affines + domain bank",
+            config_cls=ZOAConfig,
+        )
+    ]
+
+
+@hookimpl
+def qtta_adapt(view: QuantView, config: AdaptConfig) -> TestTimeMethod | None:
+    if config.method != "zoa":
+        return None
+    if not isinstance(config, ZOAConfig):
+        config = ZOAConfig(seed=config.seed)
+    return ZOA(view, config)

@@ -1,0 +1,284 @@
+"""ZOA and FOA: forward-only adaptation, the domain bank, the detector, state, and the integer path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qtta_plugins
+from qtta_plugins.methods.zoa import ZOA, ZOAConfig, symmetric_kl
+
+pytest.importorskip("torchao")
+
+
+@pytest.fixture(scope="module")
+def short_stream(digits_stream):
+    """Four batches each from three domains of the digits-C stream."""
+    batches = list(digits_stream)
+    per_domain = len(batches) // len(digits_stream.domains)
+    return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + 4]]
+
+
+class PassCounter:
+    """Counts forward passes of a model and whether autograd could have recorded any of them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self.grad_enabled: list[bool] = []
+        self.out_requires_grad: list[bool] = []
+        self.handles = [
+            model.register_forward_pre_hook(self._pre),
+            model.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, module, args):
+        self.calls += 1
+        self.grad_enabled.append(torch.is_grad_enabled())
+
+    def _post(self, module, args, out):
+        self.out_requires_grad.append(bool(out.requires_grad))
+
+
+def model_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- forward-only means forward-only -------------------------------------------------------------
+@pytest.mark.parametrize("method, passes", [("zoa", 2), ("foa", 28)])
+def test_exact_forward_passes_per_step_and_no_autograd(qcnn, short_stream, method, passes):
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, method)
+    counter = PassCounter(run.model)
+    for batch in short_stream[:3]:
+        before = counter.calls
+        run.step(batch.x, batch.y)
+        assert counter.calls - before == passes
+    assert not any(counter.grad_enabled) and not any(counter.out_requires_grad)
+    assert not any(p.requires_grad for p in run.model.parameters())
+
+
+def test_zoa_adapts_only_the_middle_norm_affines(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa")
+    params = dict(run.model.named_parameters())
+    before = {k: p.detach().clone() for k, p in params.items()}
+    run.run(short_stream)
+    changed = {k for k in before if not torch.equal(before[k], params[k])}
+    assert changed, "ZOA changed nothing"
+    assert all(
+        k.startswith(("layer1.", "layer2.")) and k.endswith((".weight", ".bias")) for k in changed
+    )
+    assert run.method.norm_names == [
+        "layer1.bn1",
+        "layer1.bn2",
+        "layer2.bn1",
+        "layer2.bn2",
+        "layer2.shortcut.1",
+    ]
+
+
+def test_zoa_runs_on_the_converted_integer_model_and_is_its_default(qcnn, digits_stream):
+    from qtta_torchao.export import convert
+
+    converted = convert(qcnn["w4a4"])
+    view = qtta_plugins.quant_view(converted)
+    assert not view.can_backprop
+    assert [n.folded for n in view.norms()] == [True] * 9
+    before = model_state(converted)
+    run = qtta_plugins.adapt(converted, digits_stream)
+    assert run.config.method == "zoa"
+    source = qtta_plugins.adapt(converted, digits_stream, "source")
+    assert run.errors()["mean"] < source.errors()["mean"] - 10
+    assert all(torch.equal(before[k], v) for k, v in converted.state_dict().items())
+
+
+def test_folded_norm_stand_ins_are_the_identity_on_source_statistics(qcnn, digits):
+    from qtta_torchao.export import convert
+
+    _, test = digits
+    with_norms, plain = convert(qcnn["w4a4"]), convert(qcnn["w4a4"], folded_norms=False)
+    x = test.x[:64]
+    with torch.no_grad():
+        assert torch.allclose(with_norms(x), plain(x), atol=1e-5)
+    # On batch statistics they renormalise like BN-adapt on the model before conversion.
+    norm_prepared = qtta_plugins.adapt(qcnn["w4a4"], [x], "norm").predictions
+    norm_converted = qtta_plugins.adapt(with_norms, [x], "norm").predictions
+    assert (norm_prepared == norm_converted).float().mean() > 0.95
+
+
+def test_zoa_beats_source_on_the_digits_stream(qcnn, digits_stream):
+    zoa = qtta_plugins.adapt(qcnn["w4a4"], digits_stream, "zoa")
+    source = qtta_plugins.adapt(qcnn["w4a4"], digits_stream, "source")
+    assert zoa.errors()["mean"] < source.errors()["mean"] - 10
+    # The detector found most of the 14 domain switches, and the bank stored them.
+    assert len(zoa.method.changes) >= 8
+    assert zoa.method.bank_deltas.shape[0] >= 5
+
+
+# --- the bank ------------------------------------------------------------------------------------
+def _fused(method: ZOA) -> torch.Tensor:
+    return method.theta0 + method._mix(method.alpha) + method.eps
+
+
+@pytest.fixture
+def zoa_method(qcnn):
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, ZOAConfig(bank_size=3))
+    return run.method
+
+
+def test_bank_store_keeps_the_function_and_makes_the_new_domain_dominant(zoa_method):
+    m = zoa_method
+    gen = torch.Generator().manual_seed(0)
+    m.eps = torch.randn(m.eps.shape, generator=gen) * 0.01
+    before = _fused(m)
+    m._store()
+    assert m.bank_deltas.shape[0] == 1
+    assert torch.allclose(_fused(m), before, atol=1e-6)  # no jump
+    weights = torch.softmax(m.config.temperature * m.alpha, 0)
+    assert int(weights.argmax()) == 1 and weights[1] > 0.99
+    assert torch.allclose(m.bank_deltas[0], before - m.theta0, atol=1e-6)
+
+
+def test_bank_merges_the_most_similar_pair_beyond_its_size(zoa_method):
+    m = zoa_method  # bank_size=3
+    d = m.eps.numel()
+    gen = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(d, generator=gen) for _ in range(3))
+    m.bank_deltas = torch.stack([a, b, c])
+    m.alpha = torch.tensor([0.0, 0.1, 0.2, 0.3])
+    m.eps = torch.zeros(d)
+    m.eps = (a * 1.01 + 0.001) - m._mix(m.alpha)  # total delta nearly parallel to `a`
+    before = _fused(m)
+    m._store()
+    assert m.bank_deltas.shape[0] == 3  # capped
+    # `a` (row 0) and the new entry were merged into their mean, in row 0; b and c are kept.
+    assert torch.allclose(m.bank_deltas[0], (a + a * 1.01 + 0.001) / 2, atol=1e-5)
+    assert torch.equal(m.bank_deltas[1], b) and torch.equal(m.bank_deltas[2], c)
+    assert m.alpha.shape == (4,)
+    assert torch.allclose(_fused(m), before, atol=1e-5)  # eps absorbed the merge
+
+
+def test_bank_bytes_per_domain_is_one_float_per_adapted_parameter(zoa_method):
+    n = sum(p.numel() for p in zoa_method.params)
+    assert zoa_method.bank_bytes_per_domain == 4 * n
+
+
+# --- the detector --------------------------------------------------------------------------------
+def test_symmetric_kl_is_zero_for_equal_gaussians_and_symmetric():
+    m, v = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])
+    assert symmetric_kl(m, v, m, v) == pytest.approx(0.0, abs=1e-7)
+    m2, v2 = torch.tensor([0.5, 0.0]), torch.tensor([2.0, 1.0])
+    assert symmetric_kl(m, v, m2, v2) == pytest.approx(symmetric_kl(m2, v2, m, v))
+    assert symmetric_kl(m, v, m2, v2) > 0.1
+
+
+def test_detector_fires_on_a_domain_switch_and_not_on_iid_batches(qcnn, digits):
+    from qtta_plugins.data import corrupt_set
+
+    _, test = digits
+    clean = [test.x[i : i + 50] for i in range(0, 400, 50)]
+    fog = corrupt_set(test, "fog", 5, progress=False).x[:150]
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa")
+    for x in clean:
+        run.step(x)
+    assert run.method.changes == []  # eight i.i.d. clean batches: no change
+    for i in range(0, 150, 50):
+        run.step(fog[i : i + 50])
+    assert run.method.changes == [len(clean)]  # fires at the switch, once
+
+
+def test_without_detector_the_bank_stores_periodically(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", detector=False, store_period=4)
+    assert run.method.changes == [4, 8]
+    assert run.method.bank_deltas.shape[0] == 2
+
+
+# --- state ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["zoa", "foa"])
+def test_save_and_load_round_trip(qcnn, short_stream, tmp_path, method):
+    half = len(short_stream) // 2
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:half], method)
+    run.save(tmp_path / "state.pt")
+    rest = run.run(short_stream[half:])
+
+    fresh = qtta_plugins.adapt(qcnn["w4a4"], None, method)
+    fresh.load(tmp_path / "state.pt")
+    assert torch.equal(fresh.run(short_stream[half:]), rest)
+    assert all(
+        torch.equal(v, run.model.state_dict()[k]) for k, v in fresh.model.state_dict().items()
+    )
+    if method == "zoa":
+        assert torch.equal(fresh.method.bank_deltas, run.method.bank_deltas)
+        assert torch.equal(fresh.method.alpha, run.method.alpha)
+
+
+@pytest.mark.parametrize("method", ["zoa", "foa"])
+def test_deterministic_and_reset(qcnn, short_stream, method):
+    a = qtta_plugins.adapt(qcnn["w4a4"], short_stream, method, seed=3)
+    b = qtta_plugins.adapt(qcnn["w4a4"], short_stream, method, seed=3)
+    assert torch.equal(a.predictions, b.predictions)
+    first = a.predictions.clone()
+    a.reset()
+    assert torch.equal(a.run(short_stream), first)
+
+
+def test_a_bad_batch_changes_nothing(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:3], "zoa")
+    state = copy.deepcopy(run.method.state_dict())
+    before = model_state(run.model)
+    bad = short_stream[3].x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(qtta_plugins.BadBatchError, match="NaN"):
+        run.step(bad)
+    original = run.method.forward_and_adapt
+
+    def explode(x):
+        original(x)
+        raise RuntimeError("boom")
+
+    run.method.forward_and_adapt = explode
+    with pytest.raises(RuntimeError, match="boom"):
+        run.step(short_stream[3].x)
+    assert all(torch.equal(before[k], v) for k, v in model_state(run.model).items())
+    after = run.method.state_dict()
+    assert torch.equal(after["eps"], state["eps"]) and after["batches"] == state["batches"]
+
+
+# --- options -------------------------------------------------------------------------------------
+def test_config_errors_name_the_option(qcnn):
+    qm = qcnn["w4a4"]
+    with pytest.raises(ValueError, match=r"ZOAConfig.lr"):
+        qtta_plugins.adapt(qm, None, "zoa", lr=0)
+    with pytest.raises(ValueError, match=r"ZOAConfig.norm_layers"):
+        qtta_plugins.adapt(qm, None, "zoa", norm_layers="some")
+    with pytest.raises(ValueError, match=r"no loss"):
+        qtta_plugins.adapt(qm, None, "zoa", entropy=False, align_weight=0)
+    with pytest.raises(ValueError, match=r"FOAConfig.population"):
+        qtta_plugins.adapt(qm, None, "foa", population=1)
+
+
+def test_without_source_data_alignment_and_shift_are_off_with_a_warning(qcnn, short_stream):
+    from qtta_plugins.view import _SOURCE_SAMPLE
+
+    qm = copy.deepcopy(qcnn["w4a4"])
+    qm.meta.pop(_SOURCE_SAMPLE)
+    with pytest.warns(UserWarning, match=r"no clean source data"):
+        run = qtta_plugins.adapt(qm, short_stream, "zoa")
+    assert run.method.align_weight == 0 and run.method.recorder.shift_target is None
+    # Passing clean data explicitly turns them back on.
+    clean = qcnn["w4a4"].meta[_SOURCE_SAMPLE][:128]
+    run = qtta_plugins.adapt(qm, None, "zoa", source_data=clean)
+    assert run.method.align_weight == 1.0 and run.method.recorder.shift_target is not None
+
+
+@pytest.mark.parametrize(
+    "off, check",
+    [
+        ({"shift": False}, lambda m: m.recorder.shift_target is None),
+        ({"bank": False}, lambda m: m.bank_deltas.shape[0] == 0),
+        ({"detector": False}, lambda m: m.running_detector is None or not m.config.detector),
+    ],
+)
+def test_every_component_switches_off(qcnn, short_stream, off, check):
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", **off)
+    assert check(run.method)
