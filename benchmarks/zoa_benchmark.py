@@ -174,7 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="digits-C, two domains, fewer rows")
     parser.add_argument("--out", default="benchmarks/results/zoa.json")
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--render", default=None, help="print the markdown tables of a results file and exit"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        print(markdown(results), end="")
+        if args.plot:
+            plot(results, args.plot)
+        return None
 
     torch.set_num_threads(args.threads)
     backends = args.backends or [
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {
         "stream": f"{source}-C severity 5, {len(stream.domains)} domains, "
         f"{len(stream.sets[0])} images each, batch {args.batch_size}, seed {args.seed}",
-        "float_clean_accuracy": 100 * accuracy(model, test.x, test.y),
+        "float_clean_accuracy": accuracy(model, test.x, test.y),
         "rows": [],
         "rounds10": [],
         "integer_path": [],
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     for backend in backends:
         for bits in args.bits:
             qm = qtta_plugins.quantize(model, backend, bits, calib)
-            clean = 100 * accuracy(qm, test.x, test.y)
+            clean = accuracy(qm, test.x, test.y)
             size, packed = model_bytes(qm), packed_weight_bytes(qm)
             for row in args.rows:
                 method, options = ROWS[row]
@@ -320,6 +329,55 @@ def integer_path(qm, stream, timing_batches, bits):
                 flush=True,
             )
     return out
+
+
+def markdown(results: dict) -> str:
+    """The tables of docs/zoa.md, from a results file."""
+    lines = [
+        f"Stream: {results['stream']}. Float model clean accuracy: {results['float_clean_accuracy']:.1f}%.",
+        "",
+        "| backend | bits | clean acc. | row | mean error | passes / batch | time / batch (x plain) "
+        "| peak memory (+MB) | bank B / domain (% of model; % of packed weights) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        bank = (
+            f"{r['bank_bytes_per_domain']} ({100 * r['bank_fraction_of_model']:.2f}%; "
+            f"{100 * r['bank_fraction_of_packed_weights']:.1f}%)"
+            if r["bank_bytes_per_domain"]
+            else ""
+        )
+        lines.append(
+            f"| {r['backend']} | {r['bits']} | {r['clean_accuracy']:.1f} | {r['row']} | "
+            f"{r['mean_error']:.1f} | {r['passes_per_batch']:.0f} | {r['time_ratio']:.2f} | "
+            f"{r['peak_extra_mb']:.1f} | {bank} |"
+        )
+    if results["rounds10"]:
+        lines += [
+            "",
+            "| backend | bits | ZOA mean error per round, rounds 1..10 | last - first | stored domains | detected changes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["rounds10"]:
+            e = r["round_errors"]
+            lines.append(
+                f"| {r['backend']} | {r['bits']} | {' / '.join(f'{v:.1f}' for v in e)} | "
+                f"{e[-1] - e[0]:+.1f} | {r['stored_domains']} | {r['detected_changes']} |"
+            )
+    if results["integer_path"]:
+        lines += [
+            "",
+            "| bits | torchao model | row | mean error | time / batch (x plain, same model) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["integer_path"]:
+            if "error" in r:
+                lines.append(f"| {r['bits']} | failed: {r['error']} | | | |")
+                continue
+            lines.append(
+                f"| {r['bits']} | {r['model']} | {r['row']} | {r['mean_error']:.1f} | {r['time_ratio']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: str) -> None:

@@ -161,7 +161,9 @@ def test_empty_stream_unknown_method_and_bad_options(qcnn):
     before = model_state(qm)
     with pytest.raises(BadBatchError, match=r"stream is empty"):
         qtta_plugins.adapt(qm, [], "tent")
-    with pytest.raises(UnknownMethodError, match=r"'tnet'.*available: foa, norm, source, tent, zoa"):
+    with pytest.raises(
+        UnknownMethodError, match=r"'tnet'.*available: foa, norm, source, tent, zoa"
+    ):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tnet")
     with pytest.raises(ValueError, match=r"TentConfig.lr must be a positive"):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tent", lr=-1.0)
