@@ -386,7 +386,7 @@ class ConvertedView(QuantView):
                     weight = _get_tensor(gm, str(q_w.target))
             if isinstance(x_dq, torch.fx.Node) and "dequantize" in str(x_dq.target):
                 x_handle = ConstantQuantizerHandle(f"{name}.input_quantizer", x_dq, "act", gm)
-            layers.append(QuantLayer(name, kind_of(node), weight, w_handle, x_handle))  # type: ignore[arg-type]
+            layers.append(QuantLayer(name, is_compute_node(node), weight, w_handle, x_handle))  # type: ignore[arg-type]
         return layers
 
     def norms(self) -> list[NormLayer]:
@@ -413,10 +413,6 @@ class ConvertedView(QuantView):
 
 # --- folded norms and input taps of converted graphs ---------------------------------------------
 FOLDED_NORMS_KEY = "qtta_folded_norms"
-
-
-def kind_of(node: torch.fx.Node) -> str:
-    return is_compute_node(node) or "linear"
 
 
 def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

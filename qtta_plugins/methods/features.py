@@ -146,6 +146,22 @@ class FeatureRecorder:
 
         return hook
 
+    def reset_shift(self) -> None:
+        """Forget the output shift's running mean (a fresh start, or a reset)."""
+        self.feature_ema = None
+        self.applied_shift = None
+
+    def shift_state(self) -> dict[str, torch.Tensor | None]:
+        """The output shift's running state, for a method's ``state_dict``."""
+        return {
+            "feature_ema": _clone(self.feature_ema),
+            "applied_shift": _clone(self.applied_shift),
+        }
+
+    def load_shift_state(self, state: dict) -> None:
+        self.feature_ema = _clone(state["feature_ema"])
+        self.applied_shift = _clone(state.get("applied_shift"))
+
     def clear(self) -> None:
         self.stats = [None] * len(self.modules)
         self.detector_stats = None
@@ -160,6 +176,10 @@ class FeatureRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 def source_batches(view: QuantView, data: object, batch_size: int) -> list[torch.Tensor] | None:
@@ -227,8 +247,3 @@ def no_source_data_warning(method: str) -> None:
         "and the output shift are off",
         stacklevel=4,
     )
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample entropy of the softmax of ``logits``."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)

@@ -32,12 +32,12 @@ from ..view import QuantView
 from .base import MethodInfo, TestTimeMethod
 from .features import (
     FeatureRecorder,
-    entropy,
     feature_layers,
     no_source_data_warning,
     source_batches,
     source_statistics,
 )
+from .tent import softmax_entropy
 
 
 @dataclass
@@ -146,15 +146,14 @@ class FOA(TestTimeMethod):
         )
         self.theta = torch.zeros(self.prompt.dim)
         self._current: torch.Tensor | None = None
-        self.recorder.feature_ema = None
-        self.recorder.applied_shift = None
+        self.recorder.reset_shift()
 
     def _apply_prompt(self, module: nn.Module, args: tuple) -> tuple:
         theta = self._current if self._current is not None else self.theta
         return (self.prompt(args[0], theta), *args[1:])
 
     def _fitness(self, logits: torch.Tensor) -> float:
-        fitness = entropy(logits).sum()
+        fitness = softmax_entropy(logits).sum()
         if self.source_stats is not None:
             lam = self.config.align_weight
             lam = 0.4 * logits.shape[0] / 64 if lam is None else lam
@@ -192,12 +191,7 @@ class FOA(TestTimeMethod):
         return {
             "es": self.es,
             "theta": self.theta.clone(),
-            "feature_ema": None
-            if self.recorder.feature_ema is None
-            else self.recorder.feature_ema.clone(),
-            "applied_shift": None
-            if self.recorder.applied_shift is None
-            else self.recorder.applied_shift.clone(),
+            **self.recorder.shift_state(),
         }
 
     def _copy_state(self) -> dict[str, Any]:
@@ -215,11 +209,7 @@ class FOA(TestTimeMethod):
         self.es = copy.deepcopy(state["es"])
         self.randn = self.es.opts["randn"]
         self.theta = state["theta"].clone()
-        self.recorder.feature_ema = (
-            None if state["feature_ema"] is None else state["feature_ema"].clone()
-        )
-        shift = state.get("applied_shift")
-        self.recorder.applied_shift = None if shift is None else shift.clone()
+        self.recorder.load_shift_state(state)
 
 
 @hookimpl

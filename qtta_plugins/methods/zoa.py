@@ -52,12 +52,12 @@ from ..view import NormLayer, QuantView
 from .base import MethodInfo, TestTimeMethod
 from .features import (
     FeatureRecorder,
-    entropy,
     feature_layers,
     no_source_data_warning,
     source_batches,
     source_statistics,
 )
+from .tent import softmax_entropy
 
 
 @dataclass
@@ -152,10 +152,6 @@ def _block_key(name: str) -> str:
     """``layer1.bn1`` -> ``layer1``; ``blocks.3.norm1`` -> ``blocks.3`` (as QuantView.blocks groups)."""
     parts = name.split(".")
     return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
-
-
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clone()
 
 
 def symmetric_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
@@ -255,8 +251,7 @@ class ZOA(TestTimeMethod):
         self.domain_batches = 0
         self.batches = 0
         self.changes: list[int] = []  # batch indices where a change was detected
-        self.recorder.feature_ema = None
-        self.recorder.applied_shift = None
+        self.recorder.reset_shift()
 
     def reset(self) -> None:
         self._init_state()
@@ -275,8 +270,7 @@ class ZOA(TestTimeMethod):
             "domain_batches": self.domain_batches,
             "batches": self.batches,
             "changes": list(self.changes),
-            "feature_ema": _clone(self.recorder.feature_ema),
-            "applied_shift": _clone(self.recorder.applied_shift),
+            **self.recorder.shift_state(),
             "generator": self.generator.get_state(),
         }
 
@@ -293,8 +287,7 @@ class ZOA(TestTimeMethod):
         self.domain_batches = state["domain_batches"]
         self.batches = state["batches"]
         self.changes = list(state["changes"])
-        self.recorder.feature_ema = _clone(state["feature_ema"])
-        self.recorder.applied_shift = _clone(state.get("applied_shift"))
+        self.recorder.load_shift_state(state)
         self.generator.set_state(state["generator"])
         self._write(self.eps, self.alpha)
 
@@ -321,7 +314,7 @@ class ZOA(TestTimeMethod):
 
     # --- one batch ---------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor) -> float:
-        loss = entropy(logits).mean() if self.config.entropy else logits.new_zeros(())
+        loss = softmax_entropy(logits).mean() if self.config.entropy else logits.new_zeros(())
         if self.align_weight and self.source_stats is not None:
             align = logits.new_zeros(())
             for s, src in zip(self.recorder.collected(), self.source_stats, strict=True):
