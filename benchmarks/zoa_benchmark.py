@@ -7,7 +7,8 @@ Stream: Fashion-MNIST-C, 15 corruptions at severity 5, continual, no reset, batc
 (``--n-per-domain`` test images per corruption); and the 10-round protocol for ZOA (W4A4). Rows:
 source, norm (BN-adapt), Tent, FOA, ZOA and ZOA with the bank / the shift / the detector off.
 Columns: mean error; forward passes per batch (counted); time per batch as a ratio to plain
-inference of the same quantized model (``model(x)``, timed in the same run on the same batches);
+inference of the same quantized model (``model(x)`` on a copy, timed just before each step on the
+same batch, so both see the same machine load);
 peak memory above the row's starting RSS (sampled); bank bytes per stored domain as a fraction of
 the model's bytes. Also ZOA on torchao's converted integer model, eager and ``torch.compile``d, with
 its time ratio to plain inference of that same model. Results go to a JSON file; ``--plot`` draws
@@ -100,27 +101,25 @@ def packed_weight_bytes(model: torch.nn.Module) -> float:
     )
 
 
-@torch.no_grad()
-def plain_time(model: torch.nn.Module, xs: list[torch.Tensor]) -> float:
-    """Median seconds of ``model(x)`` over ``xs`` (after one warm-up call)."""
-    model(xs[0])
-    times = []
-    for x in xs:
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def run_row(model, stream, method, options, inplace=False, plain_model=None):
+    """Adapt over the stream; return errors, passes per batch, time ratio, peak memory, run.
 
-
-def run_row(model, stream, method, options, timing_batches, inplace=False, plain_model=None):
-    """Adapt over the stream; return errors, passes per batch, time ratio, peak memory, run."""
-    plain_model = plain_model if plain_model is not None else model
+    Timing is paired: before each adaptation step, plain inference of the same quantized model
+    (``model(x)`` on a copy, no adaptation) runs on the same batch, so both see the same machine
+    load; the ratio is median step time over median plain time.
+    """
+    plain_model = plain_model if plain_model is not None else qtta_plugins.copy_model(model)
+    plain_model.eval()
     run = qtta_plugins.adapt(model, None, method, progress=False, inplace=inplace, **options)
     calls = [0]
     handle = run.model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
-    step_times, per_batch = [], []
+    step_times, plain_times, per_batch = [], [], []
     with PeakRSS() as mem:
         for batch in stream:
+            with torch.no_grad():
+                t = time.perf_counter()
+                plain_model(batch.x)
+                plain_times.append(time.perf_counter() - t)
             t = time.perf_counter()
             logits = run.step(batch.x, batch.y, batch.domain)
             step_times.append(time.perf_counter() - t)
@@ -128,9 +127,8 @@ def run_row(model, stream, method, options, timing_batches, inplace=False, plain
                 (batch.round, batch.domain, int((logits.argmax(1) != batch.y).sum()), len(batch.y))
             )
     handle.remove()
-    # Plain inference of the same quantized model, on the same batches, in the same run.
-    plain = plain_time(plain_model, timing_batches)
-    ratio = statistics.median(step_times) / plain
+    # The first batch of each carries one-off costs (lazy init, compilation): leave it out.
+    ratio = statistics.median(step_times[1:]) / statistics.median(plain_times[1:])
     return {
         "errors": run.errors(),
         "passes_per_batch": calls[0] / len(step_times),
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=None)
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
-    parser.add_argument("--n-per-domain", type=int, default=512)
+    parser.add_argument("--n-per-domain", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--rounds10-bits", default="w4a4", help="bits of the 10-round ZOA run ('' skips it)"
@@ -174,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="digits-C, two domains, fewer rows")
     parser.add_argument("--out", default="benchmarks/results/zoa.json")
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out and run only the backend x bits not there yet",
+    )
     parser.add_argument(
         "--render", default=None, help="print the markdown tables of a results file and exit"
     )
@@ -200,7 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     stream = continual_stream(
         source, severity=5, batch_size=args.batch_size, n_test=n_test, seed=args.seed, **kw
     )
-    timing_batches = [b.x for b in list(stream)[:: max(1, len(stream) // 16)]][:16]
     results: dict = {
         "stream": f"{source}-C severity 5, {len(stream.domains)} domains, "
         f"{len(stream.sets[0])} images each, batch {args.batch_size}, seed {args.seed}",
@@ -209,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         "rounds10": [],
         "integer_path": [],
     }
+    if args.append and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        if previous["stream"] != results["stream"]:
+            raise SystemExit(f"{args.out} was measured on another stream: {previous['stream']}")
+        results = previous
+    done = {(r["backend"], r["bits"]) for r in results["rows"]}
     print(
         results["stream"],
         f"| float clean accuracy {results['float_clean_accuracy']:.1f}%",
@@ -217,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for backend in backends:
         for bits in args.bits:
+            if (backend, bits.upper()) in done:
+                print(f"{backend} {bits.upper()}: in {args.out} already", flush=True)
+                continue
             qm = qtta_plugins.quantize(model, backend, bits, calib)
             clean = accuracy(qm, test.x, test.y)
             size, packed = model_bytes(qm), packed_weight_bytes(qm)
@@ -224,8 +235,12 @@ def main(argv: list[str] | None = None) -> None:
                 method, options = ROWS[row]
                 if args.quick and method == "foa":
                     options = {**options, "population": 7}
-                res, run = run_row(qm, stream, method, options, timing_batches)
-                bank = getattr(run.method, "bank_bytes_per_domain", None)
+                res, run = run_row(qm, stream, method, options)
+                bank = (
+                    run.method.bank_bytes_per_domain
+                    if getattr(run.method.config, "bank", False)
+                    else None
+                )
                 entry = {
                     "backend": backend,
                     "bits": bits.upper(),
@@ -240,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
                     "bank_fraction_of_model": bank / size if bank else None,
                     "bank_fraction_of_packed_weights": bank / packed if bank else None,
                     "stored_domains": int(run.method.bank_deltas.shape[0]) if bank else None,
-                    "detected_changes": len(run.method.changes) if bank else None,
+                    "detected_changes": len(run.method.changes)
+                    if hasattr(run.method, "changes")
+                    else None,
                 }
                 results["rows"].append(entry)
                 print(
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                     rounds=10,
                     **kw,
                 )
-                res, run = run_row(qm, long, "zoa", {}, timing_batches)
+                res, run = run_row(qm, long, "zoa", {})
                 per_round = round_errors(res["per_batch"], 10)
                 results["rounds10"].append(
                     {
@@ -279,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if backend == "torchao" and not args.no_compiled:
                 try:
-                    results["integer_path"] += integer_path(qm, stream, timing_batches, bits)
+                    results["integer_path"] += integer_path(qm, stream, bits)
                 except Exception as exc:  # reported, not fatal: the other rows stand on their own
                     print(f"torchao integer path failed: {type(exc).__name__}: {exc}", flush=True)
                     results["integer_path"].append(
@@ -297,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.plot}")
 
 
-def integer_path(qm, stream, timing_batches, bits):
+def integer_path(qm, stream, bits):
     """ZOA on torchao's converted integer model, eager and compiled (inductor, weights not frozen)."""
     from qtta_torchao.export import compile_converted, convert
 
@@ -306,14 +323,12 @@ def integer_path(qm, stream, timing_batches, bits):
     for label in ("convert_pt2e eager", "convert_pt2e + torch.compile"):
         for method in ("source", "zoa"):
             if "eager" in label:
-                res, _ = run_row(converted, stream, method, {}, timing_batches)
+                res, _ = run_row(converted, stream, method, {})
             else:
                 # Adapt a compiled copy in place, and time plain inference on another compiled copy.
                 target = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
                 plain = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
-                res, _ = run_row(
-                    target, stream, method, {}, timing_batches, inplace=True, plain_model=plain
-                )
+                res, _ = run_row(target, stream, method, {}, inplace=True, plain_model=plain)
             out.append(
                 {
                     "bits": bits.upper(),

@@ -36,11 +36,13 @@ from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins, plugin_manager
 from .view import (
     Block,
+    Grid,
     NormLayer,
     QuantizerHandle,
     QuantLayer,
     QuantView,
     copy_model,
+    fake_quantize,
     remember_source_sample,
     source_sample,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "Block",
     "DomainResult",
     "FOAConfig",
+    "Grid",
     "NormConfig",
     "NormLayer",
     "QuantConfig",
@@ -69,6 +72,7 @@ __all__ = [
     "ZOAConfig",
     "adapt",
     "copy_model",
+    "fake_quantize",
     "hookimpl",
     "list_plugins",
     "plugin_manager",
@@ -231,12 +235,24 @@ def adapt(
 def reconstruct(
     qmodel: torch.nn.Module,
     fp_model: torch.nn.Module,
-    calib: Iterable[torch.Tensor],
+    calib: Iterable[torch.Tensor] | torch.Tensor,
     method: str | ReconstructConfig = "ttaq",
+    *,
+    inplace: bool = False,
     **options: Any,
 ) -> torch.nn.Module:
-    """PTQ reconstruction (TTAQ, BRECQ/QDrop) of ``qmodel`` against its float original ``fp_model``."""
+    """PTQ reconstruction of ``qmodel`` against the float model it was quantized from.
+
+    ``method``: ``"ttaq"`` (default: QDrop + PEM + PCR + L_logits), ``"qdrop"``, ``"brecq"``, any
+    installed plugin's, or a config object; ``options`` go to the method's config (e.g.
+    ``iters=500``). ``calib``: clean calibration batches (256-1024 images). Returns the model,
+    still of its backend's kind, with the learned rounding and step sizes in the backend's own
+    state. ``inplace=False`` (the default) works on a copy; on an error, an in-place model is put
+    back as it was.
+    """
     if isinstance(method, ReconstructConfig):
+        if options:
+            raise TypeError("pass options inside the config object, or a method name plus options")
         config = method
     else:
         methods = available_methods("reconstruct")
@@ -246,9 +262,23 @@ def reconstruct(
                 f"available: {', '.join(sorted(methods)) or 'none yet'}"
             )
         config = methods[method].config_cls(method=method, **options)
-    result = plugin_manager().hook.qtta_reconstruct(
-        qmodel=qmodel, fp_model=fp_model, calib=calib, config=config
-    )
+    if not isinstance(fp_model, torch.nn.Module):
+        raise TypeError(
+            f"fp_model must be the float torch.nn.Module, got {type(fp_model).__name__}"
+        )
+    quant_view(qmodel)  # fail on an unknown model before paying for a copy
+    if not inplace:
+        qmodel = copy_model(qmodel)
+    view = quant_view(qmodel)
+    snapshot = view.snapshot()
+    _seed(config.seed)
+    try:
+        result = plugin_manager().hook.qtta_reconstruct(
+            qmodel=qmodel, fp_model=fp_model, calib=calib, config=config
+        )
+    except BaseException:
+        view.restore(snapshot)
+        raise
     if result is None:
         raise UnknownMethodError(
             f"no installed plugin provides reconstruction method {config.method!r}"

@@ -103,6 +103,18 @@ class TentConfig(AdaptConfig):
 
     Batch norms use test-batch statistics. ``lr`` and ``momentum`` are for SGD, as in the reference
     implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
+
+    ``abl=True`` adds TTAQ's adaptive balanced loss (ABL, Xiao et al. 2024; our formulation, see
+    :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy is taken on the logits
+    ``z~_c = z_c - abl_tau_f * log(pi_c) - abl_tau_g * log(g_c / mean_c g)``, with ``pi`` an EMA
+    (``abl_momentum``) of the predicted class frequencies and ``g`` an EMA of each class's share of
+    the loss gradient on the logits. Note the minus signs: a class the stream predicts often, or that
+    the loss already pushes hard, is made *less* likely inside the loss, so entropy minimisation stops
+    feeding it (the prediction itself always uses the raw logits). Off by default, so Tent's results
+    are unchanged. ``abl_tau_f = 1`` is Menon et al.'s Bayes-consistent logit-adjustment weight;
+    ``abl_tau_g`` is smaller because ``g`` is a noisier signal that largely tracks ``pi`` (the
+    dominant class also collects the largest gradients), so a full weight would count the same
+    imbalance twice.
     """
 
     method: str = "tent"
@@ -110,6 +122,10 @@ class TentConfig(AdaptConfig):
     momentum: float = 0.9
     weight_decay: float = 0.0
     steps: int = 1
+    abl: bool = False
+    abl_tau_f: float = 1.0
+    abl_tau_g: float = 0.25
+    abl_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +135,28 @@ class TentConfig(AdaptConfig):
             raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.steps < 1:
             raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
+        if not isinstance(self.abl, bool):
+            raise ValueError(f"TentConfig.abl must be True or False, got {self.abl!r}")
+        for field in ("abl_tau_f", "abl_tau_g"):
+            value = getattr(self, field)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(
+                    f"TentConfig.{field} must be a finite number >= 0 (0 turns that term off), "
+                    f"got {value!r}"
+                )
+        if (
+            isinstance(self.abl_momentum, bool)
+            or not isinstance(self.abl_momentum, int | float)
+            or not 0 <= self.abl_momentum < 1
+        ):
+            raise ValueError(
+                f"TentConfig.abl_momentum must be in [0, 1) (the weight of the old statistics in "
+                f"the EMA), got {self.abl_momentum!r}"
+            )
 
 
 @dataclass

@@ -21,11 +21,95 @@ from torch import nn
 NormMode = Literal["source", "batch"]
 
 
+@dataclass
+class Grid:
+    """A quantizer's integer grid, backend-neutral: the quantizer maps ``x`` to
+    ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``
+    (:func:`fake_quantize`).
+
+    ``scale`` is the step size, shape ``()`` per-tensor or ``(C,)`` per-channel, running along
+    axis ``ch_axis`` of the quantized tensor (``None`` per-tensor); ``zero_point`` has the shape of
+    ``scale`` and integer values (float dtype). Tensors are detached copies: changing them changes
+    nothing in the model (use :meth:`QuantizerHandle.set_grid`).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    ch_axis: int | None
+
+    def __post_init__(self) -> None:
+        if self.scale.shape != self.zero_point.shape:
+            raise ValueError(
+                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} "
+                "must have the same shape"
+            )
+        if self.scale.ndim > 1 or (self.scale.ndim == 1) != (self.ch_axis is not None):
+            raise ValueError(
+                f"a grid's scale is () with ch_axis=None or (C,) with a ch_axis; got shape "
+                f"{tuple(self.scale.shape)} with ch_axis={self.ch_axis}"
+            )
+        if self.qmin >= self.qmax:
+            raise ValueError(f"empty integer range [{self.qmin}, {self.qmax}]")
+
+    def with_values(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> Grid:
+        """This grid with a new step size (and zero point; ``None`` keeps the current one),
+        checked: same shapes, finite positive scale, integer zero point inside ``[qmin, qmax]``.
+        Adapters use it to validate the arguments of :meth:`QuantizerHandle.set_grid`."""
+        scale = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        if zero_point is None:
+            zero_point = self.zero_point
+        zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone()
+        for name, new in (("scale", scale), ("zero_point", zero_point)):
+            if new.shape != self.scale.shape:
+                raise ValueError(
+                    f"{name} must have the grid's shape {tuple(self.scale.shape)}, "
+                    f"got {tuple(new.shape)}"
+                )
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("scale must be finite and positive")
+        if not torch.equal(zero_point, zero_point.round()):
+            raise ValueError("zero_point must hold integer values")
+        if ((zero_point < self.qmin) | (zero_point > self.qmax)).any():
+            raise ValueError(f"zero_point must lie in [{self.qmin}, {self.qmax}]")
+        return Grid(scale, zero_point, self.qmin, self.qmax, self.ch_axis)
+
+    def along(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``t`` (shaped like ``scale``) reshaped to broadcast against a tensor of ``ndim`` dims."""
+        if self.ch_axis is None or t.ndim == 0:
+            return t
+        shape = [1] * ndim
+        shape[self.ch_axis % ndim] = -1
+        return t.reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``, ``s`` and ``zp`` broadcast along
+    ``grid.ch_axis``.
+
+    ``torch.round`` rounds half to even, as torch's, torchao's, Brevitas' and NNCF's quantizers
+    do; backends that multiply by ``1 / s`` instead of dividing (torch, torchao, NNCF) can land on
+    the other side of a tie for inputs within a few ulps of ``(k + 0.5) * s``, i.e. one step apart
+    on a vanishing fraction of random inputs. Values already on the grid are reproduced exactly.
+    No straight-through gradient: this is the reference function, not a training op.
+    """
+    s = grid.along(grid.scale.to(x.dtype), x.ndim)
+    zp = grid.along(grid.zero_point.to(x.dtype), x.ndim)
+    q = torch.clamp(torch.round(x / s) + zp, grid.qmin, grid.qmax)
+    return (q - zp) * s
+
+
 class QuantizerHandle(ABC):
     """One fake-quantizer of a model, whatever the backend's class for it."""
 
     name: str
     role: Literal["weight", "act"]
+    #: An activation quantizer that replaces its producer's output for *every* consumer (torchao
+    #: pt2e and NNCF quantize a tensor once, so a residual shortcut reads the quantized value too),
+    #: rather than only this layer's input (Brevitas quantizes inside the layer). Simulations of
+    #: the backend's function (reconstruction) need to know which.
+    shared_by_consumers: bool = False
 
     @property
     @abstractmethod
@@ -63,6 +147,28 @@ class QuantizerHandle(ABC):
     def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
         """Make the scale parameters trainable; return them. Raise where the backend cannot."""
         raise NotImplementedError(f"{type(self).__name__} has no trainable scale on this backend")
+
+    def grid(self) -> Grid:
+        """The grid the backend's forward applies now: ``fake_quantize(x, h.grid())`` equals
+        what the backend's quantizer outputs for ``x`` (with quantization enabled), up to float
+        rounding and the tie cases :func:`fake_quantize` describes. A copy: see :meth:`set_grid`.
+
+        Raises ``NotImplementedError`` where the backend has no fixed grid (a dynamic quantizer
+        whose scale is computed from each input)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot report its grid")
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Write a new step size (and zero point, where the backend has one; ``None`` keeps the
+        current one) into the backend's own parameters / buffers, so that afterwards the
+        backend's forward applies exactly ``Grid(scale, zero_point, *qrange, ch_axis)``
+        (:meth:`grid` returns it, up to float rounding of the backend's parametrisation).
+
+        Shapes are those of :meth:`grid`'s tensors. The integer range and the channel axis do not
+        change (set :attr:`bits` first for a new range). Raises ``ValueError`` for arguments the
+        grid cannot hold, and ``NotImplementedError`` where the backend cannot store the grid:
+        a scale recomputed from statistics on every call, a constant of a converted graph, a
+        zero point on a symmetric quantizer."""
+        raise NotImplementedError(f"{type(self).__name__} cannot set its grid")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, role={self.role}, bits={self.bits})"
@@ -296,6 +402,48 @@ class QuantView(ABC):
         """No parameter requires grad."""
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    def weight_quantizer_input(self, layer: QuantLayer) -> torch.Tensor:
+        """The float tensor ``layer``'s weight quantizer quantizes (detached).
+
+        Usually the layer's weight; graph backends that scale the weight before quantizing it
+        (torchao's QAT batch-norm fold: ``w * gamma / sqrt(running_var + eps)``) return the
+        scaled weight. Rounding is learned on this tensor, and :meth:`set_layer_weight` takes it.
+        """
+        return layer.weight.detach()
+
+    def set_layer_weight(self, layer: QuantLayer, weight: torch.Tensor) -> None:
+        """Replace ``layer``'s float weight in place so that its weight quantizer now quantizes
+        ``weight`` (in the domain of :meth:`weight_quantizer_input`, which gives the same shape):
+        ``fake_quantize(weight, layer.weight_quantizer.grid())`` is then what the backend's
+        forward uses. Raises ``ValueError`` on a shape mismatch.
+
+        Write-back of snapped weights (AdaRound): if ``weight`` lies on the quantizer's grid, the
+        backend's quantized weight equals ``weight`` exactly. Precondition where the backend
+        recomputes the weight scale from the weight on every call (Brevitas' stats-based weight
+        quantizers, e.g. its default per-tensor / per-channel abs-max): the statistic must come
+        out the same for ``weight``, so keep each channel's (or the tensor's) extreme element at
+        its grid extreme (``qmax * scale`` for abs-max); otherwise the scale, and every snapped
+        value, moves.
+
+        The default writes into ``layer.weight`` (the module parameter of module backends).
+        """
+        target = layer.weight
+        if target.numel() == 0:
+            raise NotImplementedError(f"{layer.name}: no float weight is known for this layer")
+        self._check_weight_shape(layer, weight, target.shape)
+        with torch.no_grad():
+            target.copy_(weight)
+
+    @staticmethod
+    def _check_weight_shape(layer: QuantLayer, weight: torch.Tensor, shape: torch.Size) -> None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise ValueError(f"{layer.name}: the new weight must be a float tensor")
+        if weight.shape != shape:
+            raise ValueError(
+                f"{layer.name}: the new weight has shape {tuple(weight.shape)}, the layer's "
+                f"weight {tuple(shape)}"
+            )
 
     def norm_parameters(self) -> list[nn.Parameter]:
         """Affine parameters of every norm layer, in forward order, each once."""

@@ -139,8 +139,10 @@ def test_importing_the_core_imports_no_backend():
 def test_reconstruct_and_select_subnet_name_the_missing_plugin(float_cnn, calib):
     with pytest.raises(
         qtta_plugins.UnknownMethodError,
-        match=r"no installed plugin provides reconstruction method 'ttaq'",
+        match=r"no installed plugin provides reconstruction method 'adaround'; available: .*ttaq",
     ):
+        qtta_plugins.reconstruct(float_cnn, float_cnn, calib, "adaround")
+    with pytest.raises(qtta_plugins.UnknownBackendError, match="quantize it first"):
         qtta_plugins.reconstruct(float_cnn, float_cnn, calib, "ttaq")
     with pytest.raises(
         qtta_plugins.UnknownMethodError, match=r"no installed plugin provides subnet selection"

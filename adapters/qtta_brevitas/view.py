@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.view import (
+    Grid,
     NormLayer,
     NormMode,
     QuantizerHandle,
@@ -211,6 +212,73 @@ class BrevitasQuantizerHandle(QuantizerHandle):
         found = dict(self.proxy.named_parameters())
         return found or {"scale": self._scale()}
 
+    def grid(self) -> Grid:
+        """Scale and zero point as the quantizer computes them in eval mode (for a weight
+        quantizer: from the current weight; no statistics are taken). Brevitas' ``IntQuant``
+        computes ``(clamp(round(x / scale + zp), min_int, max_int) - zp) * scale`` with
+        ``torch.round``, which is
+        :func:`~qtta_plugins.view.fake_quantize` to the last bit. A fused activation (the ReLU of
+        a ``QuantReLU``) is applied before this grid."""
+        weights = getattr(self.proxy, "tracked_parameter_list", None)
+        x = weights[0] if self.role == "weight" and weights else self.proxy._zero_hw_sentinel()
+        with torch.no_grad(), _EvalMode(self.tensor_quant):
+            _, scale, zero_point, _ = self.tensor_quant(x)[:4]
+        scale = scale.detach().float()
+        zero_point = torch.as_tensor(zero_point).detach().float().expand_as(scale)
+        axes = [d for d, n in enumerate(scale.shape) if n > 1]
+        if len(axes) > 1:
+            raise NotImplementedError(
+                f"{self.name}: scale of shape {tuple(scale.shape)} varies along several axes"
+            )
+        axis = axes[0] if axes else None
+        shape = (-1,) if axis is not None else ()
+        return Grid(
+            scale.reshape(shape).clone(), zero_point.reshape(shape).clone(), *self.qrange, axis
+        )
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Into the learned threshold ``tensor_quant.scaling_impl.value``:
+        ``value = scale * int_threshold`` (``int_threshold = int_scaling_impl(bit_width)``, e.g.
+        ``2^(b-1)`` signed, ``2^(b-1) - 1`` signed narrow, ``2^b - 1`` unsigned), materialised
+        first (see :func:`materialise`). Raises ``NotImplementedError`` for a scale recomputed from
+        statistics on every call (no ``value`` parameter: Brevitas' default weight quantizers), a
+        restricted scale (power-of-two: the written value would not come back), or a new zero
+        point (Brevitas' integer quantizers here have ``ZeroZeroPoint``)."""
+        current = self.grid()
+        new = current.with_values(scale, zero_point)
+        if not torch.equal(new.zero_point, current.zero_point):
+            raise NotImplementedError(
+                f"{self.name}: writing a Brevitas zero point is not supported (this quantizer's "
+                "zero point is fixed)"
+            )
+        tq = self.tensor_quant
+        scaling = getattr(tq, "scaling_impl", None)
+        value = getattr(scaling, "value", None)
+        if not isinstance(value, nn.Parameter):
+            raise NotImplementedError(
+                f"{self.name}: this Brevitas quantizer ({type(scaling).__name__}) recomputes its "
+                "scale from statistics of its input on every call, so no scale can be written "
+                "(quantize with scaling_impl_type=PARAMETER_FROM_STATS for a stored one)"
+            )
+        materialise(self.proxy)
+        if getattr(scaling, "counter", None) == 0 and hasattr(scaling, "init_scale"):
+            with torch.no_grad():
+                scaling.init_scale()  # never calibrated: leave the statistics phase now
+        old = value.detach().clone()
+        with torch.no_grad():
+            threshold = tq.int_scaling_impl(tq.msb_clamp_bit_width_impl()).detach()
+            value.copy_((new.scale * threshold).reshape(value.shape).to(value.dtype))
+        self._clear_cache()
+        written = self.grid().scale
+        if not torch.allclose(written, new.scale, rtol=1e-5, atol=0.0):
+            with torch.no_grad():
+                value.copy_(old)
+            self._clear_cache()
+            raise NotImplementedError(
+                f"{self.name}: the scale written into scaling_impl.value did not come back (a "
+                "restricted scale, e.g. power-of-two); only float thresholds can be set"
+            )
+
     def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
         scaling = getattr(self.tensor_quant, "scaling_impl", None)
         if flag and scaling is not None:
@@ -366,6 +434,18 @@ class BrevitasView(QuantView):
     def _apply_norm_mode(self, mode: NormMode) -> None:
         # eval() also stops Brevitas' activation quantizers from collecting statistics.
         set_module_norm_mode(self.model, mode)
+
+    def set_layer_weight(self, layer: QuantLayer, weight: torch.Tensor) -> None:
+        """Into the module's ``weight`` parameter. A learned (``PARAMETER_FROM_STATS``) weight
+        threshold is materialised from the *current* weight first, so the new weight is quantized
+        on the grid read before; a stats-based weight scale is recomputed from the new weight
+        (the precondition of :meth:`QuantView.set_layer_weight`)."""
+        handle = layer.weight_quantizer
+        if isinstance(handle, BrevitasQuantizerHandle):
+            materialise(handle.proxy)
+        super().set_layer_weight(layer, weight)
+        if isinstance(handle, BrevitasQuantizerHandle):
+            handle._clear_cache()
 
     # --- state ---------------------------------------------------------------------------------
     def _materialise(self) -> None:

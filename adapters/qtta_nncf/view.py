@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.view import (
+    Grid,
     NormLayer,
     NormMode,
     QuantizerHandle,
@@ -127,6 +128,8 @@ class NNCFQuantizerHandle(QuantizerHandle):
 
     def __init__(self, name: str, module: nn.Module, role: str) -> None:
         self.name, self.module, self.role = name, module, role  # type: ignore[assignment]
+        # NNCF's activation quantizers are post-hooks on the producer's output.
+        self.shared_by_consumers = role == "act"
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -178,6 +181,97 @@ class NNCFQuantizerHandle(QuantizerHandle):
         """``{"scale": ...}`` (symmetric) or ``{"input_low": ..., "input_range": ...}``."""
         return dict(self.module.get_trainable_params())
 
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().reshape(-1 if self.ch_axis is not None else ()).clone()
+
+    def grid(self) -> Grid:
+        """What NNCF's ``Quantize_forward`` computes from its thresholds, with ``n = levels - 1``:
+
+        * symmetric: ``input_low = s' * level_low / level_high``, ``input_range = s' - input_low``
+          (``s' = |scale| + eps``): step ``input_range / n`` (``= s' / level_high``), zero point 0,
+          integers ``level_low..level_high``;
+        * asymmetric: ``input_low`` and ``input_range`` first tuned by NNCF's ``TuneRange`` (so
+          that 0 is on the grid): step ``input_range / n``, zero point
+          ``round(-input_low / step)``, integers ``0..n``.
+
+        NNCF multiplies by ``1 / step`` and offsets by ``input_low`` before rounding, so it may
+        round the other way within ~1e-5 steps of a tie (one step apart, see
+        :func:`~qtta_plugins.view.fake_quantize`); values on the grid come back exact.
+        """
+        return self._grid(warn=True)
+
+    def _grid(self, warn: bool) -> Grid:
+        q = self.module
+        n = q.levels - 1
+        with torch.no_grad():
+            if self.symmetric:
+                scale = q.scale.abs() + q.eps
+                input_low = scale * (q.level_low / q.level_high)
+                step = (scale - input_low) / n
+                zero_point = torch.zeros_like(step)
+                qmin, qmax = self.qrange
+            else:
+                tune = nncf_tune_range()
+                input_low, input_range = tune(q.input_low, q.input_range.abs() + q.eps, q.levels)
+                step = input_range / n
+                position = -input_low * (n / input_range)
+                zero_point = torch.round(position)
+                qmin, qmax = 0, n
+                if warn:
+                    self._warn_unaligned(position - zero_point)
+        return Grid(self._flat(step), self._flat(zero_point), qmin, qmax, self.ch_axis)
+
+    def _warn_unaligned(self, offset: torch.Tensor) -> None:
+        """NNCF's ``TuneRange`` moves an asymmetric range so that 0 is a grid point, except when
+        the zero point rounds to 0 or to ``n`` (its two candidate ranges then compare the wrong
+        way and it keeps the range as it is). NNCF's forward then rounds ``x / step + offset``
+        (``offset = -input_low / step - zero_point``, up to half a step): no ``Grid`` describes
+        that, and :func:`fake_quantize` with the grid returned differs by one step near the
+        shifted ties. :meth:`set_grid` writes an aligned range, which NNCF applies exactly."""
+        worst = float(offset.abs().max())
+        if worst > 1e-3:
+            warnings.warn(
+                f"{self.name}: NNCF's range puts 0 {worst:.3g} steps off the grid (its TuneRange "
+                "leaves a zero point of 0 or n unaligned); its forward differs from grid() by "
+                "one step near ties until set_grid() writes the grid",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Into NNCF's storage, inverting :meth:`grid`: symmetric ``scale_nncf = step *
+        level_high`` (no zero point: a new one raises ``NotImplementedError``); asymmetric
+        ``input_low = -zero_point * step``, ``input_range = step * n``. Log-domain storage
+        (``logarithm_scale``) gets the logarithm of ``scale_nncf`` / ``input_range``."""
+        current = self._grid(warn=False)  # an unaligned range is about to be replaced
+        new = current.with_values(scale, zero_point)
+        q = self.module
+        if self.symmetric and not torch.equal(new.zero_point, current.zero_point):
+            raise NotImplementedError(f"{self.name}: an NNCF SymmetricQuantizer has no zero point")
+        storage = self._storage()
+        old = [p.detach().clone() for p in storage]
+        shape = storage[-1].shape
+        step = new.scale.reshape(shape)
+
+        def stored(threshold: torch.Tensor) -> torch.Tensor:
+            return threshold.log() if q.is_using_log_scale_storage else threshold
+
+        with torch.no_grad():
+            if self.symmetric:
+                storage[0].copy_(stored(step * q.level_high))
+            else:
+                storage[0].copy_(-new.zero_point.reshape(shape) * step)
+                storage[1].copy_(stored(step * (q.levels - 1)))
+        written = self._grid(warn=False)
+        if not (
+            torch.allclose(written.scale, new.scale, rtol=1e-5, atol=0.0)
+            and torch.equal(written.zero_point, new.zero_point)
+        ):  # pragma: no cover - a parametrisation this inversion does not know
+            with torch.no_grad():
+                for p, v in zip(storage, old, strict=True):
+                    p.copy_(v)
+            raise NotImplementedError(f"{self.name}: NNCF did not take the grid as written")
+
     def _storage(self) -> list[nn.Parameter]:
         names = (
             ("_scale_param_storage",)
@@ -193,6 +287,13 @@ class NNCFQuantizerHandle(QuantizerHandle):
         for p in params:
             p.requires_grad_(flag)
         return params
+
+
+def nncf_tune_range():
+    """NNCF's ``TuneRange.apply`` (asymmetric ranges moved so that 0 is on the grid)."""
+    from ._backend import nncf_module
+
+    return nncf_module("nncf.torch.quantization.quantize_functions").TuneRange.apply
 
 
 # --- structure of the traced graph ---------------------------------------------------------------
@@ -483,6 +584,27 @@ class NNCFView(QuantView):
 
     def norms(self) -> list[NormLayer]:
         return module_norms(self.model.named_modules())
+
+    # --- state ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """As :meth:`QuantView.snapshot`, plus the raw storage of quantizers that keep their range
+        as a logarithm (``logarithm_scale``): NNCF's state dict holds ``exp(storage)``, a computed
+        copy that a restore cannot write into."""
+        state = super().snapshot()
+        state["nncf_log_storage"] = {
+            h.name: [p.detach().clone() for p in h._storage()]
+            for h in self.quantizers()
+            if h.module.is_using_log_scale_storage
+        }
+        return state
+
+    def restore(self, snapshot: dict[str, object]) -> None:
+        super().restore(snapshot)
+        saved: dict[str, list[torch.Tensor]] = snapshot.get("nncf_log_storage", {})  # type: ignore[assignment]
+        with torch.no_grad():
+            for handle in self.quantizers():
+                for p, v in zip(handle._storage(), saved.get(handle.name, ()), strict=False):
+                    p.copy_(v)
 
     @property
     def can_backprop(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.view import (
+    Grid,
     NormLayer,
     NormMode,
     QuantizerHandle,
@@ -86,6 +87,32 @@ class FakeQuantizeHandle(QuantizerHandle):
     def params(self) -> dict[str, torch.Tensor]:
         return {"scale": self.module.scale, "zero_point": self.module.zero_point}
 
+    def grid(self) -> Grid:
+        """``scale`` / ``zero_point`` buffers as they are: ``FakeQuantize`` runs
+        ``torch.fake_quantize_per_{tensor,channel}_affine`` on them (``round(x * (1 / s))``, half
+        to even)."""
+        axis = self.ch_axis
+        scale = self.module.scale.detach().float().clone()
+        zero_point = self.module.zero_point.detach().float().clone()
+        if axis is None:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        return Grid(scale, zero_point, *self.qrange, axis)
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Into the ``scale`` (float) and ``zero_point`` (int) buffers. The observer is switched
+        off: while on, every forward would re-derive the buffers from observed statistics. A
+        later :attr:`bits` change re-derives them from the observer too."""
+        current = self.grid()
+        new = current.with_values(scale, zero_point)
+        symmetric = self.module.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+        if symmetric and not torch.equal(new.zero_point, current.zero_point):
+            raise NotImplementedError(f"{self.name}: a symmetric FakeQuantize keeps its zero point")
+        fq = self.module
+        with torch.no_grad():
+            fq.scale.copy_(new.scale.reshape(fq.scale.shape).to(fq.scale.dtype))
+            fq.zero_point.copy_(new.zero_point.reshape(fq.zero_point.shape).to(fq.zero_point.dtype))
+        fq.disable_observer()
+
 
 class IntxFakeQuantizerHandle(QuantizerHandle):
     """torchao QAT's ``IntxFakeQuantizer`` (on a ``FakeQuantizedLinear``)."""
@@ -138,6 +165,47 @@ class IntxFakeQuantizerHandle(QuantizerHandle):
         if self.module.config.is_dynamic:
             return {}
         return {"scale": self.module.scale, "zero_point": self.module.zero_point}
+
+    def _static_per_channel(self) -> None:
+        config = self.module.config
+        if config.is_dynamic:
+            raise NotImplementedError(
+                f"{self.name}: a dynamic torchao fake quantizer computes its scale from each input "
+                f"({type(config.granularity).__name__}); it has no fixed grid"
+            )
+        if self.ch_axis is None:  # PerGroup: one scale per group of a row, not one per channel
+            raise NotImplementedError(
+                f"{self.name}: {type(config.granularity).__name__} scales are not a per-tensor / "
+                "per-channel grid"
+            )
+        if self.module.scale is None or self.module.zero_point is None:
+            raise NotImplementedError(
+                f"{self.name}: scales are not initialised yet (run the model, or "
+                "initialize_fake_quantizers, once)"
+            )
+
+    def grid(self) -> Grid:
+        """Static per-channel (``PerAxis(0)``) quantizers: ``scale`` / ``zero_point`` of shape
+        ``(C, 1)`` flattened; torchao computes ``round(x * (1 / s)) + zp`` (half to even)."""
+        self._static_per_channel()
+        scale = self.module.scale.detach().float().reshape(-1).clone()
+        zero_point = self.module.zero_point.detach().float().reshape(-1).clone()
+        return Grid(scale, zero_point, *self.qrange, self.ch_axis)
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """In place into ``scale`` / ``zero_point`` (tensors, or Parameters under range
+        learning); a symmetric config's zero point stays 0."""
+        self._static_per_channel()
+        current = self.grid()
+        new = current.with_values(scale, zero_point)
+        if self.module.config.is_symmetric and not torch.equal(new.zero_point, current.zero_point):
+            raise NotImplementedError(f"{self.name}: a symmetric quantizer keeps its zero point 0")
+        with torch.no_grad():
+            for target, value in (
+                (self.module.scale, new.scale),
+                (self.module.zero_point, new.zero_point),
+            ):
+                target.copy_(value.reshape(target.shape).to(target.dtype))
 
     def set_trainable(self, flag: bool = True) -> list[nn.Parameter]:
         scale = self.module.scale
@@ -196,6 +264,21 @@ class ConstantQuantizerHandle(QuantizerHandle):
             "scale": torch.as_tensor(self._value(self.node.args[1])),
             "zero_point": torch.as_tensor(self._value(self.node.args[2])),
         }
+
+    def grid(self) -> Grid:
+        """The constants of the dequantize node (its quantize twin has the same ones)."""
+        params = self.params()
+        scale = params["scale"].detach().float().clone()
+        zero_point = params["zero_point"].detach().float().clone()
+        if self._axis is None:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        return Grid(scale, zero_point, *self.qrange, self.ch_axis)
+
+    def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        raise NotImplementedError(
+            f"{self.name}: a convert_pt2e model holds integer weights quantized with these "
+            "constants; set grids on the prepared model, before convert_pt2e"
+        )
 
 
 # --- graph helpers -------------------------------------------------------------------------------
@@ -331,12 +414,80 @@ class Pt2eView(QuantView):
     def _index(self, layer: QuantLayer) -> int:
         return [x.name for x in self.layers()].index(layer.name)
 
+    def _weight_source(self, layer: QuantLayer) -> torch.fx.Node:
+        """The graph node whose value ``layer``'s weight quantizer quantizes."""
+        w_node = _compute_nodes(self.model)[self._index(layer)].args[1]
+        if _module_of(w_node, self.model) is not None:  # the weight FakeQuantize
+            w_node = w_node.args[0]
+        if not isinstance(w_node, torch.fx.Node):
+            raise NotImplementedError(f"{layer.name}: the weight is not a graph value")
+        return w_node
+
+    def _weight_fold(self, layer: QuantLayer) -> torch.Tensor | None:
+        """The factor the graph multiplies the weight attribute by before quantizing it (the QAT
+        batch-norm fold ``gamma / sqrt(running_var + eps)``, shaped to broadcast), or ``None``
+        when the quantizer reads the attribute itself."""
+        source = self._weight_source(layer)
+        if source.op == "get_attr":
+            return None
+        if source.op == "call_function" and source.target is torch.ops.aten.mul.Tensor:
+            for this, other in (source.args, source.args[::-1]):
+                if (
+                    isinstance(this, torch.fx.Node)
+                    and this.op == "get_attr"
+                    and _get_tensor(self.model, str(this.target)) is layer.weight
+                ):
+                    return _evaluate(other, self.model)
+        raise NotImplementedError(
+            f"{layer.name}: the weight reaches its quantizer through {source.target}, which this "
+            "view cannot invert"
+        )
+
+    def weight_quantizer_input(self, layer: QuantLayer) -> torch.Tensor:
+        """The weight as the weight ``FakeQuantize`` sees it: in a QAT graph with batch norms,
+        the conv weight times ``gamma / sqrt(running_var + eps)`` (the fold ``convert_pt2e`` will
+        make), not ``layer.weight``."""
+        with torch.no_grad():
+            return _evaluate(self._weight_source(layer), self.model).detach()
+
+    def set_layer_weight(self, layer: QuantLayer, weight: torch.Tensor) -> None:
+        """Writes ``weight / fold`` into the graph's weight attribute (``fold`` the batch-norm
+        factor of :meth:`weight_quantizer_input`; 1 without one), so the quantizer sees
+        ``weight`` again up to an ulp, which does not move a value that lies on the grid."""
+        if layer.weight.numel() == 0:
+            raise NotImplementedError(f"{layer.name}: no weight attribute found in the graph")
+        self._check_weight_shape(layer, weight, layer.weight.shape)
+        fold = self._weight_fold(layer)
+        with torch.no_grad():
+            if fold is None:
+                layer.weight.copy_(weight)
+                return
+            if (fold == 0).any():
+                raise NotImplementedError(
+                    f"{layer.name}: a folded batch norm has gamma = 0 on some channel; the weight "
+                    "there cannot be recovered"
+                )
+            layer.weight.copy_(weight / fold)
+
     @property
     def can_backprop(self) -> bool:
         return True
 
     def _apply_norm_mode(self, mode: NormMode) -> None:
         set_batchnorm_mode(self.model, use_batch_stats=mode == "batch")
+
+
+def _evaluate(value: object, gm: torch.fx.GraphModule, depth: int = 16) -> object:
+    """The value of a constant sub-graph (attributes and the ops on them, no graph input)."""
+    if not isinstance(value, torch.fx.Node):
+        return value
+    if value.op == "get_attr":
+        return _get_tensor(gm, str(value.target))
+    if value.op != "call_function" or depth == 0:
+        raise NotImplementedError(f"{value.name} does not depend on attributes only")
+    args = torch.fx.node.map_arg(value.args, lambda n: _evaluate(n, gm, depth - 1))
+    kwargs = torch.fx.node.map_arg(value.kwargs, lambda n: _evaluate(n, gm, depth - 1))
+    return value.target(*args, **kwargs)
 
 
 def _dedupe_handles(layers: list[QuantLayer]) -> list[QuantLayer]:
@@ -399,6 +550,20 @@ class ConvertedView(QuantView):
     def layer_input_module(self, layer: QuantLayer) -> nn.Module:
         index = [x.name for x in self.layers()].index(layer.name)
         return _input_tap(self.gm, _compute_nodes(self.gm)[index])
+
+    def weight_quantizer_input(self, layer: QuantLayer) -> torch.Tensor:
+        """The dequantized integer weight (batch norms folded in): the only float weight a
+        converted graph knows."""
+        index = [x.name for x in self.layers()].index(layer.name)
+        w_node = _compute_nodes(self.gm)[index].args[1]
+        with torch.no_grad():
+            return _evaluate(w_node, self.gm).detach()
+
+    def set_layer_weight(self, layer: QuantLayer, weight: torch.Tensor) -> None:
+        raise NotImplementedError(
+            f"{layer.name}: a convert_pt2e model stores integer weights (possibly compiled in); "
+            "write weights into the prepared model, then convert it"
+        )
 
     def norm_input_module(self, norm: NormLayer) -> nn.Module:
         return _norm_tap(self.gm, norm.name)
@@ -618,6 +783,16 @@ class ModuleView(QuantView):
 
     def norms(self) -> list[NormLayer]:
         return module_norms(self.model.named_modules())
+
+    def set_layer_weight(self, layer: QuantLayer, weight: torch.Tensor) -> None:
+        """Into the module's weight parameter (QAT fake-quant layers); weight tensor subclasses
+        (``quantize_`` with a non-QAT config) hold integer data and are not written."""
+        if _from_torchao(layer.weight):
+            raise NotImplementedError(
+                f"{layer.name}: the weight is a torchao {type(layer.weight).__name__} holding "
+                "integer data; write weights into the float / QAT model before quantize_"
+            )
+        super().set_layer_weight(layer, weight)
 
     @property
     def can_backprop(self) -> bool:

@@ -6,4 +6,5 @@ BUILTIN_METHOD_PLUGINS = (
     "qtta_plugins.methods.tent",
     "qtta_plugins.methods.zoa",
     "qtta_plugins.methods.foa",
+    "qtta_plugins.methods.ttaq",
 )

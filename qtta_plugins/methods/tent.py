@@ -4,6 +4,39 @@ Configure: batch norms use test-batch statistics; only the norm layers' affine p
 (batch norms, and LayerNorm / GroupNorm in models that have no batch norm). Collect: those parameters,
 under SGD with momentum. Forward and adapt: predict, take the mean prediction entropy, one step.
 Gradients pass the fake quantizers straight through, so the quantized model adapts as it will run.
+
+ABL (``TentConfig(abl=True)``): the adaptive balanced loss of TTAQ (Xiao et al., arXiv 2412.09899),
+our formulation (the paper's method section was not available). Two statistics of the stream, EMAs
+with weight ``m = abl_momentum`` on the old value, updated once per batch after its first step:
+
+* ``pi_c``, the class frequency of the stream's predictions: the mean *soft* prediction
+  ``softmax(z)`` of the raw logits over the batch, starting from uniform ``1/K``. Soft, not argmax
+  counts: it is the posterior average that prior estimation under label shift uses (Saerens et al.
+  2002), a class that is never the argmax keeps a small positive mass instead of a count of zero (whose
+  log would be ``-inf``), and one ambiguous sample does not move it by a whole count.
+* ``g_c``, how hard the loss pushes each class: ``sum_i |dL/dz~_ic|`` over the batch, read by a tensor
+  hook on the adjusted logits during the backward the step does anyway (no second forward), divided
+  by its mean over classes so each batch adds a vector of mean 1 (the statistic does not depend on the
+  batch size or on the loss scale); starts at ones.
+
+The entropy is taken on the adjusted logits (``abl_adjusted_logits``)::
+
+    z~_c = z_c - tau_f * log(pi_c) - tau_g * log(g_c / mean_c g)
+
+and the batch is predicted with the raw logits ``z``; the statistics are constants in the loss.
+
+Signs. Logit adjustment (Menon et al., ICLR 2021) *adds* ``tau log pi`` inside a supervised loss, which
+is equivalent to subtracting it at prediction time: with a fixed true label ``y`` the shift shrinks the
+residual ``1 - p~_y`` of frequent labels, so the model needs less margin for them. Entropy
+minimisation has no fixed label: its target is the model's own adjusted prediction, and
+``-dH/dz~_c = p~_c (log p~_c + H)`` raises every class whose adjusted probability is above the
+typical level. Adding ``+tau log pi`` there would move the self-labels *towards* the frequent classes
+and push them harder (on a batch that is 80% one class, with ``pi`` = 0.7 for that class, the summed
+push on its logit doubles); subtracting it is the prediction-time form of logit adjustment applied to
+the self-labels, and the push on the frequent class falls to about zero. So both terms enter with a
+minus sign: classes predicted often (``pi_c > 1/K``) or already pushed hard (``g_c > mean g``) are
+made less likely inside the loss, rare and under-pushed ones more likely. ``tau_f = tau_g = 0``
+gives Tent's loss exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +57,28 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+#: floor of ``pi`` and ``g / mean g`` before the log: an unseen class gets a large but finite shift
+ABL_EPS = 1e-6
+
+
+def abl_adjusted_logits(
+    logits: torch.Tensor,
+    class_freq: torch.Tensor,
+    grad_mag: torch.Tensor,
+    tau_f: float,
+    tau_g: float,
+) -> torch.Tensor:
+    """ABL's adjusted logits ``z - tau_f * log(pi) - tau_g * log(g / mean g)`` (see the module doc).
+
+    ``logits``: ``(N, K)``; ``class_freq`` (``pi``) and ``grad_mag`` (``g``): ``(K,)``, positive.
+    ``pi`` and ``g / mean g`` are floored at :data:`ABL_EPS` so a class with no mass yet gets a
+    finite shift.
+    """
+    g = grad_mag / grad_mag.mean()
+    shift = tau_f * class_freq.clamp_min(ABL_EPS).log() + tau_g * g.clamp_min(ABL_EPS).log()
+    return logits - shift.to(logits.dtype)
+
+
 def tent_parameters(view: QuantView) -> list[nn.Parameter]:
     """Affine parameters of the batch norms, or of all norms when the model has no batch norm."""
     norms = view.norms()
@@ -36,6 +91,13 @@ def tent_parameters(view: QuantView) -> list[nn.Parameter]:
 
 
 class Tent(TestTimeMethod):
+    """Tent, with ABL when ``config.abl``.
+
+    ABL's statistics are ``class_freq`` (``pi``, shape ``(K,)``, sums to 1) and ``grad_mag``
+    (``g``, shape ``(K,)``, mean 1); both are ``None`` until the first batch tells ``K``, and both
+    are part of :meth:`state_dict`, so the core's rollback, reset and save / load cover them.
+    """
+
     needs_backward = True
 
     def __init__(self, view: QuantView, config: TentConfig) -> None:
@@ -57,32 +119,94 @@ class Tent(TestTimeMethod):
         self.optimizer = torch.optim.SGD(
             self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
+        self._abl_init()
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         prediction = None
         for _ in range(self.config.steps):
             with torch.enable_grad():
                 logits = self.view.model(x)
-                loss = softmax_entropy(logits).mean()
+                if self.config.abl:
+                    loss, logit_grad = self._abl_loss(logits)
+                else:
+                    loss = softmax_entropy(logits).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             self.optimizer.step()
             if prediction is None:
                 prediction = logits.detach()
+                if self.config.abl:
+                    # once per batch, from its first step: each batch counts once whatever ``steps``
+                    self._abl_update(prediction, logit_grad[0])
         self.optimizer.zero_grad(set_to_none=True)
         return prediction
 
+    # --- ABL -------------------------------------------------------------------------------------
+    def _abl_loss(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean entropy of the adjusted logits, and a list the backward fills with dL/dz~."""
+        if self.class_freq is None or self.grad_mag is None:
+            k = logits.shape[1]
+            self.class_freq = torch.full((k,), 1.0 / k, device=logits.device)
+            self.grad_mag = torch.ones(k, device=logits.device)
+        adjusted = abl_adjusted_logits(
+            logits,
+            self.class_freq,
+            self.grad_mag,
+            self.config.abl_tau_f,
+            self.config.abl_tau_g,
+        )
+        grads: list[torch.Tensor] = []
+        # the gradient on the logits comes with the backward the step runs anyway
+        adjusted.register_hook(lambda grad: grads.append(grad.detach()))
+        return softmax_entropy(adjusted).mean(), grads
+
+    @torch.no_grad()
+    def _abl_update(self, logits: torch.Tensor, logit_grad: torch.Tensor) -> None:
+        m = self.config.abl_momentum
+        freq = logits.float().softmax(1).mean(0)
+        self.class_freq = m * self.class_freq + (1 - m) * freq
+        push = logit_grad.float().abs().sum(0)
+        total = push.mean()
+        if total > 0:  # a batch the loss does not push at all says nothing about the classes
+            self.grad_mag = m * self.grad_mag + (1 - m) * push / total
+
+    # --- state -----------------------------------------------------------------------------------
     def adapted_parameters(self) -> list[nn.Parameter]:
         return self.params
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.config.abl:
+            # tensors are replaced, never updated in place, so the core's deep copy is a snapshot
+            state["abl"] = {"class_freq": self.class_freq, "grad_mag": self.grad_mag}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.config.abl != ("abl" in state):
+            raise ValueError(
+                "this Tent state was saved "
+                + ("without" if self.config.abl else "with")
+                + " ABL, and this adaptation runs "
+                + ("with" if self.config.abl else "without")
+                + " it (TentConfig.abl must match)"
+            )
+        if self.config.abl:
+            freq, grad = state["abl"]["class_freq"], state["abl"]["grad_mag"]
+            if (freq is None) != (grad is None) or (freq is not None and freq.shape != grad.shape):
+                raise ValueError("ABL state: class_freq and grad_mag must both be set, same shape")
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.abl:
+            self.class_freq = None if freq is None else freq.detach().clone()
+            self.grad_mag = None if grad is None else grad.detach().clone()
 
     def reset(self) -> None:
         self.optimizer.state.clear()
+        self._abl_init()
+
+    def _abl_init(self) -> None:
+        # the number of classes is known at the first batch: until then, no statistics
+        self.class_freq: torch.Tensor | None = None
+        self.grad_mag: torch.Tensor | None = None
 
 
 @hookimpl

@@ -1,0 +1,292 @@
+"""ABL (TTAQ's adaptive balanced loss) inside Tent: the shift, its sign, the statistics, the state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import qtta_plugins
+from qtta_plugins import BadBatchError
+from qtta_plugins.config import TentConfig
+from qtta_plugins.methods.tent import abl_adjusted_logits, softmax_entropy, tent_parameters
+
+pytest.importorskip("torchao")
+
+ABL = TentConfig(abl=True)
+
+
+@pytest.fixture(scope="module")
+def short_stream(digits_stream):
+    """Three batches each from three domains of the digits-C stream."""
+    batches = list(digits_stream)
+    per_domain = len(batches) // len(digits_stream.domains)
+    return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + 3]]
+
+
+def abl_state(run: qtta_plugins.Adaptation) -> tuple[torch.Tensor, torch.Tensor]:
+    return run.method.class_freq.clone(), run.method.grad_mag.clone()
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- the shift and its sign ----------------------------------------------------------------------
+def test_adjusted_logits_shift_by_the_documented_amounts():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
+    pi = torch.tensor([0.5, 0.25, 0.25])
+    g = torch.tensor([2.0, 1.0, 1.0])  # mean 4/3: g / mean g = (1.5, 0.75, 0.75)
+    out = abl_adjusted_logits(logits, pi, g, tau_f=1.0, tau_g=0.5)
+    # z~_c = z_c - tau_f log pi_c - tau_g log(g_c / mean g), by hand:
+    # class 0: -log 0.5 - 0.5 log 1.5 = 0.693147 - 0.202733; classes 1, 2: -log 0.25 - 0.5 log 0.75
+    shift = torch.tensor([0.490415, 1.530135, 1.530135])
+    torch.testing.assert_close(out, logits + shift, atol=1e-6, rtol=0)
+    # each term alone, and the frequent class (0) is the one pushed down relative to the others
+    only_f = abl_adjusted_logits(logits, pi, g, tau_f=2.0, tau_g=0.0) - logits
+    torch.testing.assert_close(
+        only_f[0], torch.tensor([2 * math.log(2), 2 * math.log(4), 2 * math.log(4)])
+    )
+    only_g = abl_adjusted_logits(logits, pi, g, tau_f=0.0, tau_g=1.0) - logits
+    torch.testing.assert_close(only_g[1], -torch.tensor([1.5, 0.75, 0.75]).log())
+    # tau = 0 is Tent's loss exactly; g is used relative to its mean, so its scale does not matter
+    assert torch.equal(abl_adjusted_logits(logits, pi, g, 0.0, 0.0), logits)
+    torch.testing.assert_close(out, abl_adjusted_logits(logits, pi, 7 * g, 1.0, 0.5))
+    # a class with no mass yet gets a large but finite shift (the floor), not an infinite one
+    unseen = abl_adjusted_logits(logits, torch.tensor([1.0, 0.0, 0.0]), g, 1.0, 0.0)
+    assert torch.isfinite(unseen).all() and (unseen[:, 1] - logits[:, 1] > 10).all()
+
+
+def test_abl_makes_entropy_minimisation_push_the_frequent_class_less():
+    """The sign check: with pi skewed to class 0, the summed push on z_0 falls, the others' rises."""
+    torch.manual_seed(0)
+    k, n = 10, 50
+    labels = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(1, k, (10,))])
+    logits = torch.randn(n, k)
+    logits[torch.arange(n), labels] += torch.linspace(0.0, 4.0, n)[torch.randperm(n)]
+    pi = torch.full((k,), 0.3 / (k - 1))
+    pi[0] = 0.7
+    g = torch.ones(k)
+
+    def push(tau_f: float) -> torch.Tensor:
+        z = logits.clone().requires_grad_(True)
+        softmax_entropy(abl_adjusted_logits(z, pi, g, tau_f, 0.0)).mean().backward()
+        return -z.grad.sum(0)  # what one SGD step on the logits adds to each class
+
+    plain, balanced = push(0.0), push(1.0)
+    assert plain[0] > 0  # plain Tent feeds the class the batch is full of ...
+    assert balanced[0] < 0.5 * plain[0]  # ... ABL much less
+    assert balanced[1:].sum() > plain[1:].sum()
+
+
+# --- abl=False is Tent, bit for bit -------------------------------------------------------------
+def test_abl_off_is_plain_tent_bit_for_bit(qcnn, short_stream):
+    short_stream = short_stream[:3]  # ABL differs from Tent from the second batch on
+    # the reference: Tent's loop as it was before ABL, written out by hand
+    qm = copy.deepcopy(qcnn["w4a4"])
+    view = qtta_plugins.quant_view(qm)
+    torch.manual_seed(0)
+    params = tent_parameters(view)
+    view.freeze()
+    for p in params:
+        p.requires_grad_(True)
+    view.set_norm_mode("batch")
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    expected = []
+    for b in short_stream:
+        logits = qm(b.x)
+        opt.zero_grad()
+        softmax_entropy(logits).mean().backward()
+        opt.step()
+        expected.append(logits.detach().argmax(1))
+    expected = torch.cat(expected)
+
+    default = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "tent")
+    # the ABL knobs do nothing while abl is off
+    off = qtta_plugins.adapt(
+        qcnn["w4a4"], short_stream, TentConfig(abl=False, abl_tau_f=3.0, abl_tau_g=2.0)
+    )
+    # and ABL with both weights at zero is the same loss through the ABL code path
+    zero = qtta_plugins.adapt(
+        qcnn["w4a4"], short_stream, TentConfig(abl=True, abl_tau_f=0.0, abl_tau_g=0.0)
+    )
+    for run in (default, off, zero):
+        assert torch.equal(run.predictions, expected)
+    final = model_state(qm)
+    assert all(torch.equal(final[k], v) for k, v in model_state(default.model).items())
+    assert "abl" not in default.method.state_dict()
+
+    # and ABL on does change the adaptation (so the equalities above are not vacuous)
+    on = qtta_plugins.adapt(qcnn["w4a4"], short_stream, ABL)
+    assert any(not torch.equal(final[k], v) for k, v in model_state(on.model).items())
+
+
+# --- the statistics ------------------------------------------------------------------------------
+def test_class_frequency_ema_follows_the_predictions(qcnn, digits):
+    # clean digits, 70% of them 3s: a stream the model mostly predicts as 3 (a batch of 3s only
+    # would not do: its batch statistics wash out what makes a 3, and Tent predicts noise)
+    train, _ = digits
+    threes, others = train.x[train.y == 3], train.x[train.y != 3]
+    batches = [
+        torch.cat([threes[28 * i : 28 * (i + 1)], others[12 * i : 12 * (i + 1)]]) for i in range(4)
+    ]
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, TentConfig(abl=True, abl_momentum=0.5))
+    k = 10
+    pi = torch.full((k,), 1 / k)
+    g_before = torch.ones(k)
+    for x in batches:
+        logits = run.step(x)
+        # the EMA of the mean soft prediction of the returned (raw) logits, with weight m on the old
+        pi = 0.5 * pi + 0.5 * logits.softmax(1).mean(0)
+        torch.testing.assert_close(run.method.class_freq, pi)
+        g = run.method.grad_mag
+        torch.testing.assert_close(g.mean(), torch.tensor(1.0))  # mean 1, as initialised
+        assert not torch.equal(g, g_before) and (g > 0).all()
+        g_before = g.clone()
+    counts = run.predictions.bincount(minlength=k)
+    assert counts.argmax() == 3  # the stream predicts 3 more than anything else ...
+    freq = run.method.class_freq
+    assert freq.argmax() == 3 and freq[3] > 2 / k, freq  # ... and pi_3 left 1/K far behind
+    assert freq.sum().item() == pytest.approx(1.0)
+
+
+def test_prediction_uses_the_raw_logits(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:2], ABL)
+    x = short_stream[2].x
+    with torch.no_grad():
+        plain = run.model(x)  # same parameters, before this batch's update
+    # statistics skewed hard towards the class predicted most, so an adjusted prediction would show
+    top = plain.argmax(1).bincount(minlength=10).argmax()
+    pi = torch.full((10,), 0.1 / 9)
+    pi[top] = 0.9
+    g = torch.linspace(0.5, 1.5, 10)
+    state = run.method.state_dict()
+    run.method.load_state_dict({**state, "abl": {"class_freq": pi, "grad_mag": g}})
+    adjusted = abl_adjusted_logits(plain, pi, g, ABL.abl_tau_f, ABL.abl_tau_g)
+    assert not torch.equal(adjusted.argmax(1), plain.argmax(1))
+
+    params = [p.detach().clone() for p in run.method.adapted_parameters()]
+    logits = run.step(x)
+    torch.testing.assert_close(logits, plain, atol=1e-6, rtol=0)
+    assert torch.equal(logits.argmax(1), plain.argmax(1))
+    assert torch.equal(run.predictions[-len(x) :], plain.argmax(1))
+    # and the step did adapt, with the statistics moving from where they were put
+    assert any(
+        not torch.equal(a, b) for a, b in zip(params, run.method.adapted_parameters(), strict=True)
+    )
+    torch.testing.assert_close(run.method.class_freq, 0.9 * pi + 0.1 * plain.softmax(1).mean(0))
+
+
+# --- state: save / load, rollback, reset ---------------------------------------------------------
+def test_abl_state_saves_loads_and_continues_exactly(qcnn, short_stream, tmp_path):
+    short_stream = short_stream[:5]
+    half = 3
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:half], ABL)
+    saved_pi, saved_g = abl_state(run)
+    run.save(tmp_path / "state.pt")
+    rest = run.run(short_stream[half:])
+    assert not torch.equal(run.method.class_freq, saved_pi)
+
+    fresh = qtta_plugins.adapt(qcnn["w4a4"], None, ABL)
+    assert fresh.method.class_freq is None  # K is learnt from the first batch
+    fresh.load(tmp_path / "state.pt")
+    assert torch.equal(fresh.method.class_freq, saved_pi)
+    assert torch.equal(fresh.method.grad_mag, saved_g)
+    assert torch.equal(fresh.run(short_stream[half:]), rest)
+    assert torch.equal(fresh.method.class_freq, run.method.class_freq)
+    assert torch.equal(fresh.method.grad_mag, run.method.grad_mag)
+
+    # a state with ABL does not load into Tent without it (nor the other way), and nothing changes
+    plain = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:1], "tent")
+    before = model_state(plain.model)
+    with pytest.raises(ValueError, match=r"saved with ABL.*TentConfig.abl must match"):
+        plain.load(tmp_path / "state.pt")
+    assert all(torch.equal(before[k], v) for k, v in model_state(plain.model).items())
+    plain.save(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"saved without ABL"):
+        fresh.load(tmp_path / "plain.pt")
+    assert torch.equal(fresh.method.class_freq, run.method.class_freq)
+
+
+def test_a_bad_batch_or_a_failing_step_leaves_the_abl_state_as_it_was(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:2], ABL)
+    pi, g = abl_state(run)
+    with pytest.raises(BadBatchError, match=r"NaN"):
+        run.step(torch.full((8, 1, 32, 32), float("nan")))
+    assert torch.equal(run.method.class_freq, pi) and torch.equal(run.method.grad_mag, g)
+
+    original = run.method.forward_and_adapt
+
+    def explode(x):
+        original(x)  # updates the statistics, then fails
+        assert not torch.equal(run.method.class_freq, pi)
+        raise RuntimeError("boom")
+
+    run.method.forward_and_adapt = explode
+    with pytest.raises(RuntimeError, match=r"boom"):
+        run.step(short_stream[2].x)
+    assert torch.equal(run.method.class_freq, pi) and torch.equal(run.method.grad_mag, g)
+    assert run.batches == 2
+
+
+def test_reset_forgets_the_abl_statistics(qcnn, short_stream):
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, ABL)
+    first = run.run(short_stream[:3]).clone()
+    pi, g = abl_state(run)
+    run.reset()
+    assert run.method.class_freq is None and run.method.grad_mag is None
+    assert torch.equal(run.run(short_stream[:3]), first)
+    assert torch.equal(run.method.class_freq, pi) and torch.equal(run.method.grad_mag, g)
+
+
+# --- configuration -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"abl_tau_f": -1.0}, r"TentConfig.abl_tau_f must be a finite number >= 0"),
+        ({"abl_tau_g": float("nan")}, r"TentConfig.abl_tau_g must be a finite number >= 0"),
+        ({"abl_tau_g": "0.5"}, r"TentConfig.abl_tau_g must be a finite number >= 0"),
+        ({"abl_momentum": 1.0}, r"TentConfig.abl_momentum must be in \[0, 1\)"),
+        ({"abl_momentum": -0.1}, r"TentConfig.abl_momentum must be in \[0, 1\)"),
+        ({"abl": "yes"}, r"TentConfig.abl must be True or False"),
+    ],
+)
+def test_abl_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        TentConfig(**{"abl": True, **options})
+
+
+def test_abl_options_reach_tent_through_adapt(qcnn):
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl=True, abl_tau_f=0.5)
+    assert run.config.abl and run.config.abl_tau_f == 0.5 and run.config.abl_tau_g == 0.25
+    with pytest.raises(ValueError, match=r"abl_momentum"):
+        qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl=True, abl_momentum=2)
+
+
+# --- on a class-imbalanced stream ------------------------------------------------------------------
+def test_abl_on_a_class_imbalanced_stream_stays_close_to_tent(qcnn):
+    """Robust claims only: the defaults were chosen on the seed-1 streams, never on this one.
+
+    Over the whole 15-domain seed-0 Dirichlet stream ABL gains about 2 points (docs/abl.md); on
+    one domain (10 batches, kept short for the test) the two are within half a point, so only
+    "ABL changes the run and does not make it clearly worse" is asserted.
+    """
+    from qtta_plugins.data import continual_stream
+
+    stream = continual_stream(
+        "digits",
+        corruptions=["gaussian_noise"],
+        severity=5,
+        batch_size=50,
+        seed=0,
+        order="dirichlet",
+        dirichlet_delta=0.1,
+        progress=False,
+    )
+    tent = qtta_plugins.adapt(qcnn["w4a4"], stream, "tent")
+    abl = qtta_plugins.adapt(qcnn["w4a4"], stream, ABL)
+    tent_err, abl_err = tent.errors()["mean"], abl.errors()["mean"]
+    assert not torch.equal(tent.predictions, abl.predictions)
+    assert abl_err <= tent_err + 5.0, (tent_err, abl_err)

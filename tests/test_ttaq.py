@@ -1,0 +1,197 @@
+"""TTAQ's reconstruction (and the BRECQ / QDrop baselines) on every backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qtta_plugins
+from qtta_plugins.methods.ttaq import (
+    Simulation,
+    TTAQConfig,
+    pcr_loss,
+    pem_term,
+    reconstruct_view,
+    simulation_gap,
+)
+
+BACKENDS = ("torchao", "brevitas", "nncf")
+
+
+def _backend_model(backend, float_cnn, calib, bits="w4a4"):
+    pytest.importorskip(backend)
+    return qtta_plugins.quantize(float_cnn, backend, bits, calib[:4])
+
+
+@pytest.fixture(scope="module")
+def held_out(digits):
+    _, test = digits
+    return test.x[:256]
+
+
+def output_error(model: nn.Module, ref: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - ref).square().mean())
+
+
+# --- the terms --------------------------------------------------------------------------------------
+def test_pem_term_is_the_expected_output_error_of_independent_input_perturbations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    sigma2 = torch.tensor([0.5, 2.0, 0.1])
+    # Closed form, written out: sum_j s_j^2 sum_{o,k} W[o, j, k]^2 / C_out.
+    expected = (
+        sum(sigma2[j] * conv.weight[o, j].square().sum() for j in range(3) for o in range(5)) / 5
+    )
+    assert pem_term(conv.weight, sigma2).item() == pytest.approx(expected.item(), rel=1e-6)
+    # Monte Carlo: the mean squared output change at interior positions under such perturbations.
+    x = torch.randn(1, 3, 12, 12, generator=gen)
+    deltas = torch.randn(4000, 3, 12, 12, generator=gen) * sigma2.sqrt().view(1, 3, 1, 1)
+    with torch.no_grad():
+        change = conv(x + deltas) - conv(x)
+    measured = change[:, :, 1:-1, 1:-1].square().mean()
+    assert measured.item() == pytest.approx(expected.item(), rel=0.03)
+    # A linear layer: channels are its input features.
+    w = torch.randn(4, 6, generator=gen)
+    s2 = torch.rand(6, generator=gen)
+    assert pem_term(w, s2).item() == pytest.approx(float((w.square() * s2).sum() / 4), rel=1e-6)
+
+
+def test_pcr_loss_is_zero_for_identical_inputs_and_positive_otherwise() -> None:
+    block = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU())
+    x = torch.randn(3, 2, 8, 8)
+    clean = block(x)
+    assert pcr_loss(block, x.clone(), clean).item() == 0.0
+    assert pcr_loss(block, x + 0.5 * torch.randn_like(x), clean).item() > 0
+
+
+def test_config_validation_and_method_defaults() -> None:
+    brecq, qdrop, ttaq = (TTAQConfig(method=m) for m in ("brecq", "qdrop", "ttaq"))
+    assert (brecq.qdrop_p, brecq.pem, brecq.pcr, brecq.logits) == (0.0, False, False, False)
+    assert (qdrop.qdrop_p, qdrop.pem, qdrop.pcr, qdrop.logits) == (0.5, False, False, False)
+    assert (ttaq.qdrop_p, ttaq.pem, ttaq.pcr, ttaq.logits) == (0.5, True, True, True)
+    assert TTAQConfig(method="ttaq", pem=False).pem is False
+    for bad, match in (
+        ({"iters": 0}, "iters"),
+        ({"qdrop_p": 1.5}, "qdrop_p"),
+        ({"pem_weight": -1.0}, "pem_weight"),
+        ({"method": "adaround"}, "method"),
+        ({"beta_start": 1.0, "beta_end": 2.0}, "beta"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TTAQConfig(**{"method": "ttaq", **bad})
+    methods = qtta_plugins.available_methods("reconstruct")
+    assert {"brecq", "qdrop", "ttaq"} <= set(methods)
+
+
+# --- on every backend -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simulation_reproduces_the_backend_model(backend, float_cnn, calib, held_out) -> None:
+    """Before any learning, our simulation (float model + the backend's grids, rounding to
+    nearest) computes what the backend's own forward computes."""
+    qm = _backend_model(backend, float_cnn, calib)
+    view = qtta_plugins.quant_view(qm)
+    sim = Simulation(view, float_cnn, learn_act_scales=True, probe=held_out[:8])
+    for q in view.quantizers():
+        q.enabled = q.name not in sim.unsimulated
+    # NNCF rounds exact ties (its 8-bit first layer calibrates ranges at k + 0.5 steps) from the
+    # range's low end rather than from zero: those elements differ by one step (measured: 6%
+    # output difference on the digits CNN at W4A4, 0 once reconstruction puts weights on the grid).
+    assert simulation_gap(sim, qm, held_out) < (0.1 if backend == "nncf" else 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_back_is_exact(backend, float_cnn, calib, held_out) -> None:
+    """After reconstruction, the backend's own forward computes what our simulation computes,
+    and every weight sits on the backend's grid. (Few iterations at a high learning rate, so that
+    many roundings and every step size move.)"""
+    qm = _backend_model(backend, float_cnn, calib)
+    view = qtta_plugins.quant_view(qm)
+    nearest = {
+        layer.name: qtta_plugins.fake_quantize(
+            view.weight_quantizer_input(layer), layer.weight_quantizer.grid()
+        )
+        for layer in view.layers()
+    }
+    steps = {q.name: q.grid().scale.clone() for q in view.quantizers() if q.role == "act"}
+    config = TTAQConfig(method="qdrop", iters=8, lr_round=0.5, lr_scale=0.01)
+    sim = reconstruct_view(view, float_cnn, calib[:1], config)
+    moved = sum(
+        int((view.weight_quantizer_input(layer) != nearest[layer.name]).sum())
+        for layer in view.layers()
+    )
+    assert moved > 100, "the reconstruction changed too few roundings to test write-back"
+    assert any(
+        not torch.equal(q.grid().scale, steps[q.name]) for q in view.quantizers() if q.name in steps
+    )
+    # NNCF also quantizes batch-norm outputs before residual sums, which the simulation leaves
+    # out and says so: those are switched off for this comparison.
+    unsimulated = [q for q in view.quantizers() if q.name in sim.unsimulated]
+    assert bool(unsimulated) == (backend == "nncf")
+    for q in unsimulated:
+        q.enabled = False
+    assert simulation_gap(sim, qm, held_out) < 0.01
+    for layer in view.layers():
+        q = layer.weight_quantizer
+        if q is not None and q.enabled:
+            grid, w = q.grid(), view.weight_quantizer_input(layer)
+            assert torch.allclose(
+                qtta_plugins.fake_quantize(w, grid), w, atol=1e-5 * float(grid.scale.max())
+            )
+
+
+def test_reconstruction_lowers_output_error_against_min_max(float_cnn, calib, held_out) -> None:
+    qm = _backend_model("torchao", float_cnn, calib)
+    before = copy.deepcopy(qm)
+    with torch.no_grad():
+        ref = float_cnn(held_out)
+    reconstruct_view(
+        qtta_plugins.quant_view(qm), float_cnn, calib[:2], TTAQConfig("qdrop", iters=80)
+    )
+    # On images it did not see: closer to the float model than min-max with rounding to nearest.
+    assert output_error(qm, ref, held_out) < 0.9 * output_error(before, ref, held_out)
+
+
+def test_public_reconstruct_copies_and_keeps_the_backend_kind(float_cnn, calib, qcnn) -> None:
+    qm = qcnn["w4a4"]
+    state = {k: v.clone() for k, v in qm.state_dict().items()}
+    out = qtta_plugins.reconstruct(qm, float_cnn, calib[:1], "ttaq", iters=4, lr_round=0.5)
+    assert isinstance(out, torch.fx.GraphModule) and out is not qm
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in state.items())
+    assert qtta_plugins.quant_view(out).backend == "torchao"
+    changed = [k for k, v in out.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed, "reconstruction changed nothing"
+
+
+def test_bad_input_names_the_problem_and_changes_nothing(float_cnn, calib, qcnn) -> None:
+    qm = qtta_plugins.copy_model(qcnn["w4a4"])
+    state = {k: v.clone() for k, v in qm.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN"):
+        qtta_plugins.reconstruct(qm, float_cnn, [calib[0] * float("nan")], inplace=True)
+    wrong = nn.Sequential(nn.Conv2d(1, 4, 3))
+    with pytest.raises(ValueError, match="float model has no module"):
+        qtta_plugins.reconstruct(qm, wrong, calib[:1], inplace=True, iters=5)
+    with pytest.raises(ValueError, match="empty"):
+        qtta_plugins.reconstruct(qm, float_cnn, [], inplace=True)
+    with pytest.raises(qtta_plugins.UnknownMethodError, match="adaround"):
+        qtta_plugins.reconstruct(qm, float_cnn, calib[:1], "adaround")
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in state.items())
+
+
+def test_ttaq_terms_change_the_result_and_each_switches_off(float_cnn, calib) -> None:
+    """Each TTAQ term takes part: switching one off changes the learned rounding."""
+    qm = _backend_model("torchao", float_cnn, calib)
+    results = {}
+    for name, opts in {"all": {}, "-pem": {"pem": False}, "-pcr": {"pcr": False}}.items():
+        out = qtta_plugins.reconstruct(
+            qm, float_cnn, calib[:1], "ttaq", iters=6, lr_round=0.5, **opts
+        )
+        view = qtta_plugins.quant_view(out)
+        results[name] = torch.cat([q.weight.detach().flatten() for q in view.layers()])
+    assert not torch.equal(results["all"], results["-pem"])
+    assert not torch.equal(results["all"], results["-pcr"])
