@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adaptation import Adaptation, DomainResult
+from .adaptation import Adaptation, DomainResult, calibration_batches
 from .config import (
     AdaptConfig,
     NormConfig,
@@ -132,13 +132,7 @@ def quantize(
         )
     if calib is None:
         raise ValueError("quantize needs calibration data: calib=<batches of inputs>")
-    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
-    batches = [b[0] if isinstance(b, tuple | list) else getattr(b, "x", b) for b in batches]
-    if not batches:
-        raise ValueError("calib is empty: quantize needs at least one calibration batch")
-    for b in batches:
-        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise BadBatchError("calibration batches must be floating-point tensors")
+    batches = calibration_batches(calib, "quantize")
     result = plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")

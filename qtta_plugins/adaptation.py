@@ -59,6 +59,20 @@ def _unpack(item: Any) -> _Item:
     )
 
 
+def calibration_batches(calib: Any, purpose: str) -> list[torch.Tensor]:
+    """Calibration data as a list of input tensors: one tensor, or an iterable of tensors,
+    ``(x, y)`` pairs or objects with ``.x``. Raises naming what is wrong; ``purpose`` says who
+    needs the data (``"quantize"``, ``"reconstruction"``)."""
+    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
+    batches = [b[0] if isinstance(b, tuple | list) else getattr(b, "x", b) for b in batches]
+    if not batches:
+        raise ValueError(f"calib is empty: {purpose} needs at least one calibration batch")
+    for b in batches:
+        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+            raise BadBatchError("calibration batches must be floating-point tensors")
+    return batches
+
+
 def check_batch(x: Any, sample_shape: tuple[int, ...] | None) -> None:
     """Raise :class:`BadBatchError` naming what is wrong with ``x``."""
     if not isinstance(x, torch.Tensor):

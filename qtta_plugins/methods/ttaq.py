@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adaptation import calibration_batches
 from ..config import ReconstructConfig
 from ..hookspecs import hookimpl
 from ..progress import show_progress
@@ -483,15 +484,8 @@ def pcr_loss(block: nn.Module, x_shifted: torch.Tensor, clean_output: torch.Tens
 
 # --- the reconstruction ------------------------------------------------------------------------------
 def _calibration_tensor(calib: Iterable[Any]) -> torch.Tensor:
-    if isinstance(calib, torch.Tensor):
-        batches = [calib]
-    else:
-        batches = [b[0] if isinstance(b, tuple | list) else getattr(b, "x", b) for b in calib]
-    if not batches:
-        raise ValueError("calib is empty: reconstruction needs clean calibration images")
+    batches = calibration_batches(calib, "reconstruction")
     for b in batches:
-        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise ValueError("calibration batches must be floating-point tensors")
         if not torch.isfinite(b).all():
             raise ValueError("calibration batches contain NaN or Inf")
     try:
