@@ -369,7 +369,7 @@ def test_torchao_qat_graph_weight_is_folded_with_its_batch_norm(qcnn):
     assert torch.equal(used, target)
 
 
-def test_torchao_set_grid_switches_the_observer_off(qcnn, images):
+def test_torchao_set_grid_switches_the_observer_off_and_sets_its_range(qcnn, images):
     model = qtta_plugins.copy_model(qcnn["w8a8"])
     view = qtta_plugins.quant_view(model)
     handle = view.layers()[1].input_quantizer
@@ -379,6 +379,13 @@ def test_torchao_set_grid_switches_the_observer_off(qcnn, images):
     with torch.no_grad():
         model(images * 3)  # an observer left on would re-derive the scale from this batch
     assert torch.allclose(handle.grid().scale, grid.scale * 1.3, rtol=1e-6)
+    # convert_pt2e reads its quantize parameters from the observer, not the buffers.
+    for h in (handle, view.layers()[1].weight_quantizer):
+        g = h.grid()
+        h.set_grid(g.scale * 0.7, g.zero_point if h.ch_axis is not None else g.zero_point + 3)
+        scale, zero_point = h.module.calculate_qparams()
+        assert torch.allclose(scale.float().reshape(g.scale.shape), h.grid().scale, rtol=1e-6)
+        assert torch.equal(zero_point.float().reshape(g.zero_point.shape), h.grid().zero_point)
 
 
 def converted_graph() -> torch.fx.GraphModule:
@@ -454,6 +461,13 @@ def test_torchao_qat_linear_weight_grid_and_write_back():
     assert_quantizes_like(run_quantizer(handle, layer.weight.detach()), layer.weight.detach(), grid)
     handle.set_grid(grid.scale * 1.3)
     assert torch.allclose(handle.grid().scale, grid.scale * 1.3, rtol=1e-6)
+    # convert_pt2e reads its quantize parameters from the observer, not the buffers.
+    for h in (handle, view.layers()[1].weight_quantizer):
+        g = h.grid()
+        h.set_grid(g.scale * 0.7, g.zero_point if h.ch_axis is not None else g.zero_point + 3)
+        scale, zero_point = h.module.calculate_qparams()
+        assert torch.allclose(scale.float().reshape(g.scale.shape), h.grid().scale, rtol=1e-6)
+        assert torch.equal(zero_point.float().reshape(g.zero_point.shape), h.grid().zero_point)
     target = snapped(layer.weight.detach(), handle.grid())
     view.set_layer_weight(layer, target)
     assert torch.equal(run_quantizer(handle, layer.weight.detach()), target)

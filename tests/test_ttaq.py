@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 import qtta_plugins
+from qtta_plugins import Grid
 from qtta_plugins.methods.ttaq import (
+    SimLayer,
     Simulation,
     TTAQConfig,
+    layer_pem,
     pcr_loss,
     pem_term,
     reconstruct_view,
@@ -62,6 +65,23 @@ def test_pem_term_is_the_expected_output_error_of_independent_input_perturbation
     assert pem_term(w, s2).item() == pytest.approx(float((w.square() * s2).sum() / 4), rel=1e-6)
 
 
+def test_pem_weighs_the_rounding_error_not_the_weight() -> None:
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    grid = Grid(torch.full((3,), 0.25), torch.zeros(3), -8, 7, ch_axis=0)
+    on_grid = torch.randint(-8, 8, conv.weight.shape).float() * 0.25
+    s2 = torch.tensor([1.0, 3.0])
+    exact = SimLayer(conv, on_grid, on_grid, grid, act=None)
+    exact.hard = True
+    assert layer_pem(exact, s2, "error").item() == pytest.approx(0.0, abs=1e-9)
+    assert layer_pem(exact, s2, "weight").item() == pytest.approx(pem_term(on_grid, s2).item())
+    off_grid = on_grid + 0.1
+    moved = SimLayer(nn.Conv2d(2, 3, 3, bias=False), off_grid, off_grid, grid, act=None)
+    moved.hard = True  # rounds to nearest: every element 0.1 away from its grid point
+    assert layer_pem(moved, s2, "error").item() == pytest.approx(
+        pem_term(torch.full_like(on_grid, 0.1), s2).item(), rel=1e-4
+    )
+
+
 def test_pcr_loss_is_zero_for_identical_inputs_and_positive_otherwise() -> None:
     block = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU())
     x = torch.randn(3, 2, 8, 8)
@@ -80,6 +100,7 @@ def test_config_validation_and_method_defaults() -> None:
         ({"iters": 0}, "iters"),
         ({"qdrop_p": 1.5}, "qdrop_p"),
         ({"pem_weight": -1.0}, "pem_weight"),
+        ({"pem_on": "output"}, "pem_on"),
         ({"method": "adaround"}, "method"),
         ({"beta_start": 1.0, "beta_end": 2.0}, "beta"),
     ):
@@ -195,3 +216,44 @@ def test_ttaq_terms_change_the_result_and_each_switches_off(float_cnn, calib) ->
         results[name] = torch.cat([q.weight.detach().flatten() for q in view.layers()])
     assert not torch.equal(results["all"], results["-pem"])
     assert not torch.equal(results["all"], results["-pcr"])
+
+
+def _export(backend: str, model: nn.Module, x: torch.Tensor, tmp_path) -> torch.Tensor:
+    """``model``'s logits on ``x`` through the backend's own export path."""
+    with torch.no_grad():
+        if backend == "torchao":
+            from qtta_torchao.export import convert
+
+            return convert(model)(x)
+        if backend == "nncf":
+            from qtta_nncf.export import strip
+
+            return strip(model)(x)
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from qtta_brevitas.export import export_onnx_qcdq
+
+    path = export_onnx_qcdq(model, x[:8], tmp_path / "reconstructed.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+# NNCF's own export (strip) is 8-bit only; torchao's convert and Brevitas' QCDQ ONNX take 4 bits.
+@pytest.mark.parametrize(
+    "backend, bits", [("torchao", "w4a4"), ("brevitas", "w4a4"), ("nncf", "w8a8")]
+)
+def test_export_after_reconstruction_keeps_the_predictions(
+    backend, bits, float_cnn, calib, held_out, tmp_path
+) -> None:
+    """Write-back lands in state the backend's export reads: the exported model predicts what the
+    reconstructed one does."""
+    qm = _backend_model(backend, float_cnn, calib, bits)
+    out = qtta_plugins.reconstruct(qm, float_cnn, calib[:1], "ttaq", iters=8, lr_round=0.5)
+    with torch.no_grad():
+        before, after = qm(held_out), out(held_out)
+    assert not torch.allclose(before, after), "reconstruction changed nothing to export"
+    exported = _export(backend, out, held_out, tmp_path)
+    agreement = float((exported.argmax(1) == after.argmax(1)).float().mean())
+    assert agreement >= 0.98, agreement
+    assert float((exported - after).abs().max()) < 0.05 * float(after.abs().max())

@@ -99,18 +99,30 @@ class FakeQuantizeHandle(QuantizerHandle):
         return Grid(scale, zero_point, *self.qrange, axis)
 
     def set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
-        """Into the ``scale`` (float) and ``zero_point`` (int) buffers. The observer is switched
-        off: while on, every forward would re-derive the buffers from observed statistics. A
-        later :attr:`bits` change re-derives them from the observer too."""
+        """Into the ``scale`` (float) and ``zero_point`` (int) buffers, and into the observer's
+        recorded range: ``convert_pt2e`` takes its quantize parameters from the observer
+        (``calculate_qparams()``), not from the buffers, so the range is set to the one that
+        yields exactly this grid. The observer is then switched off: while on, every forward
+        would re-derive the buffers from newly observed statistics."""
         current = self.grid()
         new = current.with_values(scale, zero_point)
         symmetric = self.module.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
         if symmetric and not torch.equal(new.zero_point, current.zero_point):
             raise NotImplementedError(f"{self.name}: a symmetric FakeQuantize keeps its zero point")
-        fq = self.module
+        fq, obs = self.module, self.module.activation_post_process
         with torch.no_grad():
             fq.scale.copy_(new.scale.reshape(fq.scale.shape).to(fq.scale.dtype))
             fq.zero_point.copy_(new.zero_point.reshape(fq.zero_point.shape).to(fq.zero_point.dtype))
+            if isinstance(getattr(obs, "min_val", None), torch.Tensor):
+                if symmetric:  # the observer's scale is max(|lo|, hi) / ((qmax - qmin) / 2)
+                    hi = new.scale * (new.qmax - new.qmin) / 2
+                    lo = -hi
+                else:  # scale = (hi - lo) / (qmax - qmin), zero point = qmin - round(lo / scale)
+                    lo = (new.qmin - new.zero_point) * new.scale
+                    hi = (new.qmax - new.zero_point) * new.scale
+                shape = fq.scale.shape
+                obs.min_val.resize_(shape).copy_(lo.reshape(shape).to(obs.min_val.dtype))
+                obs.max_val.resize_(shape).copy_(hi.reshape(shape).to(obs.max_val.dtype))
         fq.disable_observer()
 
 
