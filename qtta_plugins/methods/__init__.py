@@ -7,4 +7,5 @@ BUILTIN_METHOD_PLUGINS = (
     "qtta_plugins.methods.zoa",
     "qtta_plugins.methods.foa",
     "qtta_plugins.methods.ttaq",
+    "qtta_plugins.methods.rtfq",
 )

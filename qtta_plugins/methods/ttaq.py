@@ -70,7 +70,7 @@ from ..adaptation import calibration_batches
 from ..config import ReconstructConfig
 from ..hookspecs import hookimpl
 from ..progress import show_progress
-from ..view import Grid, QuantLayer, QuantView, copy_model
+from ..view import Grid, QuantLayer, QuantView, copy_model, round_ste
 from .base import MethodInfo
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
@@ -149,11 +149,6 @@ RECONSTRUCTION_METHODS = ("brecq", "qdrop", "ttaq")
 
 
 # --- the simulation --------------------------------------------------------------------------------
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity in the backward pass (straight-through)."""
-    return (x.round() - x).detach() + x
-
-
 class ActQuantizer(nn.Module):
     """A fake quantizer on the backend's activation grid, with a learnable step size (LSQ).
 
@@ -171,7 +166,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.grid.along(self.scale, x.ndim)
         zp = self.grid.along(self.zero_point, x.ndim)
-        q = torch.clamp(_round_ste(x / s) + zp, self.qmin, self.qmax)
+        q = torch.clamp(round_ste(x / s) + zp, self.qmin, self.qmax)
         return (q - zp) * s
 
 

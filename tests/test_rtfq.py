@@ -1,0 +1,174 @@
+"""RTF-Q's subnet bank: switching, costs, the training plan, selection and materialization."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtta_plugins
+from qtta_plugins.methods.rtfq import (
+    RTFQConfig,
+    Subnet,
+    SubnetBank,
+    _accuracy,
+    choose,
+    information_maximisation,
+    plan,
+    train_bank,
+)
+
+SMALL = {"widths": (0.5, 1.0), "resolutions": (24, 32), "bits": (8, 4), "recalib_images": 128}
+
+
+@pytest.fixture(scope="module")
+def bank(float_cnn, digits):
+    train, test = digits
+    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(steps=2, progress=False, **SMALL))
+    train_bank(bank, (train.x[:256], train.y[:256]), train.x[256:512])
+    bank.evaluate(test.x[:200], test.y[:200])
+    return bank
+
+
+def test_config_validation_and_the_subnet_grid() -> None:
+    assert len(RTFQConfig().subnets()) == 27
+    for bad, match in (
+        ({"widths": (0.0, 1.0)}, "widths"),
+        ({"bits": (1,)}, "bits"),
+        ({"steps": 0}, "steps"),
+        ({"n_random": -1}, "n_random"),
+        ({"lr": float("nan")}, "lr"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RTFQConfig(**bad)
+
+
+def test_full_float_subnet_is_the_pretrained_model(float_cnn, digits) -> None:
+    _, test = digits
+    bank = SubnetBank(float_cnn, test.x[:64], RTFQConfig(**SMALL))
+    bank.set_subnet(None)
+    with torch.no_grad():
+        assert torch.allclose(bank(test.x[:32]), float_cnn(test.x[:32]), atol=1e-5)
+
+
+def test_sandwich_and_multi_bit_plans() -> None:
+    cfg = RTFQConfig(n_random=2, **SMALL)
+    for seed in range(5):
+        steps = plan(cfg, random.Random(seed))
+        subnets = [s for s, _ in steps]
+        assert len(set(subnets)) == len(subnets)  # each subnet once per step
+        assert steps[0] == (Subnet(1.0, 32, 8), True)  # largest at the highest precision: teacher
+        assert steps[1] == (Subnet(0.5, 24, 4), False)  # smallest at the lowest
+        # multi-bit: a random architecture is trained at every bit-width
+        archs = {(s.width, s.resolution) for s in subnets[2:]}
+        for w, r in archs:
+            assert {s.bits for s in subnets if (s.width, s.resolution) == (w, r)} == {4, 8}
+        single = plan(RTFQConfig(n_random=2, multi_bit=False, **SMALL), random.Random(seed))
+        assert 2 < len(single) <= 4
+        flat = plan(RTFQConfig(n_random=2, sandwich=False, **SMALL), random.Random(seed))
+        assert not any(t for _, t in flat) and len(flat) <= 8
+    one = RTFQConfig(widths=(0.5,), resolutions=(24,), bits=(4,), n_random=0)
+    assert plan(one, random.Random(0)) == [(Subnet(0.5, 24, 4), True)]
+
+
+def test_information_maximisation() -> None:
+    confident_diverse = torch.eye(4) * 20
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 20
+    assert information_maximisation(confident_diverse) < information_maximisation(collapsed)
+    assert information_maximisation(confident_diverse).item() == pytest.approx(
+        -torch.log(torch.tensor(4.0)).item(), abs=1e-3
+    )
+
+
+def test_costs_follow_width_resolution_and_bits(bank) -> None:
+    rows = {r["subnet"]: r for r in bank.table()}
+    full, narrow = rows[Subnet(1.0, 32, 8)], rows[Subnet(0.5, 32, 8)]
+    small = rows[Subnet(1.0, 24, 8)]
+    # convs cost ~width^2 (in and out channels halve) and ~resolution^2
+    assert 0.2 < narrow["macs"] / full["macs"] < 0.35
+    assert small["macs"] / full["macs"] == pytest.approx((24 / 32) ** 2, rel=0.1)
+    low = rows[Subnet(1.0, 32, 4)]
+    assert low["macs"] == full["macs"] and low["bitops"] < full["bitops"] / 2
+    assert low["bytes"] < full["bytes"]
+    # BitOPs of the 8-bit subnet: every layer at 8 x 8 bits
+    assert full["bitops"] == pytest.approx(full["macs"] * 64, rel=1e-6)
+
+
+def test_select_subnet_budget_and_errors(bank) -> None:
+    rows = bank.table()
+    cheapest = min(r["macs"] for r in rows)
+    row = choose(rows, {"macs": cheapest * 1.01})
+    assert row["macs"] <= cheapest * 1.01
+    with pytest.raises(ValueError, match="smallest feasible budget is macs >= "):
+        choose(rows, {"macs": cheapest / 2})
+    with pytest.raises(ValueError, match="unknown budget keys"):
+        qtta_plugins.select_subnet(bank, flops=1e9)
+
+
+@pytest.mark.parametrize("subnet", [Subnet(1.0, 32, 8), Subnet(0.5, 24, 4)])
+def test_torchao_subnet_reproduces_the_bank(bank, digits, subnet) -> None:
+    pytest.importorskip("torchao")
+    _, test = digits
+    x, y = test.x[:200], test.y[:200]
+    bank.set_subnet(subnet)
+    expected = _accuracy(bank, x, y)
+    model = bank.materialize(subnet, "torchao")
+    assert qtta_plugins.quant_view(model).backend == "torchao"
+    assert abs(_accuracy(model, x, y) - expected) <= 1.0
+
+
+@pytest.mark.parametrize("backend", ["brevitas", "nncf"])
+def test_other_backends_reproduce_the_bank(bank, digits, backend) -> None:
+    """Brevitas computes exactly what the bank does once the bank's grids are written (its own
+    4-bit weight thresholds are MSE-chosen, the bank's max-abs). NNCF also quantizes batch-norm
+    outputs, which are switched off, and its shared input quantizers feed the residual shortcut
+    too, which the bank does not quantize: close, not exact."""
+    pytest.importorskip(backend)
+    _, test = digits
+    x = test.x[:200]
+    subnet = Subnet(0.5, 32, 4)
+    bank.set_subnet(subnet)
+    with torch.no_grad():
+        ref = bank(x)
+        out = bank.materialize(subnet, backend)(x)
+    gap = float((out - ref).norm() / ref.norm())
+    assert gap < (1e-4 if backend == "brevitas" else 0.35), gap
+
+
+def test_two_process_training_matches_one_process(float_cnn, digits, tmp_path) -> None:
+    """``torchrun --nproc_per_node=2`` (gloo): both ranks end with the same weights, and their
+    update points where the single-process one does (each rank normalises its half batch with
+    its own batch statistics: the noise)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train, _ = digits
+    config = {"steps": 4, "progress": False, "lr": 1e-3, **SMALL}
+    source, target = (train.x[:256], train.y[:256]), train.x[256:512]
+    torch.save(
+        {"model": float_cnn.state_dict(), "source": source, "target": target, "config": config},
+        tmp_path / "inputs.pt",
+    )
+    worker = Path(__file__).with_name("rtfq_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*cmd, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+    single = SubnetBank(float_cnn, target[:128], RTFQConfig(**config))
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    train_bank(single, source, target)
+    keys = [k for k in start if k.startswith("net.") and k.endswith("weight")]
+    one = torch.cat([(single.state_dict()[k] - start[k]).flatten() for k in keys])
+    two = torch.cat([(ranks[0][k] - start[k]).flatten() for k in keys])
+    assert one.norm() > 0 and two.norm() > 0
+    assert float(F.cosine_similarity(one, two, dim=0)) > 0.8
