@@ -49,11 +49,10 @@ from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
     Subnet,
     SubnetBank,
-    _accuracy,
     information_maximisation,
     train_bank,
 )
-from qtta_plugins.models import train_source_model  # noqa: E402
+from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
 SEPARATE = (Subnet(0.5, 24, 4), Subnet(0.5, 32, 6), Subnet(0.75, 28, 6), Subnet(1.0, 32, 8))
 BANKS = {
@@ -145,12 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         x_test, y_test = data["test"]
         entry: dict = {"rows": [], "banks": {}}
         results["tasks"][task] = entry
-        entry["source_only"] = _accuracy(data["model"].eval(), x_test, y_test)
+        entry["source_only"] = accuracy(data["model"].eval(), x_test, y_test)
         print(f"{task}: source only {entry['source_only']:.1f}", flush=True)
         start = time.perf_counter()
         base = RTFQConfig(steps=steps, seed=args.seed, progress=False)
         fl = float_uda(data["model"], data["source"], data["target"], steps, 64, base.lr, args.seed)
-        entry["float_uda"] = _accuracy(fl, x_test, y_test)
+        entry["float_uda"] = accuracy(fl, x_test, y_test)
         entry["float_uda_seconds"] = time.perf_counter() - start
         print(f"{task}: float UDA {entry['float_uda']:.1f}", flush=True)
         for subnet in SEPARATE:

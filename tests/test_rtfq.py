@@ -13,12 +13,12 @@ from qtta_plugins.methods.rtfq import (
     RTFQConfig,
     Subnet,
     SubnetBank,
-    _accuracy,
     choose,
     information_maximisation,
     plan,
     train_bank,
 )
+from qtta_plugins.models import accuracy
 
 SMALL = {"widths": (0.5, 1.0), "resolutions": (24, 32), "bits": (8, 4), "recalib_images": 128}
 
@@ -114,10 +114,10 @@ def test_torchao_subnet_reproduces_the_bank(bank, digits, subnet) -> None:
     _, test = digits
     x, y = test.x[:200], test.y[:200]
     bank.set_subnet(subnet)
-    expected = _accuracy(bank, x, y)
+    expected = accuracy(bank, x, y)
     model = bank.materialize(subnet, "torchao")
     assert qtta_plugins.quant_view(model).backend == "torchao"
-    assert abs(_accuracy(model, x, y) - expected) <= 1.0
+    assert abs(accuracy(model, x, y) - expected) <= 1.0
 
 
 @pytest.mark.parametrize("backend", ["brevitas", "nncf"])

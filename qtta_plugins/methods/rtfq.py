@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..hookspecs import hookimpl
+from ..models import accuracy
 from ..progress import show_progress
 from ..view import copy_model, round_ste
 from .base import MethodInfo
@@ -408,25 +409,20 @@ class SubnetBank(nn.Module):
         finally:
             self.train(was_training)
         per_module = counter.get_flop_counts()
-        macs = bitops = 0.0
-        weight_bytes = 0.0
+        bitops = weight_bytes = 0.0
         for name, layer in self.layers.items():
             key = next((k for k in per_module if k.endswith(f"net.{name}")), None)
             flops = sum(per_module[key].values()) if key is not None else 0
             lb = layer.layer_bits[subnet.bits]
-            macs += flops / 2
             bitops += flops / 2 * lb * lb
             weight_bytes += layer.out_k * layer.in_k * layer.weight[0, 0].numel() * lb / 8
             if layer.bias is not None:
                 weight_bytes += 4 * layer.out_k
         for bn in self.norms.values():
-            weight_bytes += 4 * 2 * len(bn.running_mean[: self._last_k(bn)])
-        total = sum(counter.get_flop_counts().get("Global", {}).values()) / 2
-        return {"macs": total or macs, "bitops": bitops, "bytes": weight_bytes}
-
-    def _last_k(self, bn: SwitchableBatchNorm) -> int:
-        # a batch norm follows the conv of the same width: its slice is that conv's out_k
-        return _channels(len(bn.running_mean), self.switch.width)
+            # a batch norm follows a conv of the same width: weight and bias over its slice
+            weight_bytes += 4 * 2 * _channels(len(bn.running_mean), subnet.width)
+        macs = sum(per_module.get("Global", {}).values()) / 2
+        return {"macs": macs, "bitops": bitops, "bytes": weight_bytes}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
@@ -435,7 +431,7 @@ class SubnetBank(nn.Module):
         for subnet in self.config.subnets():
             self.recalibrate(subnet)
             row = {"subnet": subnet, "name": subnet.name, **self.costs(subnet)}
-            row["accuracy"] = _accuracy(self, x, y)
+            row["accuracy"] = accuracy(self, x, y)
             rows.append(row)
         self.rows = rows
         return rows
@@ -521,7 +517,8 @@ class SubnetBank(nn.Module):
                 grid = handle.grid()
                 if (grid.qmin, grid.qmax, grid.ch_axis) == (qmin, qmax, None):
                     handle.set_grid(
-                        scale.detach().clone().reshape(grid.scale.shape), grid.zero_point * 0
+                        scale.detach().clone().reshape(grid.scale.shape),
+                        torch.zeros_like(grid.zero_point),
                     )
                 else:
                     mismatched.append(handle.name)
@@ -568,15 +565,6 @@ class AtResolution(nn.Module):
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    correct = sum(
-        int((model(x[i : i + 256]).argmax(1) == y[i : i + 256]).sum())
-        for i in range(0, len(x), 256)
-    )
-    return 100.0 * correct / len(x)
 
 
 # --- training ---------------------------------------------------------------------------------------
