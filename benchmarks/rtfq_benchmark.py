@@ -44,6 +44,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import qtta_plugins  # noqa: E402
 from qtta_plugins.data import corrupt_set, load_source  # noqa: E402
 from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
@@ -132,9 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/rtfq.json")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-cost plot here")
     parser.add_argument("--render", default=None, help="print the tables of a results file")
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=["torchao", "brevitas", "nncf"],
+        help="select_subnet from the default bank into these backends (none: skip)",
+    )
+    parser.add_argument("--keep", default=None, help="save the default bank of each task here")
+    parser.add_argument(
+        "--banks", nargs="*", default=None, choices=list(BANKS), help="bank rows to run (all)"
+    )
+    parser.add_argument(
+        "--no-separate",
+        dest="separate",
+        action="store_false",
+        help="skip the separately trained subnets",
+    )
     args = parser.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        results = json.loads(Path(args.render).read_text())
+        if args.plot:
+            plot(results, args.plot)
+        print(markdown(results), end="")
         return
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
@@ -152,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         entry["float_uda"] = accuracy(fl, x_test, y_test)
         entry["float_uda_seconds"] = time.perf_counter() - start
         print(f"{task}: float UDA {entry['float_uda']:.1f}", flush=True)
-        for subnet in SEPARATE:
+        for subnet in SEPARATE if args.separate else ():
             cfg = RTFQConfig(
                 widths=(subnet.width,),
                 resolutions=(subnet.resolution,),
@@ -173,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{task}: separate {subnet.name} {row['accuracy']:.1f} ({took:.0f} s)", flush=True
             )
         for label, options in BANKS.items():
+            if args.banks is not None and label not in args.banks:
+                continue
             cfg = RTFQConfig(steps=steps, seed=args.seed, progress=False, **options)
             bank = SubnetBank(data["model"], data["target"], cfg)
             took = train_bank(bank, data["source"], data["target"])["seconds"]
@@ -180,11 +202,43 @@ def main(argv: list[str] | None = None) -> None:
             entry["banks"][label] = {"seconds": took, "rows": rows}
             best = max(r["accuracy"] for r in rows)
             print(f"{task}: {label} trained in {took:.0f} s, best subnet {best:.1f}", flush=True)
+            if label == next(iter(BANKS)):
+                entry["selected"] = selections(bank, x_test, y_test, args.backends)
+                if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    torch.save(bank, Path(args.keep) / f"{task.replace('->', '_to_')}.pt")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
         plot(results, args.plot)
     print(markdown(results), end="")
+
+
+def selections(bank: SubnetBank, x_test, y_test, backends: list[str]) -> list[dict]:
+    """``select_subnet`` at 25 / 50 / 100 % of the full MACs in each backend: the materialized
+    model's accuracy against the bank's table row."""
+    full = max(r["macs"] for r in bank.table())
+    out = []
+    for fraction in (0.25, 0.5, 1.0):
+        for backend in backends:
+            qmodel = qtta_plugins.select_subnet(bank, macs=fraction * full, backend=backend)
+            choice = qmodel.qtta_subnet
+            measured = accuracy(qmodel, x_test, y_test)
+            out.append(
+                {
+                    "budget": f"{fraction:.0%} of full MACs",
+                    "backend": backend,
+                    "name": choice.row["name"],
+                    "table": choice.row["accuracy"],
+                    "measured": measured,
+                }
+            )
+            print(
+                f"  select_subnet {fraction:.0%} {backend}: {choice.row['name']} "
+                f"table {choice.row['accuracy']:.1f}, materialized {measured:.1f}",
+                flush=True,
+            )
+    return out
 
 
 def _plain(row: dict) -> dict:
@@ -204,24 +258,29 @@ def markdown(results: dict) -> str:
             f"Source only (float): {entry['source_only']:.1f}%. "
             f"Float UDA: {entry['float_uda']:.1f}%.",
             "",
-            "| subnet | MACs (% of full) | separate: accuracy (%) | bank: accuracy (%) |"
-            " separate training (s) |",
-            "|---|---|---|---|---|",
         ]
-        for r in entry["rows"]:
-            b = bank_rows.get(r["name"], {})
-            out.append(
-                f"| {r['name']} | {100 * r['macs'] / full_macs:.0f} | {r['accuracy']:.1f} | "
-                f"{b.get('accuracy', float('nan')):.1f} | {r['seconds']:.0f} |"
-            )
-        sep_time = sum(r["seconds"] for r in entry["rows"]) / max(1, len(entry["rows"]))
         n = len(bank_rows)
+        if entry["rows"]:
+            out += [
+                "| subnet | MACs (% of full) | separate: accuracy (%) | bank: accuracy (%) |"
+                " separate training (s) |",
+                "|---|---|---|---|---|",
+            ]
+            for r in entry["rows"]:
+                b = bank_rows.get(r["name"], {})
+                out.append(
+                    f"| {r['name']} | {100 * r['macs'] / full_macs:.0f} | {r['accuracy']:.1f} | "
+                    f"{b.get('accuracy', float('nan')):.1f} | {r['seconds']:.0f} |"
+                )
+            sep_time = sum(r["seconds"] for r in entry["rows"]) / len(entry["rows"])
+            out += [
+                "",
+                f"Bank training: {banks[main_label]['seconds']:.0f} s for {n} subnets; separate "
+                f"training: {sep_time:.0f} s per subnet, {n * sep_time:.0f} s for {n} "
+                f"(ratio {banks[main_label]['seconds'] / (n * sep_time):.2f}).",
+                "",
+            ]
         out += [
-            "",
-            f"Bank training: {banks[main_label]['seconds']:.0f} s for {n} subnets; separate "
-            f"training: {sep_time:.0f} s per subnet, {n * sep_time:.0f} s for {n} "
-            f"(ratio {banks[main_label]['seconds'] / (n * sep_time):.2f}).",
-            "",
             "| subnet | MACs | BitOPs | weight bytes | " + " | ".join(banks) + " |",
             "|---|---|---|---|" + "---|" * len(banks),
         ]
@@ -240,6 +299,19 @@ def markdown(results: dict) -> str:
         ]
         out.append("| mean over subnets | | | | " + " | ".join(f"{m:.1f}" for m in means) + " |")
         out.append("")
+        if entry.get("selected"):
+            out += [
+                "`select_subnet` from the default bank, materialized by each backend:",
+                "",
+                "| budget | backend | subnet | table accuracy (%) | materialized accuracy (%) |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['budget']} | {r['backend']} | {r['name']} | {r['table']:.1f} | "
+                f"{r['measured']:.1f} |"
+                for r in entry["selected"]
+            ]
+            out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -248,6 +320,7 @@ def plot(results: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     tasks = results["tasks"]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 4 * len(tasks)), squeeze=False)
@@ -263,6 +336,20 @@ def plot(results: dict, path: str) -> None:
                     marker=marker,
                     label=f"bank W{bits}A{bits}",
                 )
+            # the frontier select_subnet walks: the best bank subnet within each budget
+            frontier, best = [], -1.0
+            for r in sorted(rows, key=lambda r: r[key]):
+                if r["accuracy"] > best:
+                    best = r["accuracy"]
+                    frontier.append((r[key] / unit, best))
+            ax.step(
+                *zip(*frontier, strict=True),
+                where="post",
+                color="C0",
+                lw=1,
+                alpha=0.6,
+                label="best within budget",
+            )
             ax.scatter(
                 [r[key] / unit for r in entry["rows"]],
                 [r["accuracy"] for r in entry["rows"]],
@@ -272,6 +359,10 @@ def plot(results: dict, path: str) -> None:
             )
             ax.axhline(entry["float_uda"], color="gray", ls="--", label="float UDA")
             ax.set_xscale("log")
+            # plain numbers on the log axis: the default minor labels overlap on a 1-decade range
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.set_xlabel("MACs (M)" if key == "macs" else "BitOPs (G)")
             ax.set_ylabel("target accuracy (%)")
             ax.set_title(task)
