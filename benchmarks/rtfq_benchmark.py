@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep", default=None, help="save the default bank of each task here")
     parser.add_argument(
+        "--distill-warmup",
+        type=float,
+        default=RTFQConfig.distill_warmup,
+        help="RTFQConfig.distill_warmup for every bank row (default: the config's)",
+    )
+    parser.add_argument(
         "--banks", nargs="*", default=None, choices=list(BANKS), help="bank rows to run (all)"
     )
     parser.add_argument(
@@ -158,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
-    results: dict = {"setup": f"{steps} steps, batch 64 + 64, seed {args.seed}", "tasks": {}}
+    setup = f"{steps} steps, batch 64 + 64, seed {args.seed}"
+    setup += f", distillation warm-up over {args.distill_warmup:.0%} of the steps"
+    results: dict = {"setup": setup, "tasks": {}}
     for task in args.tasks:
         data = task_data(task, args.seed, args.quick)
         x_test, y_test = data["test"]
@@ -195,7 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         for label, options in BANKS.items():
             if args.banks is not None and label not in args.banks:
                 continue
-            cfg = RTFQConfig(steps=steps, seed=args.seed, progress=False, **options)
+            cfg = RTFQConfig(
+                steps=steps,
+                seed=args.seed,
+                progress=False,
+                distill_warmup=args.distill_warmup,
+                **options,
+            )
             bank = SubnetBank(data["model"], data["target"], cfg)
             took = train_bank(bank, data["source"], data["target"])["seconds"]
             rows = [_plain(r) for r in bank.evaluate(x_test, y_test)]

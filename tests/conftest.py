@@ -68,3 +68,30 @@ def demo_result(tmp_path_factory):
     plot = tmp_path_factory.mktemp("demo") / "demo.png"
     result = run_demo("torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED)
     return result, plot
+
+
+@pytest.fixture
+def export_logits(tmp_path):
+    """``export_logits(backend, model, x)``: ``model``'s logits on ``x`` through the backend's own
+    export path (torchao ``convert_pt2e``, NNCF ``strip``, Brevitas QCDQ ONNX run by onnxruntime)."""
+
+    def run(backend: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if backend == "torchao":
+                from qtta_torchao.export import convert
+
+                return convert(model)(x)
+            if backend == "nncf":
+                from qtta_nncf.export import strip
+
+                return strip(model)(x)
+        pytest.importorskip("onnxruntime")
+        import onnxruntime as ort
+        from qtta_brevitas.export import export_onnx_qcdq
+
+        path = export_onnx_qcdq(model, x[:8], tmp_path / f"{backend}.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return run

@@ -40,6 +40,7 @@ def test_config_validation_and_the_subnet_grid() -> None:
         ({"steps": 0}, "steps"),
         ({"n_random": -1}, "n_random"),
         ({"lr": float("nan")}, "lr"),
+        ({"distill_warmup": 1.5}, "distill_warmup"),
     ):
         with pytest.raises(ValueError, match=match):
             RTFQConfig(**bad)
@@ -146,6 +147,22 @@ def test_other_backends_reproduce_the_bank(bank, digits, backend) -> None:
         out = bank.materialize(subnet, backend)(x)
     gap = float((out - ref).norm() / ref.norm())
     assert gap < (1e-4 if backend == "brevitas" else 0.35), gap
+
+
+# NNCF's own export (strip) is 8-bit only; torchao's convert and Brevitas' QCDQ ONNX take 4 bits.
+@pytest.mark.parametrize("backend, bits", [("torchao", 4), ("brevitas", 4), ("nncf", 8)])
+def test_selected_subnet_exports_the_backends_way(bank, digits, backend, bits, export_logits):
+    """A materialized subnet (24 px: a resize in front of the network) goes through the backend's
+    own export and predicts what the materialized model does."""
+    pytest.importorskip(backend)
+    _, test = digits
+    x = test.x[:200]
+    model = bank.materialize(Subnet(0.5, 24, bits), backend)
+    with torch.no_grad():
+        logits = model(x)
+    exported = export_logits(backend, model, x)
+    assert float((exported.argmax(1) == logits.argmax(1)).float().mean()) >= 0.98
+    assert float((exported - logits).abs().max()) < 0.05 * float(logits.abs().max())
 
 
 def test_two_process_training_matches_one_process(float_cnn, digits, tmp_path) -> None:

@@ -218,33 +218,12 @@ def test_ttaq_terms_change_the_result_and_each_switches_off(float_cnn, calib) ->
     assert not torch.equal(results["all"], results["-pcr"])
 
 
-def _export(backend: str, model: nn.Module, x: torch.Tensor, tmp_path) -> torch.Tensor:
-    """``model``'s logits on ``x`` through the backend's own export path."""
-    with torch.no_grad():
-        if backend == "torchao":
-            from qtta_torchao.export import convert
-
-            return convert(model)(x)
-        if backend == "nncf":
-            from qtta_nncf.export import strip
-
-            return strip(model)(x)
-    pytest.importorskip("onnxruntime")
-    import onnxruntime as ort
-    from qtta_brevitas.export import export_onnx_qcdq
-
-    path = export_onnx_qcdq(model, x[:8], tmp_path / "reconstructed.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-
 # NNCF's own export (strip) is 8-bit only; torchao's convert and Brevitas' QCDQ ONNX take 4 bits.
 @pytest.mark.parametrize(
     "backend, bits", [("torchao", "w4a4"), ("brevitas", "w4a4"), ("nncf", "w8a8")]
 )
 def test_export_after_reconstruction_keeps_the_predictions(
-    backend, bits, float_cnn, calib, held_out, tmp_path
+    backend, bits, float_cnn, calib, held_out, export_logits
 ) -> None:
     """Write-back lands in state the backend's export reads: the exported model predicts what the
     reconstructed one does."""
@@ -253,7 +232,7 @@ def test_export_after_reconstruction_keeps_the_predictions(
     with torch.no_grad():
         before, after = qm(held_out), out(held_out)
     assert not torch.allclose(before, after), "reconstruction changed nothing to export"
-    exported = _export(backend, out, held_out, tmp_path)
+    exported = export_logits(backend, out, held_out)
     agreement = float((exported.argmax(1) == after.argmax(1)).float().mean())
     assert agreement >= 0.98, agreement
     assert float((exported - after).abs().max()) < 0.05 * float(after.abs().max())

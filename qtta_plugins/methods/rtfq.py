@@ -28,7 +28,9 @@ distillation drown the teacher's own adaptation once the plan grows, see :func:`
   without it, at one random bit-width;
 - distillation (``distill``): every subnet but the largest also fits the largest's target
   predictions (KL); without SandwichQ the teacher is the largest at the highest precision run
-  without gradient.
+  without gradient. Its weight rises linearly from 0 over the first ``distill_warmup`` of the
+  steps (default: all of them): at the start the teacher's target predictions are the unadapted
+  source model's, and distilling them early held the whole bank there.
 
 Norm statistics are recalibrated per subnet on target images after training (training itself uses
 batch statistics), so every (width, resolution, bits) has its own. Under ``torchrun`` (any
@@ -98,6 +100,9 @@ class RTFQConfig:
     multi_bit: bool = True
     distill: bool = True
     distill_weight: float = 1.0
+    # fraction of the steps over which the distillation weight rises linearly from 0: the teacher's
+    # target predictions are the unadapted source model's at the start (measured: docs/rtfq.md)
+    distill_warmup: float = 1.0
     im_weight: float = 1.0  # information maximisation on the target batch
     recalib_images: int = 512  # target images that set each subnet's norm statistics
     seed: int = 0
@@ -125,6 +130,10 @@ class RTFQConfig:
             or self.n_random < 0
         ):
             raise ValueError(f"RTFQConfig.n_random must be an int >= 0, got {self.n_random!r}")
+        if not isinstance(self.distill_warmup, int | float) or not 0 <= self.distill_warmup <= 1:
+            raise ValueError(
+                f"RTFQConfig.distill_warmup must be in [0, 1], got {self.distill_warmup!r}"
+            )
         for name in ("lr", "lr_act", "weight_decay", "distill_weight", "im_weight"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0 or not math.isfinite(value):
@@ -665,8 +674,12 @@ def train_bank(
         leave=False,
     )
     last = 0.0
-    for _ in bar:
+    warmup_steps = cfg.distill_warmup * cfg.steps
+    for step in bar:
         i_s, i_t = next(source_batches)[rank::world], next(target_batches)[rank::world]
+        distill_weight = cfg.distill_weight * (
+            min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        )
         x_s, y_s, x_t = xs[i_s], ys[i_s], target[i_t]
         teacher: torch.Tensor | None = None
         if cfg.distill and not cfg.sandwich:
@@ -692,7 +705,7 @@ def train_bank(
                 teacher = logits_t.detach().softmax(1)
             elif cfg.distill and teacher is not None:
                 kl = F.kl_div(logits_t.log_softmax(1), teacher, reduction="batchmean")
-                loss = loss + cfg.distill_weight * kl
+                loss = loss + distill_weight * kl
             if not is_teacher:
                 loss = loss / n_students
             loss.backward()
