@@ -393,7 +393,6 @@ class SubnetBank(nn.Module):
                 ):
                     layer.act_scale = other.act_scale  # the same ParameterDict: one step size
                     break
-        first_inputs.clear()
 
     # -- norm statistics ----------------------------------------------------------------------------
     @torch.no_grad()
