@@ -211,13 +211,18 @@ def adapt(
         model = copy_model(model)
     view = quant_view(model)
     config = _resolve_config(method, view, options)
-    _seed(config.seed)
-    snapshot = view.snapshot()
+    before = view.snapshot()
     try:
+        # the adapter's corrections for adaptation (e.g. NNCF activation ranges for batch
+        # statistics) belong to the run's starting point: its reset goes back to them
+        messages = view.prepare_adaptation() if config.method != "source" else []
+        _seed(config.seed)
         tta = plugin_manager().hook.qtta_adapt(view=view, config=config)
     except BaseException:
-        view.restore(snapshot)
+        view.restore(before)
         raise
+    for message in messages:
+        warnings.warn(message, stacklevel=2)
     if tta is None:  # pragma: no cover - declared in qtta_methods but qtta_adapt returned None
         raise UnknownMethodError(f"the plugin declaring {config.method!r} did not build it")
     run = Adaptation(view, tta, config)

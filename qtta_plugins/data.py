@@ -148,7 +148,7 @@ class Batch:
     """One test-time batch of a :class:`ContinualStream`.
 
     Attributes:
-        x: images ``(B, 1, S, S)``.
+        x: images ``(B, C, S, S)`` (``C`` is the stream's ``channels``: 1, or 3 for RGB models).
         y: labels ``(B,)`` (for evaluation only; a TTA method must not use them).
         domain: name of the domain (e.g. the corruption) the batch comes from.
         round: 0-based index of the pass over all domains.
@@ -158,6 +158,16 @@ class Batch:
     y: torch.Tensor
     domain: str
     round: int
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Gray images ``(N, 1, S, S)`` replicated to ``channels`` (3: an RGB model's input, as
+    gray photographs are fed to ImageNet-style models). ``channels=1`` returns ``x`` itself."""
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected gray images (N, 1, S, S), got {tuple(x.shape)}")
+    return x if channels == 1 else x.expand(-1, channels, -1, -1).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,6 +651,7 @@ class ContinualStream:
         order: str = "iid",
         dirichlet_delta: float = 0.1,
         seed: int = 0,
+        channels: int = 1,
     ) -> None:
         sets = list(sets)
         if not sets:
@@ -655,6 +666,8 @@ class ContinualStream:
         if not (isinstance(dirichlet_delta, (int, float)) and dirichlet_delta > 0):
             raise ValueError(f"dirichlet_delta must be > 0, got {dirichlet_delta!r}")
         _check_seed(seed)
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.sets: list[ImageSet] = sets
         self.domains: list[str] = names
         self.batch_size = int(batch_size)
@@ -662,6 +675,7 @@ class ContinualStream:
         self.order = order
         self.dirichlet_delta = float(dirichlet_delta)
         self.seed = int(seed)
+        self.channels = int(channels)
 
     def __len__(self) -> int:
         per_round = sum(math.ceil(len(s) / self.batch_size) for s in self.sets)
@@ -681,7 +695,8 @@ class ContinualStream:
                 perm = torch.from_numpy(self.permutation(r, d))
                 for start in range(0, len(perm), self.batch_size):
                     idx = perm[start : start + self.batch_size]
-                    yield Batch(x=images.x[idx], y=images.y[idx], domain=name, round=r)
+                    x = to_channels(images.x[idx], self.channels)
+                    yield Batch(x=x, y=images.y[idx], domain=name, round=r)
 
     def __repr__(self) -> str:
         return (
@@ -709,13 +724,15 @@ def continual_stream(
     root: str | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    channels: int = 1,
 ) -> ContinualStream:
     """Build the continual TTA benchmark stream for ``source``.
 
     Loads the test split of ``source`` (see :func:`load_source`), corrupts it with each of
     ``corruptions`` at ``severity`` (:func:`corrupt_set`, cached on disk under
     :func:`cache_dir`) and returns a :class:`ContinualStream` whose domains are the corruption
-    names, in the given order.
+    names, in the given order. ``channels=3`` yields the gray images replicated to RGB (for
+    torchvision / timm models); corruption and its cache stay on the gray images.
 
     Raises:
         ValueError: empty or unknown ``corruptions``, bad ``severity``, ``batch_size < 1``,
@@ -744,4 +761,5 @@ def continual_stream(
         order=order,
         dirichlet_delta=dirichlet_delta,
         seed=seed,
+        channels=channels,
     )

@@ -1,8 +1,10 @@
-"""Small source models for the embedded data, trained on demand and cached.
+"""Source models for the packaged data, trained on demand and cached.
 
-Two families, matching the two quantization routes: a BatchNorm CNN (the pt2e route) and a
-LayerNorm transformer built from Linear layers only (the Linear-only QAT route of torchao, and
-the ViT-like family of the conformance suite).
+Two small families of our own, matching the two quantization routes: a BatchNorm CNN (the pt2e
+route) and a LayerNorm transformer built from Linear layers only (the Linear-only QAT route of
+torchao). And the architectures users ship (:mod:`qtta_plugins.zoo`): torchvision ResNet-18,
+MobileNetV2, MobileNetV3-Small and a timm ViT, which take RGB input: they are trained and evaluated
+on the gray images replicated to 3 channels (:func:`qtta_plugins.data.to_channels`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import cache_dir, load_source
+from . import zoo
+from .data import cache_dir, load_source, to_channels
 from .progress import show_progress
 
 
@@ -122,12 +125,39 @@ class _TransformerBlock(nn.Module):
 
 
 ARCHS = {"bncnn": SmallBNCNN, "vit": TinyViT}
+#: every architecture :func:`build` knows: ours, then the shipped ones (``tv-``/``timm-`` names
+#: avoid clashing with our own ``vit``)
+ARCHITECTURES: tuple[str, ...] = (
+    *ARCHS,
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "timm-vit",
+)
 
 
-def build(arch: str, num_classes: int = 10) -> nn.Module:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return ARCHS[arch](num_classes=num_classes)
+def _zoo_name(arch: str) -> str:
+    return "vit" if arch == "timm-vit" else arch
+
+
+def input_channels(arch: str) -> int:
+    """1 for our gray models, 3 for the shipped (RGB) architectures."""
+    _check_arch(arch)
+    return 1 if arch in ARCHS else 3
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def build(arch: str, num_classes: int = 10, *, scale: zoo.Scale = "full") -> nn.Module:
+    """A freshly initialised ``arch`` (one of :data:`ARCHITECTURES`); ``scale`` applies to the
+    shipped architectures (see :func:`qtta_plugins.zoo.build_architecture`)."""
+    _check_arch(arch)
+    if arch in ARCHS:
+        return ARCHS[arch](num_classes=num_classes)
+    return zoo.build_architecture(_zoo_name(arch), num_classes, scale=scale)
 
 
 def train_source_model(
@@ -141,18 +171,33 @@ def train_source_model(
     cache: bool = True,
     root: str | None = None,
     progress: bool | None = None,
+    scale: zoo.Scale = "full",
+    max_train: int | None = None,
 ) -> nn.Module:
     """A float model trained on the clean train split of ``source`` (loaded from the cache if there).
 
-    Light augmentation (random shifts of up to 2 px) and AdamW with a cosine schedule; deterministic
-    under ``seed``. Returned in eval mode.
+    Light augmentation (random shifts of up to 2 px) and AdamW with a one-cycle schedule;
+    deterministic under ``seed``. Returned in eval mode. The shipped RGB architectures (see
+    :data:`ARCHITECTURES`) train on the gray images replicated to 3 channels, and expect them so;
+    ``scale="small"`` trains their reduced versions (:func:`qtta_plugins.zoo.build_architecture`).
+    ``max_train``: train on a seeded random subset of that many training images (a 2-core CPU
+    takes minutes per Fashion-MNIST epoch for a ResNet-18, over 10 for the ViT).
     """
+    channels = input_channels(arch)
     train, _ = load_source(source, root=root, seed=seed)
     key = f"{arch}-{train.name}-e{epochs}-b{batch_size}-lr{lr}-s{seed}-v2"
+    if scale != "full":
+        key += f"-{scale}"
+    if max_train is not None and max_train < len(train):
+        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1:
+            raise ValueError(f"max_train must be a positive int, got {max_train!r}")
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_train]
+        train = type(train)(train.x[keep], train.y[keep], f"{train.name}-{max_train}")
+        key += f"-n{max_train}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     path = Path(cache_dir()) / "models" / f"{arch}-{train.name.replace('/', '_')}-{digest}.pt"
     torch.manual_seed(seed)  # initial weights too, whatever the caller drew before
-    model = build(arch, num_classes=int(train.y.max()) + 1)
+    model = build(arch, num_classes=int(train.y.max()) + 1, scale=scale)
     if cache and path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -172,7 +217,7 @@ def train_source_model(
         order = torch.randperm(len(train), generator=gen)
         for i in range(0, len(train), batch_size):
             idx = order[i : i + batch_size]
-            x, y = _shift(train.x[idx], gen), train.y[idx]
+            x, y = to_channels(_shift(train.x[idx], gen), channels), train.y[idx]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()

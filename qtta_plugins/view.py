@@ -386,6 +386,13 @@ class QuantView(ABC):
         module; graph backends return a module in the graph just before the norm."""
         return self.model.get_submodule(norm.name)
 
+    def prepare_adaptation(self) -> list[str]:
+        """Called by :func:`qtta_plugins.adapt` before a method (other than ``source``) is built
+        and before the run's snapshot, on the model adapt works on: the adapter may correct what
+        would keep adaptation from taking effect on its backend. Returns one message per
+        correction made or problem left (adapt warns with each). Default: nothing."""
+        return []
+
     # --- how norms normalise ---------------------------------------------------------------------
     @property
     def norm_mode(self) -> NormMode:

@@ -131,6 +131,11 @@ class BrevitasQuantizerHandle(QuantizerHandle):
 
     def __init__(self, name: str, proxy: nn.Module, role: str) -> None:
         self.name, self.proxy, self.role = name, proxy, role  # type: ignore[assignment]
+        #: bias quantizers whose scale is this quantizer's times another's (Int32Bias, what
+        #: ``layerwise_quantize`` gives every conv / linear: input scale x weight scale): with
+        #: either unquantized they have no scale and raise, so they go off with the first of the
+        #: two and back on with the last
+        self.bias_proxies: list[nn.Module] = []
 
     @property
     def tensor_quant(self) -> nn.Module:
@@ -172,6 +177,16 @@ class BrevitasQuantizerHandle(QuantizerHandle):
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self.proxy.disable_quant = not bool(value)
+        for bias in self.bias_proxies:
+            off_by: set[str] | None = bias.__dict__.get("_qtta_off_by")
+            if not value and (off_by is not None or not bias.disable_quant):
+                bias.disable_quant = True
+                bias.__dict__.setdefault("_qtta_off_by", set()).add(self.name)
+            elif value and off_by is not None:
+                off_by.discard(self.name)
+                if not off_by:
+                    del bias.__dict__["_qtta_off_by"]
+                    bias.disable_quant = False
         self._clear_cache()
 
     def _clear_cache(self) -> None:
@@ -411,15 +426,15 @@ class BrevitasView(QuantView):
             output = self._output_handle(name, module)
             if output is None and name in consumers:
                 output = self._output_handle(consumers[name], modules[consumers[name]])
+            input_handle = own_input or feeding
+            weight_handle = self._handle(f"{name}.weight_quant", module.weight_quant, "weight")
+            bias = getattr(module, "bias_quant", None)
+            if getattr(bias, "requires_input_scale", False):
+                for handle in (input_handle, weight_handle):
+                    if handle is not None and not any(b is bias for b in handle.bias_proxies):
+                        handle.bias_proxies.append(bias)
             layers.append(
-                QuantLayer(
-                    name,
-                    kind,
-                    module.weight,
-                    self._handle(f"{name}.weight_quant", module.weight_quant, "weight"),
-                    own_input or feeding,
-                    output,
-                )
+                QuantLayer(name, kind, module.weight, weight_handle, input_handle, output)
             )
             feeding = self._output_handle(name, module)
         return layers

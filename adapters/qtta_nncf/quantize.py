@@ -21,8 +21,10 @@ NNCF's PyTorch post-training quantization produces 8-bit quantizers only. The ro
    quantization MSE at the new width (``refit_weights``), and activation ranges below 8 bit to the
    ratio that minimises the MSE on the calibration batches (``refit_activations``).
 
-Quantizers NNCF puts on a norm layer's affine parameters (``model_type=None`` on a LayerNorm model)
-stay at 8 bit: they are parameters, not activations.
+Quantizers NNCF puts on a norm layer's affine parameters (``model_type=None`` on a model with
+LayerNorm and convolutions, e.g. a timm ViT) are removed: calibrated on the source values, they
+clamp whatever test-time adaptation does to those parameters (:func:`qtta_nncf.view.
+release_norm_parameters`), and deployment keeps norm parameters in float anyway.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch import nn
 from qtta_plugins.config import QuantConfig
 
 from ._backend import nncf_module
-from .view import EXAMPLE_ATTR, NNCFQuantizerHandle, NNCFView
+from .view import EXAMPLE_ATTR, NNCFQuantizerHandle, NNCFView, release_norm_parameters
 
 _RATIOS = torch.linspace(1.0, 0.2, 17)
 
@@ -167,6 +169,7 @@ def quantize(
         advanced_parameters=advanced,
     )
     qmodel.eval()
+    release_norm_parameters(qmodel)
     view = NNCFView(qmodel, example_input=batches[0])
     layers = view.layers()
     edge = set()

@@ -42,6 +42,7 @@ from qtta_plugins.view import (
     QuantView,
     module_norms,
     set_module_norm_mode,
+    source_sample,
 )
 
 HOOKS_ATTR = "__nncf_hooks"
@@ -430,6 +431,147 @@ def _split_hook_name(name: str) -> tuple[str, str, int]:
     return parts[-3], op.replace(":", "."), int(port)
 
 
+def norm_parameter_quantizers(model: nn.Module) -> list[str]:
+    """The enabled quantizers NNCF put on norm layers' affine parameters (``model_type=None`` on a
+    model with LayerNorm / GroupNorm, e.g. a timm ViT), by module path.
+
+    Their 8-bit range is calibrated on the source values of ``gamma`` / ``beta`` (a LayerNorm's
+    weight of ones gets the range [-1, 1]), so whatever adaptation does to those parameters is
+    clamped or rounded away: measured on a timm ViT, scaling every LayerNorm weight by 3 left the
+    output bit-identical. :func:`release_norm_parameters` removes them."""
+    found = []
+    for name, module in quantizer_modules(model).items():
+        kind, op, port = _split_hook_name(name)
+        func = op.rsplit("/", 2)[-2] if op.count("/") >= 1 else op
+        if kind == "pre_hooks" and port > 0 and func.endswith("_norm") and module.enabled:
+            found.append(name)
+    return found
+
+
+def release_norm_parameters(model: nn.Module) -> list[str]:
+    """Remove NNCF's quantizers of norm affine parameters from ``model`` (in place), so that test-
+    time adaptation of those parameters takes effect; returns their names. Deployment runtimes keep
+    norm parameters in float anyway (OpenVINO folds BatchNorm and runs LayerNorm in float)."""
+    names = norm_parameter_quantizers(model)
+    storage = hook_storage(model)
+    for name in names:
+        storage.delete_hook(name[len(HOOKS_ATTR) + 1 :])
+    return names
+
+
+def _activation_extremes(
+    model: nn.Module,
+    handles: list[NNCFQuantizerHandle],
+    batches: list[torch.Tensor],
+    mode: NormMode,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per quantizer of ``handles``: the min and max (per channel where it is per channel) of
+    what reaches it in the float function (all quantizers off), batch norms in ``mode``."""
+    view = NNCFView(model, example_input=batches[0][:1])
+    every = list(quantizer_modules(model).values())
+    saved_enabled = [m.enabled.clone() for m in every]
+    saved_mode = view.norm_mode
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(handle: NNCFQuantizerHandle):
+        shape = tuple(handle.module.scale_shape)
+
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            keep = (
+                {x.ndim - len(shape) + i for i, n in enumerate(shape) if n != 1}
+                if handle.module.per_channel
+                else set()
+            )
+            dims = [d for d in range(x.ndim) if d not in keep]
+            lo, hi = x.amin(dims), x.amax(dims)
+            if handle.name in found:
+                lo = torch.minimum(found[handle.name][0], lo)
+                hi = torch.maximum(found[handle.name][1], hi)
+            found[handle.name] = (lo, hi)
+
+        return record
+
+    hooks = [h.module.register_forward_pre_hook(recorder(h)) for h in handles]
+    try:
+        view.set_norm_mode(mode)
+        for m in every:
+            m.enabled.fill_(0)
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, enabled in zip(every, saved_enabled, strict=True):
+            m.enabled.copy_(enabled)
+        view.set_norm_mode(saved_mode)
+    return found
+
+
+def _current_range(handle: NNCFQuantizerHandle) -> tuple[torch.Tensor, torch.Tensor]:
+    q = handle.module
+    with torch.no_grad():
+        if handle.symmetric:
+            threshold = q.scale.detach().flatten()
+            return (-threshold if q.signed else torch.zeros_like(threshold)), threshold
+        low = q.input_low.detach().flatten()
+        return low, low + q.input_range.detach().flatten()
+
+
+def batch_mode_overflow(
+    model: nn.Module, batches: list[torch.Tensor], factor: float = 1.5
+) -> list[str]:
+    """The enabled activation quantizers whose calibrated range the float function's tensors
+    exceed by more than ``factor`` (or whose unsigned range meets negative values) when the batch
+    norms use the statistics of ``batches``; see :func:`recalibrate_activations`."""
+    handles = [h for h in NNCFView(model).quantizers() if h.role == "act" and h.enabled]
+    extremes = _activation_extremes(model, handles, batches, "batch")
+    over = []
+    for h in handles:
+        lo, hi = (t.flatten() for t in extremes[h.name])
+        low, high = _current_range(h)
+        span = (high - low).clamp_min(1e-8)
+        if bool(
+            ((hi - high) > (factor - 1) * span).any() or ((low - lo) > (factor - 1) * span).any()
+        ):
+            over.append(h.name)
+    return over
+
+
+def recalibrate_activations(
+    model: nn.Module, batches: list[torch.Tensor], *, mode: NormMode = "batch"
+) -> list[str]:
+    """Re-estimate every enabled NNCF activation quantizer's range and sign (min-max of what
+    reaches it in the float function, all quantizers off) on ``batches``, with the batch norms in
+    ``mode``; in place. Returns the quantizers' names.
+
+    NNCF quantizes batch-norm outputs and residual sums too, all calibrated under the running
+    statistics. A test-time method that normalises with batch statistics (norm, tent, zoa, foa)
+    moves those tensors: where the running statistics are far from any batch's (a briefly trained
+    model, or a strong shift), on a MobileNetV2 the batch-mode tensors spanned 3-4x the calibrated
+    ranges, and quantizers calibrated unsigned met negative values. Calibrated on clean source
+    batches in batch mode, the ranges are those the adapted model runs in."""
+    handles = [h for h in NNCFView(model).quantizers() if h.role == "act" and h.enabled]
+    extremes = _activation_extremes(model, handles, batches, mode)
+    with torch.no_grad():
+        for h in handles:
+            q = h.module
+            lo, hi = extremes[h.name]
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+            if h.symmetric:
+                q.signed = bool((lo < 0).any())
+                threshold = torch.maximum(-lo, hi).clamp_min(1e-8)
+                value = threshold.log() if q.is_using_log_scale_storage else threshold
+                q._scale_param_storage.copy_(value.reshape(q._scale_param_storage.shape))
+            else:
+                span = (hi - lo).clamp_min(1e-8)
+                value = span.log() if q.is_using_log_scale_storage else span
+                q.input_low.copy_(lo.reshape(q.input_low.shape))
+                q._input_range_param_storage.copy_(value.reshape(q.input_low.shape))
+    return [h.name for h in handles]
+
+
 def _static_role(name: str) -> str:
     kind, op, port = _split_hook_name(name)
     func = op.rsplit("/", 2)[-2] if op.count("/") >= 1 else op
@@ -584,6 +726,39 @@ class NNCFView(QuantView):
 
     def norms(self) -> list[NormLayer]:
         return module_norms(self.model.named_modules())
+
+    def prepare_adaptation(self) -> list[str]:
+        """Two things keep adaptation from working on an NNCF model, both from calibrating under
+        the running statistics: quantizers on norm affine parameters (named, see
+        :func:`norm_parameter_quantizers`), and activation ranges that batch statistics overflow
+        (recalibrated here on the source sample ``qtta_plugins.quantize`` kept, see
+        :func:`recalibrate_activations`; named when no sample is known)."""
+        messages = []
+        clamped = norm_parameter_quantizers(self.model)
+        if clamped:
+            messages.append(
+                f"NNCF quantizes the affine parameters of {len(clamped)} norm layer(s) "
+                f"({clamped[0]}, ...) on a range calibrated on their source values: adapted "
+                "values are clamped to it, so norm adaptation barely moves the output. Remove "
+                "them first with qtta_nncf.view.release_norm_parameters(model) "
+                "(qtta_plugins.quantize does)."
+            )
+        if not any(n.has_statistics for n in self.norms()):
+            return messages
+        sample = source_sample(self.model)
+        if sample is None or len(sample) < 2:
+            return messages
+        batches = [sample[i : i + 64] for i in range(0, min(len(sample), 256), 64)]
+        over = batch_mode_overflow(self.model, batches)
+        if over:
+            recalibrate_activations(self.model, batches)
+            messages.append(
+                f"{len(over)} NNCF activation range(s) (e.g. {over[0]}) were calibrated under "
+                "running statistics that the source data's batch statistics overflow (a model "
+                "whose running statistics are far from its batches'): every activation range was "
+                "recalibrated on the source sample in batch-statistics mode, which adaptation runs in."
+            )
+        return messages
 
     # --- state ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, object]:

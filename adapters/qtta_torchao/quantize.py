@@ -134,6 +134,67 @@ def set_batchnorm_mode(gm: torch.fx.GraphModule, use_batch_stats: bool) -> None:
         gm.recompile()
 
 
+def _running_var_target(node: torch.fx.Node) -> str | None:
+    var = node.args[4] if len(node.args) > 4 else None
+    if isinstance(var, torch.fx.Node) and var.op == "get_attr":
+        return str(var.target)
+    return None
+
+
+def batchnorm_hyperparameters(exported: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
+    """Each ``aten.batch_norm``'s ``(momentum, eps)`` in an exported graph, keyed by its running
+    variance. Read it *before* ``prepare_qat_pt2e`` and give it to
+    :func:`restore_batchnorm_hyperparameters` after."""
+    return {
+        key: (float(node.args[6]), float(node.args[7]))
+        for node in exported.graph.nodes
+        if node.op == "call_function"
+        and node.target is torch.ops.aten.batch_norm.default
+        and (key := _running_var_target(node)) is not None
+    }
+
+
+def restore_batchnorm_hyperparameters(
+    prepared: torch.fx.GraphModule, saved: dict[str, tuple[float, float]]
+) -> int:
+    """Put back the batch norms' ``eps`` and ``momentum`` that ``prepare_qat_pt2e`` loses.
+
+    torchao 0.18's QAT conv-bn rewrite rebuilds every conv + batch norm from a pattern traced with
+    torch's defaults, so a model whose batch norms use another ``eps`` (torchvision's
+    MobileNetV3: 1e-3, momentum 0.01; EfficientNets; most timm CNNs) gets ``eps=1e-5`` both in the
+    batch norm and in the weight fold ``gamma / sqrt(var + eps)``. On channels of small variance
+    that changes the float function many-fold. ``move_exported_model_to_eval`` / ``_to_train``
+    rewrite them the same way: call this after those too. Returns the number of nodes corrected.
+    Users of torchao's own QAT flow need it as much as ours: ``saved =
+    batchnorm_hyperparameters(exported)`` before ``prepare_qat_pt2e``, then
+    ``restore_batchnorm_hyperparameters(prepared, saved)`` after it and after each move.
+    """
+    changed = 0
+    for node in prepared.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.batch_norm.default:
+            key = _running_var_target(node)
+            if key in saved:
+                args = list(node.args)
+                args[6], args[7] = saved[key]
+                if tuple(args) != tuple(node.args):
+                    node.args, changed = tuple(args), changed + 1
+        elif node.target is torch.ops.aten.add.Tensor and len(node.args) == 2:
+            var, eps = node.args
+            if (
+                isinstance(var, torch.fx.Node)
+                and var.op == "get_attr"
+                and str(var.target) in saved
+                and isinstance(eps, float)
+                and eps != saved[str(var.target)][1]
+            ):  # the fold's sqrt(running_var + eps)
+                node.args, changed = (var, saved[str(var.target)][1]), changed + 1
+    if changed:
+        prepared.recompile()
+    return changed
+
+
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
 
@@ -147,7 +208,13 @@ def quantize_pt2e(
     example = calib[0]
     dynamic = ({0: torch.export.Dim.DYNAMIC},)
     exported = torch.export.export(model, (example,), dynamic_shapes=dynamic).module()
+    saved = batchnorm_hyperparameters(exported)
     prepared = quantize_pt2e_mod.prepare_qat_pt2e(exported, make_quantizer(config))
+    # The export traced train mode: dropout (MobileNet's classifier, a ViT's) is baked in as
+    # active. torchao's own switch turns it off; it rewrites the batch norms with default eps and
+    # momentum too, as prepare_qat_pt2e did, so theirs are put back after both.
+    pt2e.move_exported_model_to_eval(prepared)
+    restore_batchnorm_hyperparameters(prepared, saved)
     set_batchnorm_mode(prepared, use_batch_stats=False)  # calibrate on the source statistics
     with torch.no_grad():
         for batch in calib[: config.calib_batches]:

@@ -410,6 +410,23 @@ class Pt2eView(QuantView):
         # A layer's output quantizer is the next layer's input quantizer when nothing sits between.
         return _dedupe_handles(layers)
 
+    def quantizers(self) -> list[QuantizerHandle]:
+        """Every fake-quantizer of the graph, in graph order: those of the conv / linear layers,
+        and those a quantizer placed elsewhere (X86InductorQuantizer also quantizes pooling,
+        residual-add and concatenation outputs), named by their graph module."""
+        by_module = {id(q.module): q for q in super().quantizers()}
+        handles: dict[int, QuantizerHandle] = {}
+        for node in self.model.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = self.model.get_submodule(node.target)
+            if not hasattr(module, "fake_quant_enabled") or id(module) in handles:
+                continue
+            handles[id(module)] = by_module.get(id(module)) or FakeQuantizeHandle(
+                str(node.target), module, "act"
+            )
+        return list(handles.values())
+
     def norms(self) -> list[NormLayer]:
         return _graph_norms(self.model)
 

@@ -179,8 +179,16 @@ class SwitchableLayer(nn.Module):
         self, module: nn.Conv2d | nn.Linear, switch: _Switch, bits: tuple[int, ...]
     ) -> None:
         super().__init__()
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError("RTF-Q's width slicing supports ungrouped convolutions only")
+        self.depthwise = isinstance(module, nn.Conv2d) and module.groups != 1
+        if self.depthwise and not (
+            module.groups == module.in_channels == module.out_channels
+            and module.weight.shape[1] == 1
+        ):
+            raise ValueError(
+                "RTF-Q's width slicing supports ungrouped and depthwise convolutions "
+                f"(groups == channels); got groups={module.groups} for "
+                f"{module.in_channels} -> {module.out_channels} channels"
+            )
         self.is_conv = isinstance(module, nn.Conv2d)
         self.weight = nn.Parameter(module.weight.detach().clone())
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
@@ -200,13 +208,23 @@ class SwitchableLayer(nn.Module):
     def out_channels(self, width: float) -> int:
         return _channels(self.weight.shape[0], width) if self.is_conv else self.weight.shape[0]
 
+    @property
+    def weight_elements(self) -> int:
+        """Elements of the weight slice the last forward used (a depthwise filter reads one
+        channel)."""
+        per_filter = (
+            self.weight[0].numel() if self.depthwise else self.in_k * self.weight[0, 0].numel()
+        )
+        return self.out_k * per_filter
+
     def act_grid(self, bits: int) -> tuple[torch.Tensor, int, int]:
         qmin, qmax = _act_range(self.layer_bits[bits], self.act_signed)
         return self.act_scale[str(bits)], qmin, qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_k = x.shape[1] if self.is_conv else x.shape[-1]
-        out_k = self.out_channels(self.switch.width)
+        # a depthwise conv keeps one filter per channel it receives: its groups follow the width
+        out_k = in_k if self.depthwise else self.out_channels(self.switch.width)
         self.in_k, self.out_k = in_k, out_k
         w = self.weight[:out_k, :in_k]
         b = None if self.bias is None else self.bias[:out_k]
@@ -216,7 +234,8 @@ class SwitchableLayer(nn.Module):
             x = torch.clamp(round_ste(x / scale), qmin, qmax) * scale
             w = _quantize_weight(w, self.layer_bits[bits])
         if self.is_conv:
-            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+            groups = in_k if self.depthwise else 1
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
         return F.linear(x, w, b)
 
 
@@ -440,7 +459,7 @@ class SubnetBank(nn.Module):
             flops = sum(per_module[key].values()) if key is not None else 0
             lb = layer.layer_bits[subnet.bits]
             bitops += flops / 2 * lb * lb
-            weight_bytes += layer.out_k * layer.in_k * layer.weight[0, 0].numel() * lb / 8
+            weight_bytes += layer.weight_elements * lb / 8
             if layer.bias is not None:
                 weight_bytes += 4 * layer.out_k
         for bn in self.norms.values():
@@ -489,6 +508,7 @@ class SubnetBank(nn.Module):
                     old.stride,
                     old.padding,
                     old.dilation,
+                    groups=layer.in_k if layer.depthwise else 1,
                     bias=b is not None,
                     padding_mode=old.padding_mode,
                 )
