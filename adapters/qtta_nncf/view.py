@@ -471,6 +471,12 @@ def _activation_extremes(
     every = list(quantizer_modules(model).values())
     saved_enabled = [m.enabled.clone() for m in every]
     saved_mode = view.norm_mode
+    # batch-mode forwards count batches: the model's counters are put back as they were
+    counters = {
+        name: buf.clone()
+        for name, buf in model.named_buffers()
+        if name.endswith("num_batches_tracked")
+    }
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def recorder(handle: NNCFQuantizerHandle):
@@ -506,6 +512,9 @@ def _activation_extremes(
         for m, enabled in zip(every, saved_enabled, strict=True):
             m.enabled.copy_(enabled)
         view.set_norm_mode(saved_mode)
+        buffers = dict(model.named_buffers())
+        for name, value in counters.items():
+            buffers[name].copy_(value)
     return found
 
 

@@ -178,6 +178,8 @@ def restore_batchnorm_hyperparameters(
             if key in saved:
                 args = list(node.args)
                 args[6], args[7] = saved[key]
+                if "qtta_momentum" in node.meta:  # the source momentum our batch mode keeps aside
+                    node.meta["qtta_momentum"] = saved[key][0]
                 if tuple(args) != tuple(node.args):
                     node.args, changed = tuple(args), changed + 1
         elif node.target is torch.ops.aten.add.Tensor and len(node.args) == 2:
