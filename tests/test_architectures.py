@@ -21,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_snapshot_restores_exactly
 from torch import nn
 
 import qtta_plugins
@@ -261,19 +262,7 @@ def test_quantizers_off_reproduce_the_float_model(case, rgb):
 def test_snapshot_and_restore_are_exact(case, rgb):
     _, x, _ = rgb
     qmodel, view = fresh(case)
-    snap = view.snapshot()
-    with torch.no_grad():
-        ref = qmodel(x)
-        for p in view.norm_parameters():
-            p.mul_(1.5).add_(0.1)
-        view.layers()[1].weight_quantizer.bits = 3
-        view.quantizers()[-1].enabled = False
-    view.set_norm_mode("batch")
-    with torch.no_grad():
-        assert not torch.equal(qmodel(x), ref)
-    view.restore(snap)
-    with torch.no_grad():
-        assert torch.equal(qmodel(x), ref)
+    assert_snapshot_restores_exactly(qmodel, view, x, bits=3)
 
 
 def methods_for(model: nn.Module) -> list[tuple[str, dict]]:

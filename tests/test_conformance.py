@@ -13,6 +13,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import assert_snapshot_restores_exactly
 from torch import nn
 
 import qtta_plugins
@@ -137,19 +138,7 @@ def test_bit_width_round_trips_and_changes_the_function(case, inputs):
 def test_snapshot_and_restore_are_exact(case, inputs):
     _, x = inputs
     qmodel, view = fresh(case)
-    snap = view.snapshot()
-    with torch.no_grad():
-        ref = qmodel(x)
-        for p in view.norm_parameters():
-            p.mul_(1.5).add_(0.1)
-        view.layers()[1].weight_quantizer.bits = 2
-        view.quantizers()[-1].enabled = False
-    view.set_norm_mode("batch")
-    with torch.no_grad():
-        assert not torch.equal(qmodel(x), ref)
-    view.restore(snap)
-    with torch.no_grad():
-        assert torch.equal(qmodel(x), ref)
+    assert_snapshot_restores_exactly(qmodel, view, x, bits=2)
 
 
 def test_gradients_reach_norms_and_scales(case, inputs):

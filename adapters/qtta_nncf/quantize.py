@@ -38,7 +38,13 @@ from torch import nn
 from qtta_plugins.config import QuantConfig
 
 from ._backend import nncf_module
-from .view import EXAMPLE_ATTR, NNCFQuantizerHandle, NNCFView, release_norm_parameters
+from .view import (
+    EXAMPLE_ATTR,
+    NNCFQuantizerHandle,
+    NNCFView,
+    quantizers_off,
+    release_norm_parameters,
+)
 
 _RATIOS = torch.linspace(1.0, 0.2, 17)
 
@@ -109,8 +115,6 @@ def _collect_inputs(
 ) -> dict[str, list[torch.Tensor]]:
     """What reaches each of ``handles`` in the float model (all quantizers off), on ``batches``."""
     seen: dict[str, list[torch.Tensor]] = {h.name: [] for h in handles}
-    every = [m for m in model.modules() if hasattr(m, "is_enabled_quantization")]
-    saved = [int(m.enabled[0]) for m in every]
     hooks = []
     for h in handles:
 
@@ -127,16 +131,12 @@ def _collect_inputs(
 
         hooks.append(h.module.register_forward_pre_hook(record))
     try:
-        for m in every:
-            m.enabled.fill_(0)
-        with torch.no_grad():
+        with quantizers_off(model), torch.no_grad():
             for batch in batches:
                 model(batch)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, flag in zip(every, saved, strict=True):
-            m.enabled.fill_(flag)
     return seen
 
 

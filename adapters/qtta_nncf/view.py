@@ -27,7 +27,9 @@ them when it changes, so the same range is cut into ``2**bits`` levels (or one f
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -459,6 +461,25 @@ def release_norm_parameters(model: nn.Module) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Every NNCF quantizer of ``model`` switched off inside the block (the model computes its
+    float function), each put back as it was after."""
+    every = list(quantizer_modules(model).values())
+    saved = [m.enabled.clone() for m in every]
+    try:
+        for m in every:
+            m.enabled.fill_(0)
+        yield
+    finally:
+        for m, enabled in zip(every, saved, strict=True):
+            m.enabled.copy_(enabled)
+
+
+def _act_handles(model: nn.Module) -> list[NNCFQuantizerHandle]:
+    return [h for h in NNCFView(model).quantizers() if h.role == "act" and h.enabled]
+
+
 def _activation_extremes(
     model: nn.Module,
     handles: list[NNCFQuantizerHandle],
@@ -468,8 +489,6 @@ def _activation_extremes(
     """Per quantizer of ``handles``: the min and max (per channel where it is per channel) of
     what reaches it in the float function (all quantizers off), batch norms in ``mode``."""
     view = NNCFView(model, example_input=batches[0][:1])
-    every = list(quantizer_modules(model).values())
-    saved_enabled = [m.enabled.clone() for m in every]
     saved_mode = view.norm_mode
     # batch-mode forwards count batches: the model's counters are put back as they were
     counters = {
@@ -501,16 +520,12 @@ def _activation_extremes(
     hooks = [h.module.register_forward_pre_hook(recorder(h)) for h in handles]
     try:
         view.set_norm_mode(mode)
-        for m in every:
-            m.enabled.fill_(0)
-        with torch.no_grad():
+        with quantizers_off(model), torch.no_grad():
             for x in batches:
                 model(x)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, enabled in zip(every, saved_enabled, strict=True):
-            m.enabled.copy_(enabled)
         view.set_norm_mode(saved_mode)
         buffers = dict(model.named_buffers())
         for name, value in counters.items():
@@ -534,8 +549,15 @@ def batch_mode_overflow(
     """The enabled activation quantizers whose calibrated range the float function's tensors
     exceed by more than ``factor`` (or whose unsigned range meets negative values) when the batch
     norms use the statistics of ``batches``; see :func:`recalibrate_activations`."""
-    handles = [h for h in NNCFView(model).quantizers() if h.role == "act" and h.enabled]
-    extremes = _activation_extremes(model, handles, batches, "batch")
+    handles = _act_handles(model)
+    return _overflowing(handles, _activation_extremes(model, handles, batches, "batch"), factor)
+
+
+def _overflowing(
+    handles: list[NNCFQuantizerHandle],
+    extremes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factor: float = 1.5,
+) -> list[str]:
     over = []
     for h in handles:
         lo, hi = (t.flatten() for t in extremes[h.name])
@@ -561,8 +583,15 @@ def recalibrate_activations(
     model, or a strong shift), on a MobileNetV2 the batch-mode tensors spanned 3-4x the calibrated
     ranges, and quantizers calibrated unsigned met negative values. Calibrated on clean source
     batches in batch mode, the ranges are those the adapted model runs in."""
-    handles = [h for h in NNCFView(model).quantizers() if h.role == "act" and h.enabled]
-    extremes = _activation_extremes(model, handles, batches, mode)
+    handles = _act_handles(model)
+    _write_ranges(handles, _activation_extremes(model, handles, batches, mode))
+    return [h.name for h in handles]
+
+
+def _write_ranges(
+    handles: list[NNCFQuantizerHandle], extremes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Each quantizer's sign and range set to cover its ``extremes`` (and zero)."""
     with torch.no_grad():
         for h in handles:
             q = h.module
@@ -578,7 +607,6 @@ def recalibrate_activations(
                 value = span.log() if q.is_using_log_scale_storage else span
                 q.input_low.copy_(lo.reshape(q.input_low.shape))
                 q._input_range_param_storage.copy_(value.reshape(q.input_low.shape))
-    return [h.name for h in handles]
 
 
 def _static_role(name: str) -> str:
@@ -758,9 +786,11 @@ class NNCFView(QuantView):
         if sample is None or len(sample) < 2:
             return messages
         batches = [sample[i : i + 64] for i in range(0, min(len(sample), 256), 64)]
-        over = batch_mode_overflow(self.model, batches)
-        if over:
-            recalibrate_activations(self.model, batches)
+        handles = _act_handles(self.model)
+        extremes = _activation_extremes(self.model, handles, batches, "batch")
+        over = _overflowing(handles, extremes)
+        if over:  # recalibrated from the same batch-mode measurement (recalibrate_activations)
+            _write_ranges(handles, extremes)
             messages.append(
                 f"{len(over)} NNCF activation range(s) (e.g. {over[0]}) were calibrated under "
                 "running statistics that the source data's batch statistics overflow (a model "
