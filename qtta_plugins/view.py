@@ -11,12 +11,14 @@ import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
+
+from .prefix import PrefixCache, prefix_cache
 
 NormMode = Literal["source", "batch"]
 
@@ -385,6 +387,12 @@ class QuantView(ABC):
         conv / residual output, before any statistics are taken out of it). Default: the norm's own
         module; graph backends return a module in the graph just before the norm."""
         return self.model.get_submodule(norm.name)
+
+    def prefix_cache(self, params: Sequence[torch.Tensor]) -> PrefixCache:
+        """A :class:`~qtta_plugins.prefix.PrefixCache` over this model: run a batch, then run it
+        again after ``params`` changed, recomputing only what depends on them. The default serves
+        fx graphs (split) and module models (replay) alike; an adapter may offer a better one."""
+        return prefix_cache(self.model, params)
 
     def prepare_adaptation(self) -> list[str]:
         """Called by :func:`qtta_plugins.adapt` before a method (other than ``source``) is built

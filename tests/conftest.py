@@ -115,3 +115,42 @@ def assert_snapshot_restores_exactly(
     view.restore(snap)
     with torch.no_grad():
         assert torch.equal(qmodel(x), ref)
+
+
+def x86_qat_prepare(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """torchao's own W8A8 QAT flow as a user writes it: a strict export, ``prepare_qat_pt2e`` with
+    ``X86InductorQuantizer``, eval mode, calibration, observers off (``model`` is not modified)."""
+    import copy
+
+    from qtta_torchao.quantize import (
+        batchnorm_hyperparameters,
+        restore_batchnorm_hyperparameters,
+    )
+    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    # strict=True: torchvision's blocks call one ReLU module twice; a non-strict export gives
+    # both calls one source partition, which X86InductorQuantizer rejects ("Input partition
+    # has more than one output node", test_x86_inductor_quantizer_needs_a_strict_export).
+    exported = torch.export.export(
+        copy.deepcopy(model).train(),
+        (calib[0],),
+        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+        strict=True,
+    ).module()
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(is_qat=True)
+    )
+    saved = batchnorm_hyperparameters(exported)  # prepare_qat_pt2e drops eps / momentum
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    move_exported_model_to_eval(prepared)
+    restore_batchnorm_hyperparameters(prepared, saved)
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    prepared.apply(disable_observer)
+    return prepared

@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_snapshot_restores_exactly
+from conftest import assert_snapshot_restores_exactly, x86_qat_prepare
 from torch import nn
 
 import qtta_plugins
@@ -85,38 +85,7 @@ def quantize_with_toolchain(backend: str, model: nn.Module, calib: list[torch.Te
     """W8A8 by the toolchain's own API, as a user of that toolchain writes it."""
     model = copy.deepcopy(model)
     if backend == "torchao":
-        from qtta_torchao.quantize import (
-            batchnorm_hyperparameters,
-            restore_batchnorm_hyperparameters,
-        )
-        from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
-
-        # strict=True: torchvision's blocks call one ReLU module twice; a non-strict export gives
-        # both calls one source partition, which X86InductorQuantizer rejects ("Input partition
-        # has more than one output node", test_x86_inductor_quantizer_needs_a_strict_export).
-        exported = torch.export.export(
-            model.train(),
-            (calib[0],),
-            dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-            strict=True,
-        ).module()
-        quantizer = X86InductorQuantizer().set_global(
-            get_default_x86_inductor_quantization_config(is_qat=True)
-        )
-        saved = batchnorm_hyperparameters(exported)  # prepare_qat_pt2e drops eps / momentum
-        prepared = prepare_qat_pt2e(exported, quantizer)
-        move_exported_model_to_eval(prepared)
-        restore_batchnorm_hyperparameters(prepared, saved)
-        with torch.no_grad():
-            for x in calib:
-                prepared(x)
-        prepared.apply(disable_observer)
-        return prepared
+        return x86_qat_prepare(model, calib)
     if backend == "brevitas":
         from brevitas.graph.calibrate import calibration_mode
         from brevitas.graph.quantize import layerwise_quantize
@@ -320,10 +289,10 @@ def test_export_after_tent_agrees_with_the_adapted_model(case, rgb, export_logit
         # convert_pt2e re-exports torchao's 96 conv-bn fold patterns on every call (~15-30 s on 2
         # cores, whatever the model): one torchao case by default, every one under -m slow
         pytest.skip("torchao export of this case runs under -m slow")
-    if (backend, route) == ("torchao", "toolchain") and family == "mobilenet_v2" and not small:
+    if (backend, family) == ("nncf", "timm-vit") and not small:
         pytest.xfail(
-            "measured: convert_pt2e of an X86InductorQuantizer QAT MobileNetV2 differs from the "
-            "prepared graph by ~99% (relative); not yet explained (docs/architectures.md)"
+            "measured: nncf.strip of the untrained full-size ViT differs from the adapted model by "
+            "5.6% (relative), above half of what quantization changes (10.3%); not yet explained"
         )
     if small and backend == "brevitas" and family.startswith("mobilenet"):
         pytest.skip("Brevitas' ONNX export of a MobileNet takes ~20 s: under -m slow")

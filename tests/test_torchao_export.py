@@ -66,3 +66,67 @@ def test_torch_compile_path_matches_converted(adapted):
 def test_convert_rejects_a_model_it_cannot_convert(float_cnn):
     with pytest.raises(TypeError, match="torchao pt2e model"):
         convert(float_cnn)
+
+
+class _DepthwiseBlock(torch.nn.Module):
+    """conv-bn-relu6, then depthwise conv-bn-relu6 (MobileNet's pattern), a global pool and a
+    linear head. Its batch norms use MobileNetV3's ``eps=1e-3``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16, eps=1e-3, momentum=0.01)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.dw_bn = torch.nn.BatchNorm2d(16, eps=1e-3, momentum=0.01)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.bn(self.conv(x)))
+        x = torch.nn.functional.relu6(self.dw_bn(self.dw(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_convert_reproduces_what_torchaos_qat_defaults_miss(digits):
+    """Two ways ``convert_pt2e`` on its own exports another function than the prepared model's,
+    both found on torchvision's MobileNets (docs/architectures.md), both corrected by ``convert``:
+
+    * the conv-bn fold uses ``eps=1e-5`` whatever the norm's own (pytorch/ao#4107): channels
+      whose variance is near ``eps`` fold with the wrong scale;
+    * X86InductorQuantizer's QAT weight fake-quantizer computes its grid in ATen's fused kernel
+      (``max / 127``; affine with zero point -128 on a channel without negative weights), while
+      ``convert_pt2e`` re-derives it in Python (``max / 127.5``, zero point 0).
+    """
+    from conftest import x86_qat_prepare
+    from qtta_torchao.export import convert_on_buffers
+    from qtta_torchao.quantize import match_convert_fold_eps
+    from qtta_torchao.view import Pt2eView
+
+    torch.manual_seed(0)
+    model = _DepthwiseBlock()
+    with torch.no_grad():
+        model.dw.weight[:4].abs_()  # depthwise channels with no negative weight
+        model.bn.running_var.uniform_(2e-4, 4e-3)  # variances of the order of eps
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.dw_bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    train, test = digits
+    to_rgb = lambda x: x[:, :1].expand(-1, 3, -1, -1).contiguous()  # noqa: E731
+    calib = [to_rgb(train.x[i : i + 32]) for i in range(0, 96, 32)]
+    x = to_rgb(test.x[:64])
+    prepared = x86_qat_prepare(model, calib)
+
+    probe = copy.deepcopy(prepared)  # both defects are present in this model
+    assert convert_on_buffers(Pt2eView(probe)) > 0
+    assert match_convert_fold_eps(probe) == 2
+
+    with torch.no_grad():
+        ours, unquantized = prepared(x), model(x)
+        before = copy.deepcopy(prepared.state_dict())
+        exported = convert(prepared, folded_norms=False)(x)
+    changed = [k for k, v in prepared.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, changed
+    quantization = float((ours - unquantized).norm() / unquantized.norm())
+    error = float((exported - ours).norm() / ours.norm())
+    # without either correction the export is further from the prepared model than quantization
+    # moves it from float; with both, it is rounding (x / s against x * (1 / s))
+    assert error < 0.1 * quantization, (error, quantization)

@@ -15,7 +15,15 @@ import torch
 from qtta_plugins.view import copy_model, remember_source_sample, source_sample
 
 from ._backend import torchao_module
-from .view import Pt2eView, foldable_norms, insert_folded_norms, recognise, remove_input_taps
+from .quantize import match_convert_fold_eps
+from .view import (
+    FakeQuantizeHandle,
+    Pt2eView,
+    foldable_norms,
+    insert_folded_norms,
+    recognise,
+    remove_input_taps,
+)
 
 
 def convert(model: torch.fx.GraphModule, *, folded_norms: bool = True) -> torch.fx.GraphModule:
@@ -33,16 +41,50 @@ def convert(model: torch.fx.GraphModule, *, folded_norms: bool = True) -> torch.
         )
     quantize_pt2e = torchao_module("torchao.quantization.pt2e.quantize_pt2e")
     model = copy_model(model)
-    Pt2eView(model).set_norm_mode("source")
+    view = Pt2eView(model)
+    view.set_norm_mode("source")
+    convert_on_buffers(view)
     remove_input_taps(model)  # feature taps a forward-only method put in; hooks die with them
     folded = foldable_norms(model) if folded_norms else []
     sample = source_sample(model)
+    match_convert_fold_eps(model)  # after foldable_norms: the stand-ins keep each norm's own eps
     converted = quantize_pt2e.convert_pt2e(model)
     if folded:
         insert_folded_norms(converted, folded)
     if sample is not None:
         remember_source_sample(converted, [sample])
     return converted
+
+
+def convert_on_buffers(view: Pt2eView) -> int:
+    """Make ``convert_pt2e`` quantize on each fake-quantizer's ``scale`` / ``zero_point`` buffers -
+    the grid the prepared (and adapted) model computes with. Returns how many disagreed.
+
+    ``convert_pt2e`` takes quantization parameters from ``calculate_qparams()`` (the observer's
+    recorded range), the prepared model from the buffers, and they can disagree.
+    ``FusedMovingAvgObsFakeQuantize`` (X86InductorQuantizer's QAT config) fills the buffers in
+    ATen's fused kernel, whose per-channel "symmetric" weight grid is ``max|w| / 127`` where the
+    Python observer's is ``max|w| / 127.5``, and becomes affine (``max / 255``, zero point -128)
+    on a channel with no negative weight. On the trained MobileNetV2 one depthwise channel
+    exported with its weights clipped at half their range, and every weight's rounding moved: the
+    exported logits differed from the prepared model's by more than quantization moves them from
+    float. Only the copy being converted is touched.
+    """
+    disagreed = 0
+    for q in view.quantizers():
+        if not isinstance(q, FakeQuantizeHandle):
+            continue
+        fq = q.module
+        scale, zero_point = fq.calculate_qparams()
+        buffers = (
+            fq.scale.detach().clone().reshape(scale.shape).to(scale.dtype),
+            fq.zero_point.detach().clone().reshape(zero_point.shape).to(zero_point.dtype),
+        )
+        if torch.equal(buffers[0], scale) and torch.equal(buffers[1], zero_point):
+            continue
+        fq.calculate_qparams = lambda _qparams=buffers: _qparams  # this instance only
+        disagreed += 1
+    return disagreed
 
 
 def compile_converted(model: torch.fx.GraphModule, *, freeze: bool = True) -> torch.nn.Module:

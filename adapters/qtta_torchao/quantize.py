@@ -197,6 +197,61 @@ def restore_batchnorm_hyperparameters(
     return changed
 
 
+#: the eps of torchao 0.18's folded conv-bn replacement pattern (``qat_utils``: "TODO: allow
+#: setting eps"): ``convert_pt2e`` folds every QAT batch norm with it, whatever the model's own eps
+CONVERT_FOLD_EPS = 1e-5
+
+
+def match_convert_fold_eps(prepared: torch.fx.GraphModule) -> int:
+    """Make ``convert_pt2e`` fold each batch norm with its own ``eps`` (call it on a copy, just
+    before converting). Returns the number of batch norms changed.
+
+    ``convert_pt2e`` replaces each QAT conv + batch norm by a pattern traced with ``eps=1e-5`` and
+    folds ``gamma / sqrt(running_var + 1e-5)`` into the conv (pytorch/ao#4107). For a norm with
+    another ``eps`` (torchvision's MobileNetV3: 1e-3) this moves every channel of small variance:
+    the trained MobileNetV3-Small's exported logits differed from the prepared model's by 72%.
+    Writing ``running_var + eps - 1e-5`` into the running variance and ``1e-5`` into the graph
+    leaves ``sqrt(running_var + eps)`` - so the prepared model's function - unchanged, and the
+    fold exact. The running statistics no longer read as the source's: only for export.
+    """
+    changed: dict[str, float] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        key = _running_var_target(node)
+        eps = float(node.args[7])
+        if key is None or eps == CONVERT_FOLD_EPS:
+            continue
+        if key not in changed:
+            var = _get_attr(prepared, key)
+            with torch.no_grad():
+                var.add_(eps - CONVERT_FOLD_EPS)
+            changed[key] = eps
+        args = list(node.args)
+        args[7] = CONVERT_FOLD_EPS
+        node.args = tuple(args)
+    for node in prepared.graph.nodes:  # the QAT fold's sqrt(running_var + eps) on the weight
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.aten.add.Tensor
+            and len(node.args) == 2
+            and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].op == "get_attr"
+            and str(node.args[0].target) in changed
+            and isinstance(node.args[1], float)
+        ):
+            node.args = (node.args[0], CONVERT_FOLD_EPS)
+    if changed:
+        prepared.recompile()
+    return len(changed)
+
+
+def _get_attr(module: nn.Module, target: str) -> torch.Tensor:
+    *path, name = target.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    return getattr(owner, name)
+
+
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
 

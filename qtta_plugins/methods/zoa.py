@@ -95,6 +95,9 @@ class ZOAConfig(AdaptConfig):
     bank_size: int = 32
     store_period: int = 50  # with detector=False: store every this many batches
     batch_stats: bool = True
+    #: pass 2 starts where the adapted parameters are first used, from pass 1's values there
+    #: (qtta_plugins.prefix); False recomputes the whole model (same results, for comparison)
+    reuse_prefix: bool = True
     source_batch_size: int = 64
     #: clean source inputs for the source statistics (tensor or iterable of batches); default: the
     #: calibration sample qtta_plugins.quantize kept on the model
@@ -233,6 +236,8 @@ class ZOA(TestTimeMethod):
             if not config.entropy:
                 raise ValueError("zoa: with entropy=False the method needs clean source data")
         self.generator = torch.Generator().manual_seed(config.seed)
+        # after the recorder: its taps are part of the graph the cache splits
+        self.prefix = view.prefix_cache(self.params) if config.reuse_prefix else None
         self._init_state()
 
     # --- state -------------------------------------------------------------------------------
@@ -336,7 +341,7 @@ class ZOA(TestTimeMethod):
         # Pass 1: the prediction, the loss at the current parameters, the running statistics.
         recorder.update_ema = True
         recorder.clear()
-        logits = self.view.model(x)
+        logits = self.prefix.run(x) if self.prefix is not None else self.view.model(x)
         loss = self._loss(logits)
         self._detect(x.shape[0])
         self.batches += 1
@@ -349,8 +354,15 @@ class ZOA(TestTimeMethod):
         alpha_plus = self.alpha + cfg.c_alpha * d_alpha if d_alpha is not None else self.alpha
         self._write(self.eps + self.c * d_eps, alpha_plus)
         recorder.update_ema = False
-        recorder.clear()
-        loss_plus = self._loss(self.view.model(x))
+        if self.prefix is not None:
+            # features before the adapted layers are not recomputed: they keep pass 1's values
+            logits_plus = self.prefix.rerun()
+        else:
+            recorder.clear()
+            logits_plus = self.view.model(x)
+        if self.prefix is not None:
+            self.prefix.release()  # nothing of this batch is kept past its two passes
+        loss_plus = self._loss(logits_plus)
         recorder.update_ema = True
 
         # One-sided SPSA estimates and the updates.
