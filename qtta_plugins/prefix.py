@@ -39,6 +39,8 @@ class PrefixCache:
 
     #: whether ``rerun`` skips the prefix (False once a fallback was needed)
     reusing: bool = True
+    #: share of the compute nodes / leaf modules the second pass skips, once known
+    _fraction: float = 0.0
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         self._x = x
@@ -60,7 +62,7 @@ class PrefixCache:
     @property
     def reused_fraction(self) -> float:
         """The share of the model's compute nodes / modules the second pass skips (0 when none)."""
-        return 0.0
+        return self._fraction if self.reusing else 0.0
 
 
 def prefix_cache(model: nn.Module, params: Sequence[torch.Tensor]) -> PrefixCache:
@@ -72,10 +74,10 @@ def prefix_cache(model: nn.Module, params: Sequence[torch.Tensor]) -> PrefixCach
 
 # --- fx graphs -------------------------------------------------------------------------------
 class GraphPrefixCache(PrefixCache):
-    """Split an fx graph before the first node that depends on an adapted parameter.
+    """Split an fx graph into what does not depend on the adapted parameters and what does.
 
-    The prefix graph takes the model's inputs and returns the *frontier*: the prefix values the
-    suffix uses. The suffix graph takes the frontier and returns the model's output. Both are
+    The prefix graph takes the model's inputs, computes every node that cannot change with the
+    adapted parameters, and returns the *frontier*: the prefix values the suffix uses. The suffix graph takes the frontier and returns the model's output. Both are
     ``GraphModule``s over the model's own submodules and tensors (shared, not copied), rebuilt when
     the model's graph is recompiled (a method inserting a feature tap, say).
     """
@@ -84,7 +86,6 @@ class GraphPrefixCache(PrefixCache):
         super().__init__(model, params)
         self._built_for: str | None = None
         self._frontier: tuple[torch.Tensor, ...] | None = None
-        self._fraction = 0.0
 
     def _build(self) -> None:
         gm: torch.fx.GraphModule = self.model  # type: ignore[assignment]
@@ -161,13 +162,12 @@ class GraphPrefixCache(PrefixCache):
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         self._current()
+        self._x = x
         if len(self._placeholders) != 1:
             self.reusing = False
-            self._x = x
             return self.model(x)
-        self._x = x
         self._frontier = tuple(self._head(x))
-        self._versions = [t._version if isinstance(t, torch.Tensor) else 0 for t in self._frontier]
+        self._versions = _versions(self._frontier)
         return self._output(self._tail(*self._frontier))
 
     def _output(self, flat: Any) -> Any:
@@ -178,8 +178,7 @@ class GraphPrefixCache(PrefixCache):
     def rerun(self) -> torch.Tensor:
         if self._frontier is None:
             return super().rerun()
-        versions = [t._version if isinstance(t, torch.Tensor) else 0 for t in self._frontier]
-        if versions != self._versions:
+        if _versions(self._frontier) != self._versions:
             self.reusing = False  # a kept value was changed in place: compute in full
             self._frontier = None
             return super().rerun()
@@ -189,10 +188,6 @@ class GraphPrefixCache(PrefixCache):
     def release(self) -> None:
         super().release()
         self._frontier = None
-
-    @property
-    def reused_fraction(self) -> float:
-        return self._fraction if self.reusing else 0.0
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:
@@ -235,7 +230,6 @@ class ModulePrefixCache(PrefixCache):
         self._kept: dict[int, Any] = {}
         self._versions: dict[int, list[int]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._fraction = 0.0
         self._boundary: nn.Module | None = None
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,9 +292,7 @@ class ModulePrefixCache(PrefixCache):
             # Versions as the prefix left them: an in-place op inside the prefix (a ReLU after a
             # replayed norm) is replayed too, one in the rest of the model would not be.
             if not self._versions:
-                self._versions = {
-                    key: [t._version for t in _tensors(out)] for key, out in self._kept.items()
-                }
+                self._versions = {key: _versions(out) for key, out in self._kept.items()}
 
         for module in self._replayed:
             self._handles.append(module.register_forward_hook(keep))
@@ -321,10 +313,7 @@ class ModulePrefixCache(PrefixCache):
             or not replayed
             or len(self._kept) != len(replayed)
             or len(self._versions) != len(replayed)
-            or any(
-                [t._version for t in _tensors(self._kept[id(m)])] != self._versions[id(m)]
-                for m in replayed
-            )
+            or any(_versions(self._kept[id(m)]) != self._versions[id(m)] for m in replayed)
         ):
             if replayed and len(self._kept) == len(replayed) == len(self._versions):
                 self.reusing = False  # a kept output was changed in place: not replayable
@@ -351,9 +340,10 @@ class ModulePrefixCache(PrefixCache):
             h.remove()
         self._handles = []
 
-    @property
-    def reused_fraction(self) -> float:
-        return self._fraction if self.reusing else 0.0
+
+def _versions(out: Any) -> list[int]:
+    """The in-place version counters of the tensors in ``out`` (a tensor or nested containers)."""
+    return [t._version for t in _tensors(out)]
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_snapshot_restores_exactly
 
 import qtta_plugins
 from qtta_plugins.models import TinyViT
@@ -98,18 +99,7 @@ def test_quantizers_off_reproduce_the_float_model(float_cnn, qcnn, clean_batch):
 def test_snapshot_restore_is_exact(qcnn, clean_batch):
     qm = copy.deepcopy(qcnn["w4a4"])
     view = qtta_plugins.quant_view(qm)
-    snap = view.snapshot()
-    with torch.no_grad():
-        ref = qm(clean_batch)
-        for p in view.norm_parameters():
-            p.add_(0.3)
-        view.layers()[2].weight_quantizer.bits = 2
-    view.set_norm_mode("batch")
-    with torch.no_grad():
-        assert not torch.equal(qm(clean_batch), ref)
-    view.restore(snap)
-    with torch.no_grad():
-        assert torch.equal(qm(clean_batch), ref)
+    assert_snapshot_restores_exactly(qm, view, clean_batch, 2)
     assert view.norm_mode == "source"
 
 

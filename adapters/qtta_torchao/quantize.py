@@ -223,7 +223,7 @@ def match_convert_fold_eps(prepared: torch.fx.GraphModule) -> int:
         if key is None or eps == CONVERT_FOLD_EPS:
             continue
         if key not in changed:
-            var = _get_attr(prepared, key)
+            var = get_tensor(prepared, key)
             with torch.no_grad():
                 var.add_(eps - CONVERT_FOLD_EPS)
             changed[key] = eps
@@ -246,10 +246,11 @@ def match_convert_fold_eps(prepared: torch.fx.GraphModule) -> int:
     return len(changed)
 
 
-def _get_attr(module: nn.Module, target: str) -> torch.Tensor:
-    *path, name = target.split(".")
-    owner = module.get_submodule(".".join(path)) if path else module
-    return getattr(owner, name)
+def get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    """The tensor a graph's ``get_attr`` node with this ``target`` reads."""
+    module_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    return getattr(owner, attr)
 
 
 def _has_conv(model: nn.Module) -> bool:

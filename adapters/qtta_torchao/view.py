@@ -29,7 +29,7 @@ from qtta_plugins.view import (
     set_module_norm_mode,
 )
 
-from .quantize import is_compute_node, set_batchnorm_mode
+from .quantize import get_tensor, is_compute_node, set_batchnorm_mode
 
 
 def _from_torchao(obj: object) -> bool:
@@ -348,7 +348,7 @@ def _graph_norms(gm: torch.fx.GraphModule) -> list[NormLayer]:
 
         def fetch(arg: object) -> torch.Tensor | None:
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                return _get_tensor(gm, str(arg.target))
+                return get_tensor(gm, str(arg.target))
             return None
 
         w = fetch(weight)
@@ -357,12 +357,6 @@ def _graph_norms(gm: torch.fx.GraphModule) -> list[NormLayer]:
         )
         norms.append(NormLayer(name, kind, w, fetch(bias), fetch(mean), fetch(var)))  # type: ignore[arg-type]
     return norms
-
-
-def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
-    module_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(module_path) if module_path else gm
-    return getattr(owner, attr)
 
 
 # --- views ---------------------------------------------------------------------------------------
@@ -395,7 +389,7 @@ class Pt2eView(QuantView):
             x_fq = _module_of(node.args[0], gm)
             target = _find_param_target(node.args[1], gm) or node.name
             name = target[: -len(".weight")] if target.endswith(".weight") else target
-            weight = _get_tensor(gm, target) if target != node.name else torch.empty(0)
+            weight = get_tensor(gm, target) if target != node.name else torch.empty(0)
             w_handle = (
                 FakeQuantizeHandle(f"{name}.weight_quantizer", w_fq, "weight")
                 if w_fq is not None and hasattr(w_fq, "fake_quant_enabled")
@@ -464,7 +458,7 @@ class Pt2eView(QuantView):
                 if (
                     isinstance(this, torch.fx.Node)
                     and this.op == "get_attr"
-                    and _get_tensor(self.model, str(this.target)) is layer.weight
+                    and get_tensor(self.model, str(this.target)) is layer.weight
                 ):
                     return _evaluate(other, self.model)
         raise NotImplementedError(
@@ -511,7 +505,7 @@ def _evaluate(value: object, gm: torch.fx.GraphModule, depth: int = 16) -> objec
     if not isinstance(value, torch.fx.Node):
         return value
     if value.op == "get_attr":
-        return _get_tensor(gm, str(value.target))
+        return get_tensor(gm, str(value.target))
     if value.op != "call_function" or depth == 0:
         raise NotImplementedError(f"{value.name} does not depend on attributes only")
     args = torch.fx.node.map_arg(value.args, lambda n: _evaluate(n, gm, depth - 1))
@@ -563,7 +557,7 @@ class ConvertedView(QuantView):
                 w_handle = ConstantQuantizerHandle(f"{name}.weight_quantizer", w_dq, "weight", gm)
                 q_w = w_dq.args[0]
                 if isinstance(q_w, torch.fx.Node) and q_w.op == "get_attr":
-                    weight = _get_tensor(gm, str(q_w.target))
+                    weight = get_tensor(gm, str(q_w.target))
             if isinstance(x_dq, torch.fx.Node) and "dequantize" in str(x_dq.target):
                 x_handle = ConstantQuantizerHandle(f"{name}.input_quantizer", x_dq, "act", gm)
             layers.append(QuantLayer(name, is_compute_node(node), weight, w_handle, x_handle))  # type: ignore[arg-type]
@@ -675,8 +669,8 @@ def foldable_norms(prepared: torch.fx.GraphModule) -> list[FoldedNorm]:
         ):
             continue
         name = str(weight.target).rsplit(".", 1)[0]
-        gamma = _get_tensor(prepared, str(weight.target)).detach().clone()
-        beta = _get_tensor(prepared, str(bias.target)).detach().clone()
+        gamma = get_tensor(prepared, str(weight.target)).detach().clone()
+        beta = get_tensor(prepared, str(bias.target)).detach().clone()
         found.append((prepared_convs.index(conv), name, gamma, beta, float(node.args[7])))
     return found
 

@@ -357,11 +357,10 @@ class ZOA(TestTimeMethod):
         if self.prefix is not None:
             # features before the adapted layers are not recomputed: they keep pass 1's values
             logits_plus = self.prefix.rerun()
+            self.prefix.release()  # nothing of this batch is kept past its two passes
         else:
             recorder.clear()
             logits_plus = self.view.model(x)
-        if self.prefix is not None:
-            self.prefix.release()  # nothing of this batch is kept past its two passes
         loss_plus = self._loss(logits_plus)
         recorder.update_ema = True
 
