@@ -289,11 +289,6 @@ def test_export_after_tent_agrees_with_the_adapted_model(case, rgb, export_logit
         # convert_pt2e re-exports torchao's 96 conv-bn fold patterns on every call (~15-30 s on 2
         # cores, whatever the model): one torchao case by default, every one under -m slow
         pytest.skip("torchao export of this case runs under -m slow")
-    if (backend, family) == ("nncf", "timm-vit") and not small:
-        pytest.xfail(
-            "measured: nncf.strip of the untrained full-size ViT differs from the adapted model by "
-            "5.6% (relative), above half of what quantization changes (10.3%); not yet explained"
-        )
     if small and backend == "brevitas" and family.startswith("mobilenet"):
         pytest.skip("Brevitas' ONNX export of a MobileNet takes ~20 s: under -m slow")
     _, x, y = rgb
@@ -307,6 +302,11 @@ def test_export_after_tent_agrees_with_the_adapted_model(case, rgb, export_logit
             if norm.weight is not None:
                 norm.weight.mul_(1.25)
         ours = model(x)
+        # What ulp-level input noise (float model: ~1e-6 relative) does to the quantized model:
+        # the rounding decisions it flips are the kind an export's arithmetic (x / s against
+        # x * (1 / s)) flips. An export cannot be asked to agree more closely than that.
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        floor = rel_error(model(x * (1 + 1e-6 * noise)), ours)
         switched = [q for q in view.quantizers() if q.enabled]
         for q in switched:
             q.enabled = False
@@ -319,8 +319,12 @@ def test_export_after_tent_agrees_with_the_adapted_model(case, rgb, export_logit
     # Untrained small models have nearly tied logits: a rounding tie the export breaks the other
     # way (x / s against x * (1 / s), NNCF's zero point rounded onto the integer grid) moves them
     # visibly. The trained full-size models of docs/architectures.md are held tighter.
-    assert error < 0.5 * rel_error(ours, before), (error, rel_error(ours, before))
-    assert error < 0.5 * rel_error(ours, unquantized), (error, rel_error(ours, unquantized))
+    # The untrained full-size ViT is that sensitive on NNCF: its residual-sum quantizers decide
+    # its nearly tied logits, and ulp noise moves them ~4.5% (docs/architectures.md).
+    adapted_by, quantized_by = rel_error(ours, before), rel_error(ours, unquantized)
+    assert floor < 0.5 * quantized_by, "the model's rounding noise is as large as its quantization"
+    assert error < max(0.5 * adapted_by, 2 * floor), (error, adapted_by, floor)
+    assert error < max(0.5 * quantized_by, 2 * floor), (error, quantized_by, floor)
     # near ties (untrained logits) flip: the bound only catches an export that lost the function
     assert float((exported.argmax(1) == ours.argmax(1)).float().mean()) >= 0.75
 

@@ -61,6 +61,18 @@ def test_exact_forward_passes_per_step_and_no_autograd(qcnn, short_stream, metho
     assert not any(p.requires_grad for p in run.model.parameters())
 
 
+def test_late_norms_are_the_later_middle_blocks_and_lengthen_the_reused_prefix(qcnn, digits):
+    runs = {
+        w: qtta_plugins.adapt(qcnn["w4a4"], None, "zoa", norm_layers=w) for w in ("middle", "late")
+    }
+    assert runs["late"].method.norm_names == ["layer2.bn1", "layer2.bn2", "layer2.shortcut.1"]
+    x = digits[1].x[:32]
+    for run in runs.values():
+        run.step(x)
+    reused = {w: run.method.prefix.reused_fraction for w, run in runs.items()}
+    assert 0 < reused["middle"] < reused["late"] < 1, reused
+
+
 def test_zoa_adapts_only_the_middle_norm_affines(qcnn, short_stream):
     run = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa")
     params = dict(run.model.named_parameters())
@@ -285,3 +297,112 @@ def test_without_source_data_alignment_and_shift_are_off_with_a_warning(qcnn, sh
 def test_every_component_switches_off(qcnn, short_stream, off, check):
     run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", **off)
     assert check(run.method)
+
+
+# --- skip the update once a domain has converged (skip_converged) --------------------------------
+def _settle_run(qcnn, **options):
+    return qtta_plugins.adapt(
+        qcnn["w4a4"],
+        None,
+        "zoa",
+        reuse_prefix=False,  # whole passes, counted
+        skip_converged=True,
+        converge_window=2,
+        # a wide relative tolerance and no noise term: the repeated batch's loss (which the
+        # SPSA steps move by a few %) settles at the first chance, whatever the rounding
+        converge_tolerance=0.5,
+        converge_z=0.0,
+        probe_period=4,
+        **options,
+    )
+
+
+def test_a_settled_domain_runs_one_pass_and_probes_periodically(qcnn, digits):
+    _, test = digits
+    x = test.x[:64]
+    run = _settle_run(qcnn)
+    counter = PassCounter(run.model)
+    passes, fused = [], []
+    for _ in range(14):  # one batch over and over: the loss settles as soon as it is measured
+        before = counter.calls
+        run.step(x)
+        passes.append(counter.calls - before)
+        fused.append(_fused(run.method).clone())
+    # settled once two windows of two batches agree (the 4th batch), then one pass, with a
+    # two-pass probe on every 4th batch since the last update
+    assert passes == [2, 2, 2, 1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1], passes
+    assert run.method.one_pass_batches == passes.count(1)
+    for i in range(3, 14):  # a one-pass batch leaves the adapted parameters as they were
+        if passes[i] == 1:
+            assert torch.equal(fused[i], fused[i - 1])
+        else:
+            assert not torch.equal(fused[i], fused[i - 1])
+
+
+def test_a_domain_change_or_a_moving_loss_brings_the_update_back(qcnn, digits):
+    from qtta_plugins.data import corrupt_set
+
+    _, test = digits
+    clean = test.x[:64]
+    fog = corrupt_set(test, "fog", 5, progress=False).x[:64]
+    run = _settle_run(qcnn)
+    counter = PassCounter(run.model)
+    for _ in range(6):
+        run.step(clean)
+    assert run.method.settled_loss is not None
+    before = counter.calls
+    run.step(fog)  # the detector fires: a new domain adapts from its first batch
+    assert run.method.changes == [6]
+    assert counter.calls - before == 2
+    assert run.method.settled_loss is None
+
+    # without the detector, the pass-1 loss leaving the settled level does the same
+    run = _settle_run(qcnn, detector=False, store_period=1000)
+    for _ in range(6):
+        run.step(clean)
+    assert run.method.settled_loss is not None
+    before = counter.calls
+    counter = PassCounter(run.model)
+    run.step(fog)
+    assert counter.calls == 2 and run.method.settled_loss is None
+
+
+def test_settling_allows_for_batch_noise_but_not_for_a_trend(qcnn):
+    def settles(losses, **options):
+        run = qtta_plugins.adapt(
+            qcnn["w4a4"], None, "zoa", skip_converged=True, converge_tolerance=0.02, **options
+        )
+        settled = []
+        for v in losses:
+            run.method._settled(v, changed=False)
+            settled.append(run.method.settled_loss is not None)
+        return settled
+
+    rng = torch.Generator().manual_seed(0)
+    noisy = (1 + 0.15 * torch.randn(200, generator=rng)).tolist()  # a flat level, 15% batch noise
+    trend = [1 - 0.03 * i + 0.005 * (-1) ** i for i in range(30)]  # falling 3% a batch
+    # the relative tolerance alone rarely sees a flat but noisy loss as settled; within two
+    # standard errors of the noise it mostly is
+    assert sum(settles(noisy, converge_z=0.0)) < 0.2 * len(noisy)
+    assert sum(settles(noisy)) > 0.6 * len(noisy)
+    assert not any(settles(trend))
+    with pytest.raises(ValueError, match="converge_z"):
+        ZOAConfig(converge_z=-1.0)
+
+
+def test_skip_converged_is_off_by_default_and_state_round_trips(qcnn, digits):
+    _, test = digits
+    x = test.x[:64]
+    run = qtta_plugins.adapt(qcnn["w4a4"], [x] * 10, "zoa")
+    assert run.method.one_pass_batches == 0
+    run = _settle_run(qcnn)
+    for _ in range(5):
+        run.step(x)
+    state = run.state_dict()
+    assert run.method.one_pass_batches == 2
+    preds = [run.step(x) for _ in range(4)]
+    skipped = run.method.one_pass_batches
+    run.load_state_dict(state)
+    again = [run.step(x) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(preds, again, strict=True))
+    assert run.method.one_pass_batches == skipped == 5  # the probe at the 7th batch updates

@@ -28,6 +28,12 @@ Forward and adapt, per batch ``x``:
 4. ``eps`` takes an SGD step with weight decay (which pulls it back to the stored mix); ``alpha`` an
    AdamW step, once the bank holds a domain.
 
+Doing less work (docs/zoa.md, benchmarks/zoa_cost.py): pass 2 starts at the first adapted norm
+from pass 1's values there (``reuse_prefix``, :mod:`qtta_plugins.prefix`); ``norm_layers="late"``
+adapts only the later half of the middle blocks, so that start moves back; ``skip_converged`` runs
+pass 1 only once the loss has settled within a domain (PACE's fallback to one pass), until the
+detector fires, the loss moves or a periodic probe updates.
+
 The output shift (from FOA) adds ``mean_src - EMA(mean_batch)`` to the last layer's input; the EMA
 restarts at a detected domain change.
 
@@ -40,6 +46,7 @@ both passes, counting every batch twice and the perturbed one among them).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +79,8 @@ class ZOAConfig(AdaptConfig):
     """
 
     method: str = "zoa"
-    #: which norms adapt: "middle" (not those of the first and last block) or "all"
+    #: which norms adapt: "middle" (not those of the first and last block), "late" (the later
+    #: half of the middle blocks: pass 2 then recomputes only that half, see reuse_prefix) or "all"
     norm_layers: str = "middle"
     #: where features are read: "blocks" (block boundaries + head input) or "all" layer inputs
     feature_layers: str = "blocks"
@@ -98,6 +106,13 @@ class ZOAConfig(AdaptConfig):
     #: pass 2 starts where the adapted parameters are first used, from pass 1's values there
     #: (qtta_plugins.prefix); False recomputes the whole model (same results, for comparison)
     reuse_prefix: bool = True
+    #: once the loss has settled within a domain, run pass 1 only (prediction, loss, detector,
+    #: shift) until the detector fires, the loss moves, or a periodic probe (PACE's fallback)
+    skip_converged: bool = False
+    converge_window: int = 4  # settled: the mean loss of the last window moved less than ...
+    converge_tolerance: float = 0.02  # ... this (relative) from the window before, or less than
+    converge_z: float = 2.0  # ... this many standard errors of the batch-to-batch loss noise
+    probe_period: int = 8  # while settled: a full two-pass update every this many batches
     source_batch_size: int = 64
     #: clean source inputs for the source statistics (tensor or iterable of batches); default: the
     #: calibration sample qtta_plugins.quantize kept on the model
@@ -105,9 +120,9 @@ class ZOAConfig(AdaptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.norm_layers not in ("middle", "all"):
+        if self.norm_layers not in ("middle", "late", "all"):
             raise ValueError(
-                f"ZOAConfig.norm_layers must be 'middle' or 'all', not {self.norm_layers!r}"
+                f"ZOAConfig.norm_layers must be 'middle', 'late' or 'all', not {self.norm_layers!r}"
             )
         if self.feature_layers not in ("blocks", "all"):
             raise ValueError(
@@ -128,6 +143,15 @@ class ZOAConfig(AdaptConfig):
         for name in ("shift_momentum", "detector_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"ZOAConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.converge_window < 1 or self.probe_period < 1:
+            raise ValueError("ZOAConfig.converge_window and probe_period must be >= 1")
+        if not (math.isfinite(self.converge_tolerance) and self.converge_tolerance > 0):
+            raise ValueError(
+                "ZOAConfig.converge_tolerance must be a positive number, got "
+                f"{self.converge_tolerance!r}"
+            )
+        if not (math.isfinite(self.converge_z) and self.converge_z >= 0):
+            raise ValueError(f"ZOAConfig.converge_z must be >= 0, got {self.converge_z!r}")
         if self.bank_size < 1 or self.store_period < 1 or self.min_domain_batches < 0:
             raise ValueError(
                 "ZOAConfig.bank_size and store_period must be >= 1, min_domain_batches >= 0"
@@ -137,9 +161,11 @@ class ZOAConfig(AdaptConfig):
 
 
 def adapted_norms(view: QuantView, which: str) -> list[NormLayer]:
-    """The norm layers ZOA adapts: ``"all"``, or ``"middle"`` - those outside the first and last
-    block that holds norms (the authors' choice: early and last stages stay frozen). A model with
-    norms in fewer than three blocks adapts them all."""
+    """The norm layers ZOA adapts: ``"all"``; ``"middle"`` - those outside the first and last
+    block that holds norms (the authors' choice: early and last stages stay frozen); or ``"late"``
+    - the later half of those middle blocks, so that the second pass, which starts at the first
+    adapted norm, recomputes only the later part of the network. A model with norms in fewer than
+    three blocks adapts them all."""
     norms = [n for n in view.norms() if n.affine()]
     if which == "all":
         return norms
@@ -147,7 +173,8 @@ def adapted_norms(view: QuantView, which: str) -> list[NormLayer]:
     distinct = list(dict.fromkeys(groups))
     if len(distinct) < 3:
         return norms
-    inner = set(distinct[1:-1])
+    middle = distinct[1:-1]
+    inner = set(middle[len(middle) // 2 :] if which == "late" else middle)
     return [n for n, g in zip(norms, groups, strict=True) if g in inner]
 
 
@@ -257,6 +284,11 @@ class ZOA(TestTimeMethod):
         self.batches = 0
         self.changes: list[int] = []  # batch indices where a change was detected
         self.recorder.reset_shift()
+        # skip_converged: pass-1 losses of this domain (the last two windows), the settled level
+        self.recent_losses: list[float] = []
+        self.settled_loss: float | None = None
+        self.since_update = 0
+        self.one_pass_batches = 0  # batches that ran pass 1 only (skip_converged)
 
     def reset(self) -> None:
         self._init_state()
@@ -275,6 +307,10 @@ class ZOA(TestTimeMethod):
             "domain_batches": self.domain_batches,
             "batches": self.batches,
             "changes": list(self.changes),
+            "recent_losses": list(self.recent_losses),
+            "settled_loss": self.settled_loss,
+            "since_update": self.since_update,
+            "one_pass_batches": self.one_pass_batches,
             **self.recorder.shift_state(),
             "generator": self.generator.get_state(),
         }
@@ -292,6 +328,10 @@ class ZOA(TestTimeMethod):
         self.domain_batches = state["domain_batches"]
         self.batches = state["batches"]
         self.changes = list(state["changes"])
+        self.recent_losses = list(state.get("recent_losses", []))
+        self.settled_loss = state.get("settled_loss")
+        self.since_update = state.get("since_update", 0)
+        self.one_pass_batches = state.get("one_pass_batches", 0)
         self.recorder.load_shift_state(state)
         self.generator.set_state(state["generator"])
         self._write(self.eps, self.alpha)
@@ -343,9 +383,15 @@ class ZOA(TestTimeMethod):
         recorder.clear()
         logits = self.prefix.run(x) if self.prefix is not None else self.view.model(x)
         loss = self._loss(logits)
-        self._detect(x.shape[0])
+        changed = self._detect(x.shape[0])
         self.batches += 1
         self.domain_batches += 1
+        if cfg.skip_converged and self._settled(loss, changed):
+            self.one_pass_batches += 1
+            if self.prefix is not None:
+                self.prefix.release()
+            return logits
+        self.since_update = 0
 
         # Pass 2: one simultaneous perturbation of eps (and alpha once the bank holds a domain).
         use_alpha = cfg.bank and self.bank_deltas.shape[0] > 0
@@ -373,6 +419,44 @@ class ZOA(TestTimeMethod):
         self._write(self.eps, self.alpha)
         return logits
 
+    def _settled(self, loss: float, changed: bool) -> bool:
+        """Whether this batch may skip the update (``skip_converged``).
+
+        Settled: the mean pass-1 loss of the last ``converge_window`` batches of this domain is
+        within the noise of the window before. While settled, pass 1 still measures the loss on
+        every batch: a window mean that leaves the settled level by more than the noise, a
+        detected domain change, or ``probe_period`` batches without an update bring the two-pass
+        update back.
+        """
+        cfg = self.config
+        w = cfg.converge_window
+        if changed:
+            self.recent_losses, self.settled_loss = [], None
+        self.recent_losses = [*self.recent_losses, loss][-2 * w :]
+        current = self.recent_losses[-w:]
+        level = sum(current) / len(current)
+        if self.settled_loss is not None and not self._within_noise(level, self.settled_loss):
+            self.settled_loss = None  # the loss moved: adapt again
+            self.recent_losses = self.recent_losses[-1:]
+        full = len(self.recent_losses) == 2 * w
+        if full and self.settled_loss is None:
+            previous = sum(self.recent_losses[:w]) / w
+            self.settled_loss = level if self._within_noise(level, previous) else None
+        self.since_update += 1
+        return self.settled_loss is not None and self.since_update < cfg.probe_period
+
+    def _within_noise(self, mean: float, reference: float) -> bool:
+        """Whether a window's mean loss is indistinguishable from ``reference``: closer than
+        ``converge_tolerance`` (relative), or than ``converge_z`` standard errors of a difference
+        of two window means, the batch-to-batch spread measured on the recent losses. (Different
+        images give each batch its own loss: with a relative tolerance alone, that noise keeps a
+        settled domain from ever looking settled on a short window.)"""
+        cfg = self.config
+        losses = self.recent_losses
+        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        noise = cfg.converge_z * spread * math.sqrt(2 / cfg.converge_window)
+        return abs(mean - reference) <= max(cfg.converge_tolerance * abs(reference), noise)
+
     def _adamw(self, grad: torch.Tensor) -> None:
         """One AdamW step on alpha (decoupled weight decay, betas 0.9 / 0.999)."""
         cfg = self.config
@@ -388,7 +472,8 @@ class ZOA(TestTimeMethod):
         self.alpha = alpha - cfg.alpha_lr * m_hat / (v_hat.sqrt() + 1e-8)
 
     # --- the domain-change detector and the bank ---------------------------------------------
-    def _detect(self, batch_size: int) -> None:
+    def _detect(self, batch_size: int) -> bool:
+        """Update the detector with pass 1's statistics; True when it saw a domain change."""
         cfg = self.config
         changed = False
         if cfg.detector and self.recorder.detector_stats is not None:
@@ -406,7 +491,7 @@ class ZOA(TestTimeMethod):
         elif not cfg.detector:
             changed = self.domain_batches >= cfg.store_period
         if not changed:
-            return
+            return False
         self.changes.append(self.batches)
         if cfg.bank and self.domain_batches >= cfg.min_domain_batches:
             self._store()
@@ -415,6 +500,7 @@ class ZOA(TestTimeMethod):
             # The shift's EMA belongs to the old domain: restart it at this batch's mean. (This
             # batch's two passes keep the shift pass 1 applied, so its SPSA difference is sound.)
             self.recorder.feature_ema = self.recorder.last_feature_mean.clone()
+        return True
 
     def _store(self) -> None:
         """Store the current total delta as a domain, make it dominant, let eps absorb the rest.
