@@ -1,6 +1,6 @@
 """How closely each backend's own export computes what the quantized model computes (issue 13).
 
-    python benchmarks/export_fidelity.py                         # trained models (cached)
+    python benchmarks/export_fidelity.py --archs resnet18        # trained models (cached)
     python benchmarks/export_fidelity.py --untrained --source digits --archs timm-vit
 
 Per (architecture, backend), W8A8 by ``qtta_plugins.quantize`` (512 calibration images): the
