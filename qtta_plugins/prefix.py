@@ -278,10 +278,12 @@ class ModulePrefixCache(PrefixCache):
             if not list(m.children()) and id(m) in enter
         }
         self._fraction = len(inner) / max(1, total)
-        self._keep_hooks()
         return out
 
     def _keep_hooks(self) -> None:
+        """Hooks that keep this batch's prefix outputs: on the model from ``run`` to
+        ``release``, so that between steps the model carries none."""
+        self._remove_hooks()
         if not self._replayed or self._boundary is None:
             return
 
@@ -304,6 +306,7 @@ class ModulePrefixCache(PrefixCache):
         self._versions = {}
         if self._replayed is None:
             return self._probe(x)  # this pass is not kept: rerun computes in full once
+        self._keep_hooks()
         return self.model(x)
 
     def rerun(self) -> torch.Tensor:
@@ -333,9 +336,9 @@ class ModulePrefixCache(PrefixCache):
         super().release()
         self._kept.clear()
         self._versions = {}
+        self._remove_hooks()
 
-    def close(self) -> None:
-        super().close()
+    def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []

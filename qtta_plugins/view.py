@@ -382,6 +382,17 @@ class QuantView(ABC):
         """
         return self.model.get_submodule(layer.name)
 
+    def layer_bias(self, layer: QuantLayer) -> torch.Tensor | None:
+        """The float bias tensor ``layer`` adds to its output, written in place to change it
+        (forward-only methods keep their output shift there), or ``None`` where the layer has no
+        bias this view can write. The default: the ``bias`` of the layer's own module."""
+        try:
+            module = self.model.get_submodule(layer.name)
+        except AttributeError:
+            return None
+        bias = getattr(module, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
+
     def norm_input_module(self, norm: NormLayer) -> nn.Module:
         """The module whose forward input is what ``norm`` normalises (its pre-hooks see the raw
         conv / residual output, before any statistics are taken out of it). Default: the norm's own

@@ -80,8 +80,12 @@ def test_zoa_adapts_only_the_middle_norm_affines(qcnn, short_stream):
     run.run(short_stream)
     changed = {k for k in before if not torch.equal(before[k], params[k])}
     assert changed, "ZOA changed nothing"
+    # the output shift lives in the last layer's bias
+    head_bias = [k for k, p in params.items() if p is run.method.recorder.head.bias]
+    assert len(head_bias) == 1 and head_bias[0] in changed
     assert all(
-        k.startswith(("layer1.", "layer2.")) and k.endswith((".weight", ".bias")) for k in changed
+        k.startswith(("layer1.", "layer2.")) and k.endswith((".weight", ".bias"))
+        for k in changed - set(head_bias)
     )
     assert run.method.norm_names == [
         "layer1.bn1",
@@ -406,3 +410,68 @@ def test_skip_converged_is_off_by_default_and_state_round_trips(qcnn, digits):
     again = [run.step(x) for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(preds, again, strict=True))
     assert run.method.one_pass_batches == skipped == 5  # the probe at the 7th batch updates
+
+
+# --- the adapted model carries no hook of ours ------------------------------------------------------
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_between_steps_the_model_carries_no_hooks_and_adaptation_goes_on(
+    qcnn, short_stream, reuse_prefix
+):
+    batches = [b.x for b in short_stream][:4]
+    runs = [
+        qtta_plugins.adapt(qcnn["w4a4"], None, "zoa", reuse_prefix=reuse_prefix) for _ in range(2)
+    ]
+    head = runs[0].method.recorder.head
+    assert head is not None and runs[0].method.recorder.persistent_hooks == 0
+    expected = hook_count(qcnn["w4a4"])
+    assert hook_count(runs[0].model) == expected
+    preds = [], []
+    for x in batches:
+        for i, run in enumerate(runs):
+            preds[i].append(run.step(x))
+        assert hook_count(runs[0].model) == expected
+        # the model between steps, used on its own: it computes with the state the method holds
+        # (norms and the shift in the head bias), and using it disturbs nothing
+        with torch.no_grad():
+            runs[0].model(x)
+        shift = runs[0].method.recorder.applied_shift
+        assert torch.allclose(head.bias, head.base + head.weight @ shift, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(*preds, strict=True))
+    runs[0].reset()
+    assert torch.equal(head.bias, head.base)
+
+
+def test_foa_leaves_only_its_input_prompt_hook(qcnn, short_stream):
+    x = next(iter(short_stream)).x
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "foa", population=3)
+    run.step(x)
+    assert hook_count(run.model) == hook_count(qcnn["w4a4"]) + 1  # the prompt, on the model
+    assert run.method.recorder.head is not None and run.method.recorder.persistent_hooks == 0
+
+
+def test_a_last_layer_without_bias_keeps_the_shift_in_one_input_hook(float_cnn, calib, digits):
+    float_model = copy.deepcopy(float_cnn)
+    fc = float_model.fc
+    float_model.fc = torch.nn.Linear(fc.in_features, fc.out_features, bias=False)
+    float_model.fc.weight.data.copy_(fc.weight.data)
+    qmodel = qtta_plugins.quantize(float_model, "torchao", "w8a8", calib)
+    x = digits[1].x[:32]
+    run = qtta_plugins.adapt(qmodel, None, "zoa")
+    assert run.method.recorder.head is None
+    first = run.step(x)
+    assert run.method.recorder.persistent_hooks == 1
+    assert hook_count(run.model) == hook_count(qmodel) + 1
+    recorder = run.method.recorder
+    # a shift of a few input steps (this one can be under half a step, which rounding absorbs)
+    recorder.applied_shift = torch.full_like(recorder.applied_shift, 0.5)
+    with torch.no_grad():
+        kept = run.model(x)
+    recorder.remove()  # without the shift hook, the model computes another function
+    with torch.no_grad():
+        assert not torch.equal(run.model(x), kept)
+    assert hook_count(run.model) == hook_count(qmodel)
+    assert first.shape == kept.shape

@@ -307,6 +307,15 @@ def _find_param_target(node: object, gm: torch.fx.GraphModule, depth: int = 6) -
     return None
 
 
+def _bias_of(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
+    """A conv / linear node's float bias, where it is a graph attribute (not computed)."""
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
+        return None
+    tensor = get_tensor(gm, str(bias.target))
+    return tensor if tensor.is_floating_point() else None
+
+
 def _module_of(node: object, gm: torch.fx.GraphModule) -> nn.Module | None:
     if isinstance(node, torch.fx.Node) and node.op == "call_module":
         return gm.get_submodule(str(node.target))
@@ -423,6 +432,9 @@ class Pt2eView(QuantView):
 
     def norms(self) -> list[NormLayer]:
         return _graph_norms(self.model)
+
+    def layer_bias(self, layer: QuantLayer) -> torch.Tensor | None:
+        return _bias_of(_compute_nodes(self.model)[self._index(layer)], self.model)
 
     def layer_input_module(self, layer: QuantLayer) -> nn.Module:
         # The layer's input FakeQuantize module: its forward input is the unquantized activation.
@@ -573,6 +585,10 @@ class ConvertedView(QuantView):
     def layer_input_module(self, layer: QuantLayer) -> nn.Module:
         index = [x.name for x in self.layers()].index(layer.name)
         return _input_tap(self.gm, _compute_nodes(self.gm)[index])
+
+    def layer_bias(self, layer: QuantLayer) -> torch.Tensor | None:
+        index = [x.name for x in self.layers()].index(layer.name)
+        return _bias_of(_compute_nodes(self.gm)[index], self.gm)
 
     def weight_quantizer_input(self, layer: QuantLayer) -> torch.Tensor:
         """The dequantized integer weight (batch norms folded in): the only float weight a

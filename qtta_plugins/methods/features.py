@@ -10,14 +10,15 @@ integer graphs that cannot backpropagate.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..view import QuantLayer, QuantView, source_sample
+from ..view import QuantLayer, QuantView, fake_quantize, source_sample
 
 
 @dataclass
@@ -90,6 +91,14 @@ class FeatureRecorder:
     feature). ``detector``: a module whose input's per-channel map statistics are recorded for the
     domain-change detector. Layers sharing one input (a residual block's conv and shortcut) are
     tapped once.
+
+    The hooks are on the model only inside :meth:`attached` (a method's step): between steps the
+    model carries none, and the output shift lives in the last layer's own bias,
+    ``bias_0 + W_q @ shift`` (``W_q`` the weight as the layer computes with it), so the adapted
+    model is the backend's own model, exported by its own path. The shift then acts after the
+    layer's input quantizer rather than before it: the same function up to that quantizer's
+    rounding. A last layer without a bias the view can write (or a conv) keeps the shift on its
+    input, in a hook that stays between steps (:attr:`persistent_hooks`).
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class FeatureRecorder:
             module = view.layer_input_module(layer)
             modules.setdefault(id(module), module)
         self.modules = list(modules.values())
+        self.detector = detector
         self.record = True
         self.stats: list[ChannelStats | None] = [None] * len(self.modules)
         self.detector_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -111,11 +121,63 @@ class FeatureRecorder:
         self.feature_ema: torch.Tensor | None = None
         self.last_feature_mean: torch.Tensor | None = None
         self.applied_shift: torch.Tensor | None = None
+        self.head = _HeadBias.of(view, layers[-1]) if layers else None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._input_shift_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._depth = 0
+
+    # --- hooks: on the model only during a step ----------------------------------------------
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[FeatureRecorder]:
+        """The recording hooks on the model for the duration of the block (re-entrant)."""
+        if self._depth == 0:
+            self._attach()
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._detach()
+
+    def _attach(self) -> None:
+        if self._input_shift_handle is not None:  # the step's hook on the last input does it
+            self._input_shift_handle.remove()
+            self._input_shift_handle = None
         self._handles = [
             m.register_forward_pre_hook(self._hook_for(i)) for i, m in enumerate(self.modules)
         ]
-        if detector is not None:
-            self._handles.append(detector.register_forward_pre_hook(self._detector_hook))
+        if self.detector is not None:
+            self._handles.append(self.detector.register_forward_pre_hook(self._detector_hook))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._input_shift_handle is not None:
+            self._input_shift_handle.remove()
+            self._input_shift_handle = None
+        if self.head is None and self.applied_shift is not None and self.modules:
+            # no bias to hold the shift: the model keeps it on the last layer's input
+            self._input_shift_handle = self.modules[-1].register_forward_pre_hook(
+                self._between_steps_shift
+            )
+
+    @property
+    def persistent_hooks(self) -> int:
+        """How many hooks this recorder leaves on the model between steps (0 or 1)."""
+        return int(self._input_shift_handle is not None)
+
+    def _between_steps_shift(self, module: nn.Module, args: tuple) -> tuple | None:
+        return self._shifted(args, self.applied_shift)
+
+    @staticmethod
+    def _shifted(args: tuple, shift: torch.Tensor | None) -> tuple | None:
+        if shift is None:
+            return None
+        x = args[0]
+        # Broadcast over everything but the channel axis: (C,1,1) for maps, (C,) for tokens / vectors.
+        return (x + shift.view(-1, *([1] * (x.ndim - 2))) if x.ndim == 4 else x + shift, *args[1:])
 
     def _detector_hook(self, module: nn.Module, args: tuple) -> None:
         if self.record and self.update_ema:  # once per batch: pass 1 only
@@ -128,7 +190,11 @@ class FeatureRecorder:
             x = args[0]
             if self.record:
                 self.stats[index] = channel_stats(x)
-            if index != last or self.shift_target is None or not self.shift_enabled:
+            if index != last or self.shift_target is None:
+                return None
+            if not self.shift_enabled:
+                if self.head is not None:
+                    self.head.write(None)
                 return None
             if self.update_ema:
                 mean = pooled(x).mean(0)
@@ -138,21 +204,27 @@ class FeatureRecorder:
                     mean if self.feature_ema is None else m * self.feature_ema + (1 - m) * mean
                 )
                 self.applied_shift = self.shift_target - self.feature_ema
-            shift = self.applied_shift  # extra passes over the same batch reuse pass 1's shift
-            if shift is None:
+            # extra passes over the same batch reuse pass 1's shift
+            if self.head is not None:
+                self.head.write(self.applied_shift)
                 return None
-            # Broadcast over everything but the channel axis: (C,1,1) for maps, (C,) for tokens / vectors.
-            return (
-                x + shift.view(-1, *([1] * (x.ndim - 2))) if x.ndim == 4 else x + shift,
-                *args[1:],
-            )
+            return self._shifted(args, self.applied_shift)
 
         return hook
+
+    def apply_shift(self) -> None:
+        """Put the current shift (``applied_shift``; none: the original bias) on the model."""
+        if self.head is not None:
+            self.head.write(self.applied_shift)
 
     def reset_shift(self) -> None:
         """Forget the output shift's running mean (a fresh start, or a reset)."""
         self.feature_ema = None
         self.applied_shift = None
+        self.apply_shift()
+        if self._input_shift_handle is not None:
+            self._input_shift_handle.remove()
+            self._input_shift_handle = None
 
     def shift_state(self) -> dict[str, torch.Tensor | None]:
         """The output shift's running state, for a method's ``state_dict``."""
@@ -164,6 +236,9 @@ class FeatureRecorder:
     def load_shift_state(self, state: dict) -> None:
         self.feature_ema = _clone(state["feature_ema"])
         self.applied_shift = _clone(state.get("applied_shift"))
+        self.apply_shift()
+        if self._depth == 0:
+            self._detach()  # re-places (or drops) the between-steps input shift
 
     def clear(self) -> None:
         self.stats = [None] * len(self.modules)
@@ -175,10 +250,51 @@ class FeatureRecorder:
             raise RuntimeError(f"feature tap(s) {missing} saw no input in this forward pass")
         return self.stats  # type: ignore[return-value]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The model tensors the shift writes (the last layer's bias), for the core's backups."""
+        return [self.head.bias] if self.head is not None else []
+
     def remove(self) -> None:
+        """Take every hook off and put the original bias back."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._input_shift_handle is not None:
+            self._input_shift_handle.remove()
+            self._input_shift_handle = None
+        if self.head is not None:
+            self.head.write(None)
+
+
+class _HeadBias:
+    """The last layer's bias as the place the output shift lives: ``bias = bias_0 + W_q @ shift``."""
+
+    def __init__(self, bias: torch.Tensor, weight: torch.Tensor) -> None:
+        self.bias = bias
+        self.base = bias.detach().clone()
+        self.weight = weight  # (out, in), as the layer computes with it
+
+    @classmethod
+    def of(cls, view: QuantView, layer: QuantLayer) -> _HeadBias | None:
+        if layer.kind != "linear":
+            return None  # a conv's shift through the bias is not exact at padded borders
+        bias = view.layer_bias(layer)
+        if bias is None:
+            return None
+        weight = view.weight_quantizer_input(layer)
+        handle = layer.weight_quantizer
+        if handle is not None and handle.enabled:
+            weight = fake_quantize(weight, handle.grid())
+        if weight.ndim != 2 or bias.shape != weight.shape[:1]:
+            return None
+        return cls(bias, weight.detach().clone())
+
+    def write(self, shift: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            if shift is None:
+                self.bias.copy_(self.base)
+            else:
+                self.bias.copy_(self.base + self.weight.to(shift.dtype) @ shift)
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,7 +337,8 @@ def source_statistics(
     try:
         for x in batches:
             recorder.clear()
-            view.model(x)
+            with recorder.attached():
+                view.model(x)
             stats = recorder.collected()
             if sums is None:
                 sums = [ChannelStats(s.mean.clone(), s.std.clone()) for s in stats]

@@ -161,8 +161,15 @@ class FOA(TestTimeMethod):
                 fitness = fitness + lam * ((s.mean - src.mean).norm() + (s.std - src.std).norm())
         return float(fitness)
 
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        return self.recorder.tensors()  # the output shift's head bias (the prompt is a hook)
+
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        with self.recorder.attached():  # the recording hooks for this step only
+            return self._step(x)
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
         recorder = self.recorder
         # The prediction: the incumbent, with the output shift (its EMA sees this batch once).
         self._current = None
@@ -180,6 +187,7 @@ class FOA(TestTimeMethod):
         finally:
             self._current = None
             recorder.shift_enabled = True
+            recorder.apply_shift()  # the population ran without it: the prediction's shift back
         self.es.tell(candidates, fitnesses)
         self.theta = torch.as_tensor(candidates[int(np.argmin(fitnesses))], dtype=torch.float32)
         return logits

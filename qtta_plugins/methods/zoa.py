@@ -337,7 +337,7 @@ class ZOA(TestTimeMethod):
         self._write(self.eps, self.alpha)
 
     def adapted_parameters(self) -> list[nn.Parameter]:
-        return self.params
+        return [*self.params, *self.recorder.tensors()]  # the norms, and the shift's head bias
 
     @property
     def bank_bytes_per_domain(self) -> int:
@@ -376,6 +376,15 @@ class ZOA(TestTimeMethod):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        # the recording hooks are on the model for this step only (the shift is in the head bias)
+        try:
+            with self.recorder.attached():
+                return self._step(x)
+        finally:
+            if self.prefix is not None:
+                self.prefix.release()  # and its hooks: none stays on the model between steps
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         recorder = self.recorder
         # Pass 1: the prediction, the loss at the current parameters, the running statistics.
