@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.data import continual_stream, load_source, to_channels  # noqa: E402
+from qtta_plugins.data import CORRUPTIONS, continual_stream, load_source, to_channels  # noqa: E402
 from qtta_plugins.models import train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,7 +65,6 @@ SEEDED_ROWS = (
     "zoa, late norms",
     "zoa, late norms + skip_converged",
 )
-CORRUPTIONS = ("gaussian_noise", "defocus_blur", "snow", "contrast")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from .config import AdaptConfig
 from .errors import BadBatchError
 from .methods.base import TestTimeMethod
 from .progress import show_progress
-from .view import QuantView
+from .view import QuantView, model_device
 
 
 @dataclass
@@ -73,10 +73,22 @@ def calibration_batches(calib: Any, purpose: str) -> list[torch.Tensor]:
     return batches
 
 
-def check_batch(x: Any, sample_shape: tuple[int, ...] | None) -> None:
-    """Raise :class:`BadBatchError` naming what is wrong with ``x``."""
+def check_batch(
+    x: Any, sample_shape: tuple[int, ...] | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """``x`` on the model's ``device``; raise :class:`BadBatchError` naming what is wrong with it.
+
+    A batch on the CPU moves to the model's device (what a data loader yields); a batch on
+    another accelerator, or on the meta device, is refused rather than copied behind the user's
+    back."""
     if not isinstance(x, torch.Tensor):
         raise BadBatchError(f"batch must be a torch.Tensor, got {type(x).__name__}")
+    if device is not None and x.device != device:
+        if x.device.type != "cpu" or device.type == "meta":
+            raise BadBatchError(
+                f"batch is on {x.device}, the model on {device}: move it there (x.to('{device}'))"
+            )
+        x = x.to(device)
     if not x.is_floating_point():
         raise BadBatchError(
             f"batch has dtype {x.dtype}; expected a floating-point tensor "
@@ -92,6 +104,7 @@ def check_batch(x: Any, sample_shape: tuple[int, ...] | None) -> None:
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise BadBatchError(f"batch contains {bad} NaN or Inf value(s) out of {x.numel()}")
+    return x
 
 
 class Adaptation:
@@ -127,7 +140,7 @@ class Adaptation:
         self, x: torch.Tensor, y: torch.Tensor | None = None, domain: str = "stream"
     ) -> torch.Tensor:
         """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing."""
-        check_batch(x, self.sample_shape)
+        x = check_batch(x, self.sample_shape, model_device(self.model))
         if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
             raise BadBatchError(
                 f"labels must be a tensor with one entry per sample ({x.shape[0]}), got "

@@ -305,6 +305,15 @@ def module_norms(named_modules: Iterable[tuple[str, nn.Module]]) -> list[NormLay
     return norms
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def set_module_norm_mode(model: nn.Module, mode: NormMode) -> None:
     """:meth:`QuantView.set_norm_mode` for models whose batch norms are torch modules.
 

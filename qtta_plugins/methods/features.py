@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..view import QuantLayer, QuantView, fake_quantize, source_sample
+from ..view import QuantLayer, QuantView, fake_quantize, model_device, source_sample
 
 
 @dataclass
@@ -109,6 +109,7 @@ class FeatureRecorder:
             module = view.layer_input_module(layer)
             modules.setdefault(id(module), module)
         self.modules = list(modules.values())
+        self.device = model_device(view.model)
         self.detector = detector
         self.record = True
         self.stats: list[ChannelStats | None] = [None] * len(self.modules)
@@ -234,8 +235,8 @@ class FeatureRecorder:
         }
 
     def load_shift_state(self, state: dict) -> None:
-        self.feature_ema = _clone(state["feature_ema"])
-        self.applied_shift = _clone(state.get("applied_shift"))
+        self.feature_ema = _clone(state["feature_ema"], self.device)
+        self.applied_shift = _clone(state.get("applied_shift"), self.device)
         self.apply_shift()
         if self._depth == 0:
             self._detach()  # re-places (or drops) the between-steps input shift
@@ -297,8 +298,8 @@ class _HeadBias:
                 self.bias.copy_(self.base + self.weight.to(shift.dtype) @ shift)
 
 
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clone()
+def _clone(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(device or t.device, copy=True)
 
 
 def source_batches(view: QuantView, data: object, batch_size: int) -> list[torch.Tensor] | None:
@@ -338,7 +339,7 @@ def source_statistics(
         for x in batches:
             recorder.clear()
             with recorder.attached():
-                view.model(x)
+                view.model(x.to(recorder.device))  # the kept sample lives on the CPU
             stats = recorder.collected()
             if sums is None:
                 sums = [ChannelStats(s.mean.clone(), s.std.clone()) for s in stats]

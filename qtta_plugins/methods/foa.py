@@ -150,7 +150,8 @@ class FOA(TestTimeMethod):
 
     def _apply_prompt(self, module: nn.Module, args: tuple) -> tuple:
         theta = self._current if self._current is not None else self.theta
-        return (self.prompt(args[0], theta), *args[1:])
+        x = args[0]  # theta stays on the CPU with CMA-ES; the prompt follows the batch
+        return (self.prompt(x, theta.to(device=x.device, dtype=x.dtype)), *args[1:])
 
     def _fitness(self, logits: torch.Tensor) -> float:
         fitness = softmax_entropy(logits).sum()

@@ -262,6 +262,9 @@ class ZOA(TestTimeMethod):
             self.align_weight = 0.0
             if not config.entropy:
                 raise ValueError("zoa: with entropy=False the method needs clean source data")
+        # The method's own tensors live on the model's device; the perturbations are drawn on the
+        # CPU (one generator: the same run on any device) and moved there.
+        self.device = self.theta0.device
         self.generator = torch.Generator().manual_seed(config.seed)
         # after the recorder: its taps are part of the graph the cache splits
         self.prefix = view.prefix_cache(self.params) if config.reuse_prefix else None
@@ -269,13 +272,12 @@ class ZOA(TestTimeMethod):
 
     # --- state -------------------------------------------------------------------------------
     def _init_state(self) -> None:
-        d = self.theta0.numel()
-        self.eps = torch.zeros(d)
-        self.bank_deltas = torch.zeros(
-            0, d
-        )  # K stored domains (the source's zero delta is implicit)
-        self.alpha = torch.zeros(1)
-        self.alpha_moments = (torch.zeros(1), torch.zeros(1))
+        d, device = self.theta0.numel(), self.device
+        self.eps = torch.zeros(d, device=device)
+        # K stored domains (the source's zero delta is implicit)
+        self.bank_deltas = torch.zeros(0, d, device=device)
+        self.alpha = torch.zeros(1, device=device)
+        self.alpha_moments = (torch.zeros(1, device=device), torch.zeros(1, device=device))
         self.alpha_steps = 0
         self.running_detector: tuple[torch.Tensor, torch.Tensor] | None = (
             tuple(t.clone() for t in self.source_detector) if self.source_detector else None  # type: ignore[assignment]
@@ -318,13 +320,18 @@ class ZOA(TestTimeMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("eps") is None or state["eps"].shape != self.eps.shape:
             raise ValueError("ZOA state does not match this model's adapted parameters")
-        self.eps = state["eps"].clone()
-        self.bank_deltas = state["bank_deltas"].clone()
-        self.alpha = state["alpha"].clone()
-        self.alpha_moments = tuple(t.clone() for t in state["alpha_moments"])  # type: ignore[assignment]
+        here = self.device  # a state saved on another device loads onto this model's
+
+        def on(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(here, copy=True)
+
+        self.eps = on(state["eps"])
+        self.bank_deltas = on(state["bank_deltas"])
+        self.alpha = on(state["alpha"])
+        self.alpha_moments = tuple(on(t) for t in state["alpha_moments"])  # type: ignore[assignment]
         self.alpha_steps = state["alpha_steps"]
         det = state["running_detector"]
-        self.running_detector = None if det is None else tuple(t.clone() for t in det)  # type: ignore[assignment]
+        self.running_detector = None if det is None else tuple(on(t) for t in det)  # type: ignore[assignment]
         self.domain_batches = state["domain_batches"]
         self.batches = state["batches"]
         self.changes = list(state["changes"])
@@ -372,7 +379,7 @@ class ZOA(TestTimeMethod):
     def _draw(self, n: int) -> torch.Tensor:
         magnitude = torch.rand(n, generator=self.generator) * 0.5 + 0.5
         sign = torch.randint(0, 2, (n,), generator=self.generator) * 2 - 1
-        return magnitude * sign
+        return (magnitude * sign).to(self.device)
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
