@@ -31,7 +31,7 @@ ROWS = {
     "plain": None,
     "norm": ("norm", {}),
     "tent": ("tent", {}),
-    "zoa": ("zoa", {}),
+    "zoa": ("zoa", {"norm_layers": "middle", "skip_converged": False}),
     "zoa, late norms + skip_converged": ("zoa", {"norm_layers": "late", "skip_converged": True}),
     "foa": ("foa", {}),
 }

@@ -1,24 +1,28 @@
 """What ZOA costs against plain inference, and what each way of doing less work saves (issue 15).
 
-    python benchmarks/zoa_cost.py --seeds 0                          # cost, every backend
-    python benchmarks/zoa_cost.py --backends brevitas --rows zoa "zoa + skip_converged" \
-        "zoa, late norms" "zoa, late norms + skip_converged" --out benchmarks/results/zoa_cost_seeds.json
-    python benchmarks/zoa_cost.py --backends brevitas --seeds 0 --corruptions fog
+    python benchmarks/zoa_cost.py                          # every backend, every row, seeds 0 1 2
+    python benchmarks/zoa_cost.py --torchao-form compiled --seeds 0 \
+        --rows "zoa, two whole passes" "zoa, late norms + skip_converged" \
+        --out benchmarks/results/zoa_cost_compiled.json     # convert_pt2e + torch.compile
+    python benchmarks/zoa_cost.py --profile                # torch.profiler breakdown of a step
+    python benchmarks/zoa_cost.py --render benchmarks/results/zoa_cost.json
 
 Model: the torchvision ResNet-18 trained on Fashion-MNIST at 32 px (benchmarks/architectures.py's
 recipe, cached), W8A8 by ``qtta_plugins.quantize``, batch 64, 2 threads. Stream: Fashion-MNIST-C,
-severity 5, continual, ``--n-per-domain`` images per corruption (16 batches at the default 1024:
-domains long enough for adaptation to settle, as a device's weather or site does).
+the 15 corruptions at severity 5, continual, ``--n-per-domain`` images per corruption (16 batches
+at the default 1024: domains long enough for adaptation to settle, as a device's weather or site
+does); each seed draws its own images and corruption noise.
 
 Rows: norm (BN-adapt), Tent, ZOA with two whole passes (``reuse_prefix=False``), ZOA whose second
-pass starts at the first adapted norm (the default), that with ``skip_converged=True``, and both
-with ``norm_layers="late"`` (the later half of the middle blocks adapt: a longer reused prefix).
-Columns: mean error (mean +- sd over ``--seeds`` for the two ZOA rows compared, the first seed
-for the others), the share of batches that ran one pass, and,
-at the first seed, time per batch as a ratio to plain inference of the same quantized model
-(paired batch by batch in the same run: the median step, and the whole stream's total, which is
-what a row that skips some updates costs on average) and the peak resident memory a step adds
-over the row's start. Run it alone on the machine.
+pass starts at the first adapted norm (the default), that with ``skip_converged=True`` (and with
+the settle rule's relative tolerance alone), and both with ``norm_layers="late"`` (the later half
+of the middle blocks adapt: a longer reused prefix). Columns: mean error (mean +- sd over the
+seeds for the ZOA rows in ``SEEDED_ROWS``, the first seed for the others), the share of batches
+that ran one pass, and, at the first seed, time per batch as a ratio to plain inference of the
+same quantized model (paired batch by batch in the same run: the median step, and the whole
+stream's total, which is what a row that skips some updates costs on average) and the peak
+resident memory over the row's start (one-off set-up included: benchmarks/step_memory.py measures
+a step's own working memory). Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -49,16 +53,24 @@ from zoa_benchmark import run_row  # noqa: E402
 ROWS = {
     "norm": ("norm", {}),
     "tent": ("tent", {}),
-    "zoa, two whole passes": ("zoa", {"reuse_prefix": False}),
-    "zoa": ("zoa", {}),
-    "zoa + skip_converged": ("zoa", {"skip_converged": True}),
+    # the authors' norms, every batch updated (the defaults before issue 15)
+    "zoa, two whole passes": (
+        "zoa",
+        {"reuse_prefix": False, "norm_layers": "middle", "skip_converged": False},
+    ),
+    "zoa": ("zoa", {"norm_layers": "middle", "skip_converged": False}),
+    "zoa + skip_converged": ("zoa", {"norm_layers": "middle", "skip_converged": True}),
     # the settle rule without its noise term (converge_z=0): the relative tolerance alone
-    "zoa + skip_converged, tolerance only": ("zoa", {"skip_converged": True, "converge_z": 0.0}),
-    "zoa, late norms": ("zoa", {"norm_layers": "late"}),
+    "zoa + skip_converged, tolerance only": (
+        "zoa",
+        {"norm_layers": "middle", "skip_converged": True, "converge_z": 0.0},
+    ),
+    "zoa, late norms": ("zoa", {"norm_layers": "late", "skip_converged": False}),
     "zoa, late norms + skip_converged": ("zoa", {"norm_layers": "late", "skip_converged": True}),
 }
 #: rows run on every seed (the comparison this benchmark makes); the others at the first seed
 #: ("zoa, two whole passes" computes exactly what "zoa" does: tests/test_prefix.py)
+RECIPES = {"timm-vit": {"lr": 1e-3}}  # as benchmarks/architectures.py trains them
 SEEDED_ROWS = (
     "zoa",
     "zoa + skip_converged",
@@ -78,6 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-per-domain", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--arch", default="resnet18", help="resnet18 (default), mobilenet_v2 or timm-vit"
+    )
+    parser.add_argument(
+        "--torchao-form",
+        choices=["prepared", "converted", "compiled"],
+        default="prepared",
+        help="torchao only: the pt2e fake-quant model (default), its convert_pt2e integer graph "
+        "(qtta_torchao.export.convert), or that graph under torch.compile (weights not frozen)",
+    )
     parser.add_argument("--out", default="benchmarks/results/zoa_cost.json")
     parser.add_argument("--render", default=None, help="print the markdown of a results file")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown only")
@@ -89,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     backends = args.backends or [
         b for b in ("torchao", "brevitas", "nncf") if importlib.util.find_spec(b) is not None
     ]
-    model = train_source_model("resnet18", "fashion-mnist", epochs=3, max_train=20000)
+    model = train_source_model(
+        args.arch, "fashion-mnist", epochs=3, max_train=20000, **RECIPES.get(args.arch, {})
+    )
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     train_set, _ = load_source("fashion-mnist")
     calib_x = to_channels(train_set.x[:512], 3)
     calib = [calib_x[i : i + 64] for i in range(0, 512, 64)]
@@ -97,8 +122,14 @@ def main(argv: list[str] | None = None) -> None:
         profile(backends, model, calib)
         return
     results = {"setup": {k: v for k, v in vars(args).items() if k != "render"}, "rows": {}}
+    if args.torchao_form != "prepared":
+        backends = ["torchao"]
     for backend in backends:
         qmodel = qtta_plugins.quantize(model, backend, "w8a8", calib)
+        if args.torchao_form != "prepared":
+            from qtta_torchao.export import convert
+
+            qmodel = convert(qmodel)
         for seed in args.seeds:
             stream = continual_stream(
                 "fashion-mnist",
@@ -114,7 +145,20 @@ def main(argv: list[str] | None = None) -> None:
                 if seed != args.seeds[0] and row not in SEEDED_ROWS:
                     continue
                 method, options = ROWS[row]
-                stats, run = run_row(qmodel, stream, method, {**options, "seed": seed})
+                if method == "norm" and not has_bn:
+                    continue  # BN-adapt needs batch norms (the ViT has layer norms)
+                options = {**options, "seed": seed}
+                if args.torchao_form == "compiled":
+                    from qtta_torchao.export import compile_converted
+
+                    # adapt a compiled copy in place; time plain inference on another compiled copy
+                    target = compile_converted(qtta_plugins.copy_model(qmodel), freeze=False)
+                    plain = compile_converted(qtta_plugins.copy_model(qmodel), freeze=False)
+                    stats, run = run_row(
+                        target, stream, method, options, inplace=True, plain_model=plain
+                    )
+                else:
+                    stats, run = run_row(qmodel, stream, method, options)
                 batches = len(stats["per_batch"])
                 one_pass = getattr(run.method, "one_pass_batches", 0) / batches
                 entry = results["rows"].setdefault(backend, {}).setdefault(row, {"errors": []})
@@ -204,7 +248,9 @@ def markdown(results: dict) -> str:
     setup = results["setup"]
     seeds = setup["seeds"]
     lines = [
-        f"ResNet-18, W8A8, Fashion-MNIST-C ({len(setup['corruptions'])} corruptions x "
+        f"{setup.get('arch', 'resnet18')}, W8A8"
+        f"{'' if setup.get('torchao_form', 'prepared') == 'prepared' else ' (torchao ' + setup['torchao_form'] + ')'}"
+        f", Fashion-MNIST-C ({len(setup['corruptions'])} corruptions x "
         f"{setup['n_per_domain']} images, severity 5, continual, batch {setup['batch_size']}), "
         f"{setup['threads']} threads; error mean +- sd over seeds {', '.join(map(str, seeds))}; "
         f"time and memory at seed {seeds[0]}.",

@@ -74,7 +74,7 @@ def test_late_norms_are_the_later_middle_blocks_and_lengthen_the_reused_prefix(q
 
 
 def test_zoa_adapts_only_the_middle_norm_affines(qcnn, short_stream):
-    run = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa")
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa", norm_layers="middle")
     params = dict(run.model.named_parameters())
     before = {k: p.detach().clone() for k, p in params.items()}
     run.run(short_stream)
@@ -394,11 +394,14 @@ def test_settling_allows_for_batch_noise_but_not_for_a_trend(qcnn):
         ZOAConfig(converge_z=-1.0)
 
 
-def test_skip_converged_is_off_by_default_and_state_round_trips(qcnn, digits):
+def test_skip_converged_is_on_by_default_and_state_round_trips(qcnn, digits):
     _, test = digits
     x = test.x[:64]
-    run = qtta_plugins.adapt(qcnn["w4a4"], [x] * 10, "zoa")
+    run = qtta_plugins.adapt(qcnn["w4a4"], [x] * 10, "zoa", skip_converged=False)
     assert run.method.one_pass_batches == 0
+    run = qtta_plugins.adapt(qcnn["w4a4"], [x] * 10, "zoa")  # one batch over and over: settles
+    assert run.method.config.skip_converged and run.method.config.norm_layers == "late"
+    assert run.method.one_pass_batches > 0
     run = _settle_run(qcnn)
     for _ in range(5):
         run.step(x)
