@@ -583,18 +583,19 @@ class ConvertedView(QuantView):
         return norms
 
     def layer_input_module(self, layer: QuantLayer) -> nn.Module:
-        index = [x.name for x in self.layers()].index(layer.name)
-        return _input_tap(self.gm, _compute_nodes(self.gm)[index])
+        return _input_tap(self.gm, self._compute_node(layer))
 
     def layer_bias(self, layer: QuantLayer) -> torch.Tensor | None:
+        return _bias_of(self._compute_node(layer), self.gm)
+
+    def _compute_node(self, layer: QuantLayer) -> torch.fx.Node:
         index = [x.name for x in self.layers()].index(layer.name)
-        return _bias_of(_compute_nodes(self.gm)[index], self.gm)
+        return _compute_nodes(self.gm)[index]
 
     def weight_quantizer_input(self, layer: QuantLayer) -> torch.Tensor:
         """The dequantized integer weight (batch norms folded in): the only float weight a
         converted graph knows."""
-        index = [x.name for x in self.layers()].index(layer.name)
-        w_node = _compute_nodes(self.gm)[index].args[1]
+        w_node = self._compute_node(layer).args[1]
         with torch.no_grad():
             return _evaluate(w_node, self.gm).detach()
 

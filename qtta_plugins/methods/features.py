@@ -142,9 +142,7 @@ class FeatureRecorder:
                 self._detach()
 
     def _attach(self) -> None:
-        if self._input_shift_handle is not None:  # the step's hook on the last input does it
-            self._input_shift_handle.remove()
-            self._input_shift_handle = None
+        self._drop_input_shift()  # the step's hook on the last input does its work
         self._handles = [
             m.register_forward_pre_hook(self._hook_for(i)) for i, m in enumerate(self.modules)
         ]
@@ -152,17 +150,24 @@ class FeatureRecorder:
             self._handles.append(self.detector.register_forward_pre_hook(self._detector_hook))
 
     def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._input_shift_handle is not None:
-            self._input_shift_handle.remove()
-            self._input_shift_handle = None
+        self._remove_hooks()
         if self.head is None and self.applied_shift is not None and self.modules:
             # no bias to hold the shift: the model keeps it on the last layer's input
             self._input_shift_handle = self.modules[-1].register_forward_pre_hook(
                 self._between_steps_shift
             )
+
+    def _remove_hooks(self) -> None:
+        """Every hook this recorder has on the model off (the step's and the input shift)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._drop_input_shift()
+
+    def _drop_input_shift(self) -> None:
+        if self._input_shift_handle is not None:
+            self._input_shift_handle.remove()
+            self._input_shift_handle = None
 
     @property
     def persistent_hooks(self) -> int:
@@ -223,9 +228,7 @@ class FeatureRecorder:
         self.feature_ema = None
         self.applied_shift = None
         self.apply_shift()
-        if self._input_shift_handle is not None:
-            self._input_shift_handle.remove()
-            self._input_shift_handle = None
+        self._drop_input_shift()
 
     def shift_state(self) -> dict[str, torch.Tensor | None]:
         """The output shift's running state, for a method's ``state_dict``."""
@@ -257,12 +260,7 @@ class FeatureRecorder:
 
     def remove(self) -> None:
         """Take every hook off and put the original bias back."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._input_shift_handle is not None:
-            self._input_shift_handle.remove()
-            self._input_shift_handle = None
+        self._remove_hooks()
         if self.head is not None:
             self.head.write(None)
 

@@ -391,7 +391,8 @@ class ZOA(TestTimeMethod):
                 return self._step(x)
         finally:
             if self.prefix is not None:
-                self.prefix.release()  # and its hooks: none stays on the model between steps
+                # nothing of this batch is kept past its step, nor any hook of the cache
+                self.prefix.release()
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -406,8 +407,6 @@ class ZOA(TestTimeMethod):
         self.domain_batches += 1
         if cfg.skip_converged and self._settled(loss, changed):
             self.one_pass_batches += 1
-            if self.prefix is not None:
-                self.prefix.release()
             return logits
         self.since_update = 0
 
@@ -421,7 +420,6 @@ class ZOA(TestTimeMethod):
         if self.prefix is not None:
             # features before the adapted layers are not recomputed: they keep pass 1's values
             logits_plus = self.prefix.rerun()
-            self.prefix.release()  # nothing of this batch is kept past its two passes
         else:
             recorder.clear()
             logits_plus = self.view.model(x)
