@@ -32,6 +32,11 @@ ROWS = {
     "norm": ("norm", {}),
     "tent": ("tent", {}),
     "zoa": ("zoa", {"norm_layers": "middle", "skip_converged": False}),
+    "zoa, two whole passes": (
+        "zoa",
+        {"norm_layers": "middle", "skip_converged": False, "reuse_prefix": False},
+    ),
+    "zoa, late norms": ("zoa", {"norm_layers": "late", "skip_converged": False}),
     "zoa, late norms + skip_converged": ("zoa", {"norm_layers": "late", "skip_converged": True}),
     "foa": ("foa", {}),
 }

@@ -11,7 +11,11 @@ the backend:
 * any other ``nn.Module`` (Brevitas, NNCF, plain torch) is probed once for the order in which its
   submodules run; in the second pass every submodule that ran to completion before the first
   module holding an adapted parameter returns what it returned in the first pass instead of
-  computing (its forward is swapped for the pass, and put back after).
+  computing (its forward is swapped for the pass, and put back after). Only the outputs that the
+  second pass reads outside those submodules are kept (found by watching the torch calls of the
+  first, full, second pass): the others are only ever read by the next replayed submodule, which
+  does not compute in the second pass, so they come back as zero-memory stand-ins and pass 1
+  frees them as plain inference does.
 
 ``run(x)`` is the full forward; ``rerun()`` recomputes the output for the same ``x`` after the
 adapted parameters changed. When a first pass cannot be replayed safely (the model computed in a
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class PrefixCache:
@@ -111,11 +116,29 @@ class GraphPrefixCache(PrefixCache):
                 dirty.add(node)
         prefix = [n for n in nodes if n not in dirty and n.op != "output"]
         in_prefix = set(prefix)
+        # Values that do not depend on the batch (the weights' fake-quantization, say) are not
+        # kept: the suffix computes them again, as plain inference would, instead of holding
+        # every later layer's quantized weight through the step.
+        batch: set[torch.fx.Node] = set()
+        for node in nodes:
+            if node.op == "placeholder" or any(a in batch for a in node.all_input_nodes):
+                batch.add(node)
         frontier = [
-            n
-            for n in prefix
-            if n.op != "get_attr" and any(user not in in_prefix for user in n.users)
+            n for n in prefix if n in batch and any(user not in in_prefix for user in n.users)
         ]
+        constants: set[torch.fx.Node] = set()  # batch-independent prefix values the suffix uses
+        todo = [
+            a
+            for n in nodes
+            if n not in in_prefix
+            for a in n.all_input_nodes
+            if a in in_prefix and a not in batch
+        ]
+        while todo:
+            node = todo.pop()
+            if node not in constants:
+                constants.add(node)
+                todo.extend(node.all_input_nodes)
 
         head = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -132,8 +155,8 @@ class GraphPrefixCache(PrefixCache):
             if node in tail_env:
                 continue
             if node in in_prefix:
-                if node.op == "get_attr" and any(u not in in_prefix for u in node.users):
-                    tail_env[node] = tail.node_copy(node)
+                if node in constants:
+                    tail_env[node] = tail.node_copy(node, lambda a: tail_env[a])
                 continue
             if _mutates_first_argument(node) and tail_env.get(node.args[0]) in inputs:
                 # an in-place op on a kept value (converted graphs: aten.add_ of a residual)
@@ -152,7 +175,11 @@ class GraphPrefixCache(PrefixCache):
         self._out_spec = getattr(info, "out_spec", None)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         computing = [n for n in nodes if n.op in ("call_function", "call_module", "call_method")]
-        skipped = [n for n in prefix if n.op in ("call_function", "call_module", "call_method")]
+        skipped = [
+            n
+            for n in prefix
+            if n not in constants and n.op in ("call_function", "call_module", "call_method")
+        ]
         self._fraction = len(skipped) / max(1, len(computing))
         self._built_for = gm.code
 
@@ -231,6 +258,8 @@ class ModulePrefixCache(PrefixCache):
         self._versions: dict[int, list[int]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._boundary: nn.Module | None = None
+        #: replayed modules whose outputs the second pass reads (None: not known yet)
+        self._needed: set[int] | None = None
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
         named = [(n, m) for n, m in self.model.named_modules() if m is not self.model]
@@ -280,15 +309,63 @@ class ModulePrefixCache(PrefixCache):
         self._fraction = len(inner) / max(1, total)
         return out
 
+    def _find_needed(self) -> torch.Tensor:
+        """A full second pass that finds which replayed outputs the second pass reads.
+
+        An output is needed when a torch call outside every replayed module reads it: the
+        parents' own code, hooks (as a second pass runs them: a hook acting in pass 1 only reads
+        nothing here), the modules from the boundary on. The rest are read only by the next
+        replayed module, which a replayed pass does not compute.
+        """
+        replayed = self._replayed or []
+        clock = [0]
+        spans: dict[int, list[int]] = {}
+        outputs: dict[int, Any] = {}  # held for the pass, so that tensor ids stay unique
+
+        def pre(module: nn.Module, args: Any) -> None:
+            clock[0] += 1
+            spans[id(module)] = [clock[0], clock[0]]
+
+        def post(module: nn.Module, args: Any, out: Any) -> None:
+            clock[0] += 1
+            spans[id(module)][1] = clock[0]
+            outputs[id(module)] = out
+
+        # ``pre`` runs after the module's other pre-hooks and ``post`` before its other forward
+        # hooks, so that what those hooks read counts as read outside the module
+        handles = [m.register_forward_pre_hook(pre) for m in replayed]
+        handles += [m.register_forward_hook(post, prepend=True) for m in replayed]
+        reads = _ReadLog(clock)
+        try:
+            with reads:
+                out = self.model(self._x)
+        finally:
+            for h in handles:
+                h.remove()
+        read_outside = reads.outside([tuple(s) for s in spans.values()])
+        self._needed = {
+            id(m)
+            for m in replayed
+            if not isinstance(outputs.get(id(m)), torch.Tensor)
+            or id(outputs[id(m)]) in read_outside
+        }
+        return out
+
     def _keep_hooks(self) -> None:
         """Hooks that keep this batch's prefix outputs: on the model from ``run`` to
         ``release``, so that between steps the model carries none."""
         self._remove_hooks()
-        if not self._replayed or self._boundary is None:
+        if not self._replayed or self._boundary is None or self._needed is None:
             return
 
         def keep(mod: nn.Module, args: Any, out: Any) -> None:
             self._kept[id(mod)] = out
+
+        def stand_in(mod: nn.Module, args: Any, out: Any) -> None:
+            # read by no one in the second pass: a stand-in of the same shape, without memory
+            self._kept[id(mod)] = torch.zeros((), dtype=out.dtype, device=out.device).expand(
+                out.shape
+            )
 
         def versions(mod: nn.Module, args: Any) -> None:
             # Versions as the prefix left them: an in-place op inside the prefix (a ReLU after a
@@ -297,7 +374,8 @@ class ModulePrefixCache(PrefixCache):
                 self._versions = {key: _versions(out) for key, out in self._kept.items()}
 
         for module in self._replayed:
-            self._handles.append(module.register_forward_hook(keep))
+            hook = keep if id(module) in self._needed else stand_in
+            self._handles.append(module.register_forward_hook(hook))
         self._handles.append(self._boundary.register_forward_pre_hook(versions))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +389,8 @@ class ModulePrefixCache(PrefixCache):
 
     def rerun(self) -> torch.Tensor:
         replayed = self._replayed or []
+        if self._x is not None and replayed and self._needed is None and self.reusing:
+            return self._find_needed()  # computes in full, once
         if (
             not self.reusing
             or not replayed
@@ -342,6 +422,29 @@ class ModulePrefixCache(PrefixCache):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class _ReadLog(TorchFunctionMode):
+    """The tensors each torch call reads, stamped with a clock (one tick per call)."""
+
+    def __init__(self, clock: list[int]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.clock[0] += 1
+        self.calls.append((self.clock[0], [id(t) for t in _tensors((args, kwargs))]))
+        return func(*args, **kwargs)
+
+    def outside(self, spans: list[tuple[int, int]]) -> set[int]:
+        """Ids of the tensors read by calls outside every (enter, leave) span."""
+        read: set[int] = set()
+        for tick, ids in self.calls:
+            if not any(start < tick < end for start, end in spans):
+                read.update(ids)
+        return read
 
 
 def _versions(out: Any) -> list[int]:
