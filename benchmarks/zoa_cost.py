@@ -13,7 +13,7 @@ the 15 corruptions at severity 5, continual, ``--n-per-domain`` images per corru
 at the default 1024: domains long enough for adaptation to settle, as a device's weather or site
 does); each seed draws its own images and corruption noise.
 
-Rows: norm (BN-adapt), Tent, ZOA with two whole passes (``reuse_prefix=False``), ZOA whose second
+Rows: source (no adaptation: the ViT has no BN-adapt row), norm (BN-adapt), Tent, ZOA with two whole passes (``reuse_prefix=False``), ZOA whose second
 pass starts at the first adapted norm (the default), that with ``skip_converged=True`` (and with
 the settle rule's relative tolerance alone), and both with ``norm_layers="late"`` (the later half
 of the middle blocks adapt: a longer reused prefix). Columns: mean error (mean +- sd over the
@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoa_benchmark import run_row  # noqa: E402
 
 ROWS = {
+    "source": ("source", {}),
     "norm": ("norm", {}),
     "tent": ("tent", {}),
     # the authors' norms, every batch updated (the defaults before issue 15)
@@ -72,6 +73,7 @@ ROWS = {
 #: ("zoa, two whole passes" computes exactly what "zoa" does: tests/test_prefix.py)
 RECIPES = {"timm-vit": {"lr": 1e-3}}  # as benchmarks/architectures.py trains them
 SEEDED_ROWS = (
+    "source",  # the gain over source is a seeded comparison too
     "zoa",
     "zoa + skip_converged",
     "zoa, late norms",

@@ -87,6 +87,10 @@ class GraphPrefixCache(PrefixCache):
     the model's graph is recompiled (a method inserting a feature tap, say).
     """
 
+    #: keep batch-independent values the suffix uses (weights' fake-quantization) from the
+    #: first pass instead of computing them again: faster second passes, more step memory
+    keep_constants: bool = False
+
     def __init__(self, model: torch.fx.GraphModule, params: Sequence[torch.Tensor]) -> None:
         super().__init__(model, params)
         self._built_for: str | None = None
@@ -121,7 +125,11 @@ class GraphPrefixCache(PrefixCache):
         # every later layer's quantized weight through the step.
         batch: set[torch.fx.Node] = set()
         for node in nodes:
-            if node.op == "placeholder" or any(a in batch for a in node.all_input_nodes):
+            if (
+                node.op == "placeholder"
+                or (self.keep_constants and node.op != "get_attr")
+                or any(a in batch for a in node.all_input_nodes)
+            ):
                 batch.add(node)
         frontier = [
             n for n in prefix if n in batch and any(user not in in_prefix for user in n.users)
@@ -140,9 +148,20 @@ class GraphPrefixCache(PrefixCache):
                 constants.add(node)
                 todo.extend(node.all_input_nodes)
 
+        # ... and the prefix does not compute those of them that only the suffix uses
+        head_uses: set[torch.fx.Node] = set()
+        todo = [a for n in prefix if n not in constants for a in n.all_input_nodes]
+        while todo:
+            node = todo.pop()
+            if node not in head_uses:
+                head_uses.add(node)
+                todo.extend(node.all_input_nodes)
+
         head = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         for node in prefix:
+            if node in constants and node not in head_uses:
+                continue
             env[node] = head.node_copy(node, lambda a: env[a])
         head.output(tuple(env[n] for n in frontier))
 
