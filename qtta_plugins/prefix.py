@@ -25,7 +25,7 @@ forward and :attr:`PrefixCache.reusing` turns false.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -134,28 +134,16 @@ class GraphPrefixCache(PrefixCache):
         frontier = [
             n for n in prefix if n in batch and any(user not in in_prefix for user in n.users)
         ]
-        constants: set[torch.fx.Node] = set()  # batch-independent prefix values the suffix uses
-        todo = [
+        # batch-independent prefix values the suffix uses
+        constants = _with_inputs(
             a
             for n in nodes
             if n not in in_prefix
             for a in n.all_input_nodes
             if a in in_prefix and a not in batch
-        ]
-        while todo:
-            node = todo.pop()
-            if node not in constants:
-                constants.add(node)
-                todo.extend(node.all_input_nodes)
-
+        )
         # ... and the prefix does not compute those of them that only the suffix uses
-        head_uses: set[torch.fx.Node] = set()
-        todo = [a for n in prefix if n not in constants for a in n.all_input_nodes]
-        while todo:
-            node = todo.pop()
-            if node not in head_uses:
-                head_uses.add(node)
-                todo.extend(node.all_input_nodes)
+        head_uses = _with_inputs(a for n in prefix if n not in constants for a in n.all_input_nodes)
 
         head = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -234,6 +222,18 @@ class GraphPrefixCache(PrefixCache):
     def release(self) -> None:
         super().release()
         self._frontier = None
+
+
+def _with_inputs(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    found: set[torch.fx.Node] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in found:
+            found.add(node)
+            todo.extend(node.all_input_nodes)
+    return found
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:
