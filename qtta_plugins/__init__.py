@@ -6,15 +6,15 @@ Public API::
     run = qtta_plugins.adapt(qmodel, stream)          # backend detected, method chosen
     run.predictions, run.model, run.errors()          # in stream order; still a torchao model
     run.reset(); run.save("state.pt"); run.load("state.pt")
+    deployable = qtta_plugins.export(run.model)       # through the backend's own export path
 
 Importing this package imports no quantization backend: adapters load their backend lazily.
 """
 
 from __future__ import annotations
 
-import random
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +29,16 @@ from .config import (
     TentConfig,
     parse_bits,
 )
-from .errors import BackendNotInstalledError, BadBatchError, UnknownBackendError, UnknownMethodError
+from .errors import (
+    BackendNotInstalledError,
+    BadBatchError,
+    UnknownBackendError,
+    UnknownMethodError,
+    UnsafeStateError,
+)
+from .exporting import export
 from .hookspecs import hookimpl
+from .methods.features import measure_source_statistics
 from .methods.foa import FOAConfig
 from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins, plugin_manager
@@ -41,8 +49,11 @@ from .view import (
     QuantizerHandle,
     QuantLayer,
     QuantView,
+    SourceStatistics,
     copy_model,
     fake_quantize,
+    keep_source_statistics,
+    kept_source_statistics,
     remember_source_sample,
     source_sample,
 )
@@ -66,12 +77,15 @@ __all__ = [
     "QuantizerHandle",
     "ReconstructConfig",
     "SourceConfig",
+    "SourceStatistics",
     "TentConfig",
     "UnknownBackendError",
     "UnknownMethodError",
+    "UnsafeStateError",
     "ZOAConfig",
     "adapt",
     "copy_model",
+    "export",
     "fake_quantize",
     "hookimpl",
     "list_plugins",
@@ -83,11 +97,6 @@ __all__ = [
     "select_subnet",
     "source_sample",
 ]
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def quant_view(model: torch.nn.Module) -> QuantView:
@@ -119,6 +128,12 @@ def quantize(
     ``calib``: calibration batches (an iterable of input tensors, or one tensor). The returned model
     is the backend's own kind; ``model`` itself is not modified. ``options`` go to
     :class:`QuantConfig` (e.g. ``first_last_bits=None``).
+
+    The returned model carries, outside its state dict, the statistics of itself on the first 512
+    calibration images that forward-only methods (``zoa``, ``foa``) and the adapter's preparation
+    need (:class:`~qtta_plugins.view.SourceStatistics`), not the images:
+    ``keep_calibration_sample=True`` keeps the images instead (they then travel with every copy of
+    the model), for a model you will convert or change before adapting it.
     """
     if isinstance(backend, QuantConfig):
         config = backend
@@ -136,7 +151,7 @@ def quantize(
     result = plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
-    remember_source_sample(result, batches)
+    measure_source_statistics(result, batches, keep_sample=config.keep_calibration_sample)
     return result
 
 
@@ -202,6 +217,14 @@ def adapt(
     object; by default Tent where gradients flow, the forward-only ZOA where they cannot.
     ``inplace=False`` (the default) adapts a copy: the caller's model is left untouched.
 
+    If the stream (or a step) raises partway, the error carries the run so far as
+    ``err.adaptation``: its predictions, ``errors()`` and state up to the last good batch (the
+    failing step changed nothing). ``err.adaptation.run(rest)`` continues; after an in-place run,
+    ``err.adaptation.restore_model()`` puts the model back as it was before ``adapt``.
+
+    The process's global random number generators are left alone: methods draw from their own,
+    seeded with ``config.seed``.
+
     Returns the :class:`Adaptation`: ``.predictions`` in stream order, ``.model`` the adapted model
     (same backend kind), ``.errors()`` per domain when labels were given, ``.reset()``,
     ``.save(path)`` / ``.load(path)``.
@@ -216,7 +239,7 @@ def adapt(
         # the adapter's corrections for adaptation (e.g. NNCF activation ranges for batch
         # statistics) belong to the run's starting point: its reset goes back to them
         messages = view.prepare_adaptation() if config.method != "source" else []
-        _seed(config.seed)
+        # no global reseeding: methods draw from their own generators, seeded with config.seed
         tta = plugin_manager().hook.qtta_adapt(view=view, config=config)
     except BaseException:
         view.restore(before)
@@ -225,10 +248,34 @@ def adapt(
         warnings.warn(message, stacklevel=2)
     if tta is None:  # pragma: no cover - declared in qtta_methods but qtta_adapt returned None
         raise UnknownMethodError(f"the plugin declaring {config.method!r} did not build it")
-    run = Adaptation(view, tta, config)
+    run = Adaptation(view, tta, config, before=before if inplace else None)
     if stream is not None:
-        run.run(stream, progress=progress)
+        try:
+            run.run(stream, progress=progress)
+        except BaseException as exc:
+            _attach_partial_run(exc, run, inplace)
+            raise
     return run
+
+
+def _attach_partial_run(exc: BaseException, run: Adaptation, inplace: bool) -> None:
+    """Put the run so far on ``exc`` (``exc.adaptation``), with a note that says so: a stream that
+    fails partway must not lose the predictions made and the state reached."""
+    try:
+        exc.adaptation = run  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # pragma: no cover - an exception type without __dict__
+        return
+    restore = (
+        "; err.adaptation.restore_model() puts your in-place model back as it was before adapt"
+        if inplace
+        else "; your model was not changed (adapt worked on a copy)"
+    )
+    note = (
+        f"qtta_plugins.adapt stopped after {run.batches} batch(es) of the stream: the run so far "
+        "(predictions, errors(), state; .run(rest) continues it) is err.adaptation" + restore
+    )
+    if hasattr(exc, "add_note"):  # Python >= 3.11; the attribute is there either way
+        exc.add_note(note)
 
 
 def reconstruct(
@@ -266,17 +313,23 @@ def reconstruct(
             f"fp_model must be the float torch.nn.Module, got {type(fp_model).__name__}"
         )
     quant_view(qmodel)  # fail on an unknown model before paying for a copy
+    if not isinstance(calib, torch.Tensor) and not isinstance(calib, Sequence):
+        calib = list(calib)  # read twice: by the method, then for the source statistics
     if not inplace:
         qmodel = copy_model(qmodel)
     view = quant_view(qmodel)
     snapshot = view.snapshot()
-    _seed(config.seed)
-    try:
+    stats = kept_source_statistics(qmodel)
+    try:  # no global reseeding: methods draw from their own generators, seeded with config.seed
         result = plugin_manager().hook.qtta_reconstruct(
             qmodel=qmodel, fp_model=fp_model, calib=calib, config=config
         )
+        if result is not None and stats is not None:
+            # the statistics quantize kept describe the model before reconstruction
+            measure_source_statistics(result, calibration_batches(calib, "reconstruction"))
     except BaseException:
         view.restore(snapshot)
+        keep_source_statistics(qmodel, stats)
         raise
     if result is None:
         raise UnknownMethodError(

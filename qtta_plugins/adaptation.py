@@ -10,6 +10,8 @@ recorded in stream order.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import AdaptConfig
-from .errors import BadBatchError
+from .errors import BadBatchError, UnsafeStateError
 from .methods.base import TestTimeMethod
 from .progress import show_progress
 from .view import QuantView, model_device
@@ -107,6 +109,27 @@ def check_batch(
     return x
 
 
+def check_labels(y: Any, x: torch.Tensor) -> None:
+    """Raise :class:`BadBatchError` unless ``y`` holds one class index per sample of ``x``: shape
+    ``(N,)``. Labels of shape ``(N, 1)`` would broadcast against the ``(N,)`` predictions into an
+    ``(N, N)`` comparison and count errors above 100%."""
+    if not isinstance(y, torch.Tensor):
+        raise BadBatchError(
+            f"labels must be a tensor of shape ({x.shape[0]},), one class index per sample of the "
+            f"batch of shape {tuple(x.shape)}; got {type(y).__name__}"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        hint = (
+            " (squeeze the extra axis: y.view(-1))"
+            if y.ndim == 2 and y.shape[0] == x.shape[0] and y.shape[1] == 1
+            else ""
+        )
+        raise BadBatchError(
+            f"labels have shape {tuple(y.shape)}; expected ({x.shape[0]},), one class index per "
+            f"sample of the batch of shape {tuple(x.shape)}{hint}"
+        )
+
+
 class Adaptation:
     """A model adapting online to a stream, with its state.
 
@@ -115,12 +138,23 @@ class Adaptation:
     when labels were given).
     """
 
-    def __init__(self, view: QuantView, method: TestTimeMethod, config: AdaptConfig) -> None:
+    def __init__(
+        self,
+        view: QuantView,
+        method: TestTimeMethod,
+        config: AdaptConfig,
+        *,
+        before: dict[str, Any] | None = None,
+    ) -> None:
+        """``before``: the model's snapshot from before the adaptation was set up (what
+        :meth:`restore_model` puts back; :func:`qtta_plugins.adapt` passes it for in-place runs)."""
         self.view = view
         self.method = method
         self.config = config
         self.sample_shape: tuple[int, ...] | None = getattr(view, "sample_shape", None)
         self._initial = (view.snapshot(), method._copy_state())
+        self._before = before
+        self._restored = False
         self._predictions: list[torch.Tensor] = []
         self.results: dict[str, DomainResult] = {}
         self.batches = 0
@@ -140,12 +174,14 @@ class Adaptation:
         self, x: torch.Tensor, y: torch.Tensor | None = None, domain: str = "stream"
     ) -> torch.Tensor:
         """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing."""
-        x = check_batch(x, self.sample_shape, model_device(self.model))
-        if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
-            raise BadBatchError(
-                f"labels must be a tensor with one entry per sample ({x.shape[0]}), got "
-                f"{getattr(y, 'shape', type(y).__name__)}"
+        if self._restored:
+            raise RuntimeError(
+                "this adaptation put its model back with restore_model(); start a new one with "
+                "qtta_plugins.adapt"
             )
+        x = check_batch(x, self.sample_shape, model_device(self.model))
+        if y is not None:
+            check_labels(y, x)
         params = self.method.adapted_parameters()
         backup = [p.detach().clone() for p in params]
         buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
@@ -216,6 +252,17 @@ class Adaptation:
         self.results.clear()
         self.batches = 0
 
+    def restore_model(self) -> None:
+        """Put the model back as it was before :func:`qtta_plugins.adapt` set this run up (after an
+        in-place run: parameters, buffers, quantizer bit-widths and switches, norm mode, requires_grad,
+        including what the adapter corrected for adaptation), the method back at its start, and
+        the results cleared; the run takes no further step. After a run on a copy (the default) your
+        model was never changed, and this resets the copy."""
+        self.reset()
+        if self._before is not None:
+            self.view.restore(self._before)
+        self._restored = True
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.config.method,
@@ -245,5 +292,27 @@ class Adaptation:
     def save(self, path: str | os.PathLike[str]) -> None:
         torch.save(self.state_dict(), path)
 
-    def load(self, path: str | os.PathLike[str]) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+    def load(self, path: str | os.PathLike[str], *, trusted: bool = False) -> None:
+        """Load a state :meth:`save` wrote. The file is read with ``torch.load(weights_only=True)``:
+        only tensors, numbers, strings and containers, so a file cannot run code when loaded; one
+        that holds anything else raises :class:`~qtta_plugins.errors.UnsafeStateError` and
+        changes nothing. A ``foa`` state holds its CMA-ES object, which only full unpickling
+        rebuilds: pass ``trusted=True`` for a file you wrote yourself (never for one you were sent).
+        """
+        try:
+            state = torch.load(path, weights_only=not trusted)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+            detail = found.group(1).strip() if found else str(exc).splitlines()[0]
+            raise UnsafeStateError(
+                f"refusing to load {os.fspath(path)!r}: it holds more than tensors, numbers, "
+                f"strings and containers ({detail}), and unpickling it could run arbitrary code. "
+                "If you wrote this file yourself (a 'foa' state holds its CMA-ES object), load it "
+                "with load(path, trusted=True)."
+            ) from None
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{os.fspath(path)!r} does not hold an adaptation state (a dict from "
+                f"Adaptation.save), but a {type(state).__name__}"
+            )
+        self.load_state_dict(state)

@@ -27,20 +27,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["QTTA_CACHE_DIR"] = args.cache_dir
     from .demo import run_demo
+    from .progress import quiet_env
 
     progress = False if args.quiet else None
-    run_demo(
-        backend=args.backend,
-        bits=args.bits,
-        methods=args.methods,
-        source=args.source,
-        severity=args.severity,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        plot=None if args.no_plot else (args.plot or f"qtta_demo_{args.backend}_{args.bits}.png"),
-        progress=progress,
-        threads=args.threads,
-    )
+    with quiet_env(args.quiet):  # -q silences the backends' own progress and INFO lines too
+        run_demo(
+            backend=args.backend,
+            bits=args.bits,
+            methods=args.methods,
+            source=args.source,
+            severity=args.severity,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            plot=None
+            if args.no_plot
+            else (args.plot or f"qtta_demo_{args.backend}_{args.bits}.png"),
+            progress=progress,
+            threads=args.threads,
+        )
     return 0
 
 
@@ -69,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--cache-dir", default=None, help="cache directory (default $QTTA_CACHE_DIR or ~/.cache)"
     )
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (ours or the backend's) and no backend INFO lines",
+    )
     d.set_defaults(func=_cmd_demo)
     return parser
 

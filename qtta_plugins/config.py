@@ -40,6 +40,13 @@ class QuantConfig:
     ``first_last_bits``: bit-width kept for the first layer's input and weights and the last layer,
     as the low-bit PTQ literature does (BRECQ, QDrop, TTAQ all keep them at 8 bit). ``None`` quantizes
     them like every other layer.
+
+    ``keep_calibration_sample``: keep up to 512 calibration images on the returned model (outside
+    its state dict; they travel with every copy of it). Off by default: the model keeps only the
+    statistics measured on them that the methods need (:class:`~qtta_plugins.view.SourceStatistics`:
+    per-layer feature means and deviations, adapter measurements). Turn it on for a model you will
+    convert or change before adapting it with ``zoa`` / ``foa`` (statistics describe only the model
+    they were measured on), or pass those methods ``source_data=`` instead.
     """
 
     backend: str = "torchao"
@@ -47,6 +54,7 @@ class QuantConfig:
     act_bits: int = 8
     first_last_bits: int | None = 8
     calib_batches: int = 8
+    keep_calibration_sample: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
@@ -61,6 +69,11 @@ class QuantConfig:
             )
         if self.calib_batches < 1:
             raise ValueError(f"QuantConfig.calib_batches must be >= 1, got {self.calib_batches}")
+        if not isinstance(self.keep_calibration_sample, bool):
+            raise ValueError(
+                "QuantConfig.keep_calibration_sample must be True or False, got "
+                f"{self.keep_calibration_sample!r}"
+            )
 
     @property
     def tag(self) -> str:
@@ -71,7 +84,8 @@ class QuantConfig:
 class AdaptConfig:
     """Base of every test-time adaptation method's configuration.
 
-    ``method`` names the method plugin; ``seed`` makes the run deterministic. A method plugin that is
+    ``method`` names the method plugin; ``seed`` makes the run deterministic: methods draw from
+    their own generators seeded with it (the process's global RNGs are left alone). A method plugin that is
     handed a bare ``AdaptConfig`` (the user passed only a name) builds its own defaults from it.
     """
 
@@ -161,7 +175,10 @@ class TentConfig(AdaptConfig):
 
 @dataclass
 class ReconstructConfig:
-    """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...)."""
+    """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...).
+
+    ``seed``: methods draw from their own generators seeded with it (the process's global RNGs
+    are left alone)."""
 
     method: str = "ttaq"
     seed: int = 0

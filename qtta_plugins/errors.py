@@ -1,5 +1,7 @@
 """Errors that name the problem."""
 
+import pickle
+
 
 class QttaError(Exception):
     """Base of qtta-plugins' own errors."""
@@ -19,3 +21,8 @@ class BadBatchError(QttaError, ValueError):
 
 class BackendNotInstalledError(QttaError, ImportError):
     """The backend's package is missing; the message names the pip extra."""
+
+
+class UnsafeStateError(QttaError, pickle.UnpicklingError):
+    """A saved state that holds objects only arbitrary unpickling could rebuild: refused unless
+    the caller says the file is trusted (:meth:`qtta_plugins.Adaptation.load`)."""

@@ -3,13 +3,14 @@
 Two kinds of plugins implement these hooks:
 
 * **backend adapters** (torchao, Brevitas, NNCF, ...) translate a backend's quantized model into the
-  uniform :class:`~qtta_plugins.view.QuantView` and back, and quantize float models;
+  uniform :class:`~qtta_plugins.view.QuantView` and back, quantize float models, and export
+  quantized ones through the backend's own deployment path;
 * **methods** (``source``, ``norm``, ``tent``, later ZOA, TTAQ, RTF-Q, ...) work only on that view and
   so run on every backend.
 
 Every hook is ``firstresult``: each implementation looks at the request (the backend or method name
-in ``config``, or the model's type) and returns ``None`` when it is not the one addressed, so the
-first plugin that recognises the request answers. A plugin is registered either by the core (the
+in ``config`` or ``backend``, or the model's type) and returns ``None`` when it is not the one
+addressed, so the first plugin that recognises the request answers. A plugin is registered either by the core (the
 built-in methods) or through the ``qtta_plugins`` entry-point group, the same way for both.
 """
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterable
 
     import torch
@@ -115,4 +117,31 @@ def qtta_select_subnet(
     ``None`` when ``bank`` is not of a kind this plugin knows. Otherwise return a standalone model of
     ``backend`` (``None``: the plugin's default), or raise ``ValueError`` naming the smallest feasible
     budget.
+    """
+
+
+@hookspec(firstresult=True)
+def qtta_export(
+    model: torch.nn.Module,
+    backend: str,
+    path: str | os.PathLike[str] | None,
+    options: dict[str, Any],
+) -> Any | None:
+    """Export a quantized, possibly adapted, model of ``backend`` through the backend's own
+    deployment path (what :func:`qtta_plugins.export` calls).
+
+    The core has already recognised ``model`` (through ``qtta_quant_view``) as a model of
+    ``backend``. Return ``None`` when ``backend`` is not this plugin's. Otherwise:
+
+    * never modify ``model``: export a copy where the backend's path changes the model it is given;
+    * export the model with fixed statistics: norms on their running statistics, with their
+      current (adapted) affine parameters, i.e. what the model computes in norm mode ``"source"``;
+    * ``path=None``: return the exported object (a module, or an in-memory artefact such as an ONNX
+      ``ModelProto``); a path: write the file there and return its :class:`pathlib.Path`;
+    * ``options``: the backend's keyword options; raise ``TypeError`` naming each unknown option
+      and listing the accepted ones (:func:`qtta_plugins.exporting.export_options`);
+    * raise :class:`~qtta_plugins.exporting.UnsupportedExportError` naming what the backend's path
+      does not support (a bit-width, a kind of model, a file for an in-memory path) before
+      touching anything, and :class:`~qtta_plugins.errors.BackendNotInstalledError` naming the pip
+      command when the exporter needs a package that is missing.
     """

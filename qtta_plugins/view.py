@@ -8,6 +8,7 @@ when the user did not ask for in-place work, is the caller's job (see :func:`qtt
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -234,40 +235,149 @@ class Block:
 
 
 _SOURCE_SAMPLE = "_qtta_source_sample"
+_SOURCE_STATS = "_qtta_source_statistics"
 SOURCE_SAMPLE_SIZE = 512
+#: the batch size source statistics are measured in (the methods' ``source_batch_size`` default)
+SOURCE_BATCH_SIZE = 64
+
+
+def first_inputs(
+    batches: Iterable[torch.Tensor], n: int = SOURCE_SAMPLE_SIZE
+) -> torch.Tensor | None:
+    """The first ``n`` inputs of ``batches`` as one detached tensor (``None`` if there are none)."""
+    kept, count = [], 0
+    for x in batches:
+        x = x.detach()[: n - count].clone()
+        kept.append(x)
+        count += x.shape[0]
+        if count >= n:
+            break
+    return torch.cat(kept) if kept else None
+
+
+def _set_meta(model: nn.Module, key: str, value: object) -> None:
+    if isinstance(model, torch.fx.GraphModule):
+        model.meta[key] = value  # a GraphModule's deep copy keeps .meta, not attributes
+    else:
+        object.__setattr__(model, key, value)
+
+
+def _get_meta(model: nn.Module, key: str) -> object:
+    inner = model._modules.get("_orig_mod")  # a torch.compile wrapper: the model inside
+    if isinstance(inner, nn.Module):
+        return _get_meta(inner, key)
+    if isinstance(model, torch.fx.GraphModule):
+        return model.meta.get(key)
+    return model.__dict__.get(key)
 
 
 def remember_source_sample(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Keep up to :data:`SOURCE_SAMPLE_SIZE` clean inputs on ``model`` (outside its state dict).
 
-    :func:`qtta_plugins.quantize` stores its calibration inputs this way, so forward-only methods can
-    compute source feature statistics on the quantized model without the user passing clean data
-    again. The sample follows the model through deep copies and :func:`copy_model`.
+    :func:`qtta_plugins.quantize` does so only when asked (``keep_calibration_sample=True``): the
+    sample follows the model through deep copies, :func:`copy_model` and every copy a user makes,
+    so by default the model carries :class:`SourceStatistics` instead. With a sample, methods
+    measure source statistics on the model as it is when they start (after a conversion, say).
     """
-    kept, n = [], 0
-    for x in batches:
-        x = x.detach()[: SOURCE_SAMPLE_SIZE - n].clone()
-        kept.append(x)
-        n += x.shape[0]
-        if n >= SOURCE_SAMPLE_SIZE:
-            break
-    if not kept:
-        return
-    sample = torch.cat(kept)
-    if isinstance(model, torch.fx.GraphModule):
-        model.meta[_SOURCE_SAMPLE] = sample  # a GraphModule's deep copy keeps .meta, not attributes
-    else:
-        object.__setattr__(model, _SOURCE_SAMPLE, sample)
+    sample = first_inputs(batches)
+    if sample is not None:
+        _set_meta(model, _SOURCE_SAMPLE, sample)
 
 
 def source_sample(model: nn.Module) -> torch.Tensor | None:
     """The clean inputs :func:`remember_source_sample` kept on ``model`` (or its compiled wrapper)."""
+    return _get_meta(model, _SOURCE_SAMPLE)  # type: ignore[return-value]
+
+
+@dataclass
+class FeatureStatistics:
+    """Source feature statistics of one model state, the one whose :func:`state_fingerprint` is
+    ``fingerprint``: ``features[mode][layer]``, the per-channel ``(mean, std)`` of the pooled
+    input of each quantized layer but the first, averaged over batches, with norms in ``mode``
+    (``"source"`` / ``"batch"``), as ``zoa`` and ``foa`` compare test batches with; and
+    ``detector[mode][norm]``, the per-channel ``(mean, var)`` of what the first norm normalises."""
+
+    fingerprint: str
+    features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    detector: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass
+class SourceStatistics:
+    """What :func:`qtta_plugins.quantize` keeps on a model in place of its calibration images:
+    statistics measured on them, small tensors outside the state dict that follow the model through
+    copies (:func:`qtta_plugins.methods.features.measure_source_statistics`).
+
+    ``measured``: :class:`FeatureStatistics` of the model as :func:`qtta_plugins.adapt` prepares it
+    (:meth:`QuantView.prepare_adaptation`), in batches of ``batch_size``, with batch norms on
+    test-batch statistics (as ``zoa`` and ``foa`` run by default; a model without batch-norm
+    statistics normalises alike in both modes). ``adapter``: what the adapter measured on the
+    model as quantized (:func:`state_fingerprint` ``fingerprint``) for its own preparation
+    (:meth:`QuantView.measure_source`). Statistics hold only for the model states they were
+    measured on: a model changed since (converted, reconstructed or adapted in place, edited)
+    matches none of them, and methods then need clean data again (``source_data=``, or
+    ``keep_calibration_sample=True`` at quantize time).
+    """
+
+    images: int
+    batch_size: int
+    input_shape: tuple[int, ...]
+    fingerprint: str
+    adapter: dict[str, object] = field(default_factory=dict)
+    measured: list[FeatureStatistics] = field(default_factory=list)
+
+    def matches(self, view: QuantView) -> bool:
+        """Whether ``view``'s model is still the model as quantized (what ``adapter`` describes)."""
+        return state_fingerprint(view) == self.fingerprint
+
+    def for_view(self, view: QuantView) -> FeatureStatistics | None:
+        """The feature statistics measured on ``view``'s model as it is now, if any."""
+        if not self.measured:
+            return None
+        fingerprint = state_fingerprint(view)
+        return next((m for m in self.measured if m.fingerprint == fingerprint), None)
+
+
+def keep_source_statistics(model: nn.Module, stats: SourceStatistics | None) -> None:
+    """Keep ``stats`` on ``model`` (outside its state dict; ``None`` removes them)."""
+    if stats is None:
+        if isinstance(model, torch.fx.GraphModule):
+            model.meta.pop(_SOURCE_STATS, None)
+        else:
+            model.__dict__.pop(_SOURCE_STATS, None)
+        return
+    _set_meta(model, _SOURCE_STATS, stats)
+
+
+def kept_source_statistics(model: nn.Module) -> SourceStatistics | None:
+    """The :class:`SourceStatistics` kept on ``model`` (or its compiled wrapper), if any."""
+    return _get_meta(model, _SOURCE_STATS)  # type: ignore[return-value]
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    try:
+        return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        # a tensor subclass (torchao's packed weights) without a byte view: its layout only
+        return repr((type(t).__name__, tuple(t.shape), str(t.dtype))).encode()
+
+
+def state_fingerprint(view: QuantView) -> str:
+    """A digest of everything a model's function depends on that a view can change: every
+    state-dict tensor (names, dtypes, shapes, bytes) and each quantizer's bit-width and switch.
+    Equal fingerprints: statistics measured on one model hold for the other."""
+    model = view.model
     inner = model._modules.get("_orig_mod")
     if isinstance(inner, nn.Module):
-        return source_sample(inner)
-    if isinstance(model, torch.fx.GraphModule):
-        return model.meta.get(_SOURCE_SAMPLE)
-    return model.__dict__.get(_SOURCE_SAMPLE)
+        model = inner
+    digest = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(_tensor_digest(t))
+    for q in view.quantizers():
+        digest.update(f"{q.name}|{q.bits}|{q.enabled}|".encode())
+    return digest.hexdigest()
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -414,6 +524,13 @@ class QuantView(ABC):
         fx graphs (split) and module models (replay) alike; an adapter may offer a better one."""
         return prefix_cache(self.model, params)
 
+    def measure_source(self, batches: Sequence[torch.Tensor]) -> dict[str, object]:
+        """Called by :func:`qtta_plugins.quantize` on the model it returns, with clean batches:
+        what this adapter's :meth:`prepare_adaptation` will need of the source data, so that the
+        calibration images need not be kept (kept in :attr:`SourceStatistics.adapter`, valid
+        while the model is unchanged). Small tensors only. Default: nothing."""
+        return {}
+
     def prepare_adaptation(self) -> list[str]:
         """Called by :func:`qtta_plugins.adapt` before a method (other than ``source``) is built
         and before the run's snapshot, on the model adapt works on: the adapter may correct what
@@ -510,7 +627,10 @@ class QuantView(ABC):
         }
 
     def restore(self, snapshot: dict[str, object]) -> None:
-        """Put back exactly what :meth:`snapshot` saw."""
+        """Put back exactly what :meth:`snapshot` saw. The snapshot is checked against this model
+        before anything is written (see :meth:`check_snapshot`): one that does not match raises
+        ``ValueError`` and leaves the model as it was."""
+        self.check_snapshot(snapshot)
         tensors: dict[str, torch.Tensor] = snapshot["tensors"]  # type: ignore[assignment]
         saved_quantizers: dict[str, tuple[int, bool]] = snapshot.get("quantizers", {})  # type: ignore[assignment]
         for q in self.quantizers():
@@ -520,11 +640,6 @@ class QuantView(ABC):
             if q.enabled != enabled:
                 q.enabled = enabled
         current = self.model.state_dict(keep_vars=True)
-        missing = set(tensors) ^ set(current)
-        if missing:
-            raise ValueError(
-                f"snapshot does not match this model: differing keys {sorted(missing)[:5]}"
-            )
         with torch.no_grad():
             for k, v in tensors.items():
                 current[k].copy_(v)
@@ -532,8 +647,78 @@ class QuantView(ABC):
             p.requires_grad_(snapshot["requires_grad"].get(k, p.requires_grad))  # type: ignore[union-attr]
         self.set_norm_mode(snapshot["norm_mode"])  # type: ignore[arg-type]
 
+    def check_snapshot(self, snapshot: object) -> None:
+        """Raise ``ValueError`` naming the mismatch unless ``snapshot`` is a :meth:`snapshot` of
+        this model: the same state-dict keys with tensors of the same shapes, the same quantizer
+        names (where the snapshot records quantizers), a known norm mode. Writes nothing."""
+        if not isinstance(snapshot, dict):
+            raise ValueError(
+                f"a snapshot is the dict QuantView.snapshot returns, not a {type(snapshot).__name__}"
+            )
+        absent = [k for k in ("tensors", "requires_grad", "norm_mode") if k not in snapshot]
+        if absent:
+            raise ValueError(f"snapshot lacks {absent}: it is not a QuantView.snapshot")
+        tensors = snapshot["tensors"]
+        if not isinstance(tensors, dict):
+            raise ValueError("snapshot['tensors'] must be a dict of tensors")
+        current = self.model.state_dict(keep_vars=True)
+        differing = set(tensors) ^ set(current)
+        if differing:
+            raise ValueError(
+                f"snapshot does not match this model: differing keys {sorted(differing)[:5]}"
+            )
+        shapes = [
+            f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} vs "
+            f"{tuple(current[k].shape)}"
+            for k, v in tensors.items()
+            if not isinstance(v, torch.Tensor) or not _copies_into(v.shape, current[k].shape)
+        ]
+        if shapes:
+            raise ValueError(f"snapshot does not match this model: tensor shapes {shapes[:5]}")
+        if snapshot["norm_mode"] not in ("source", "batch"):
+            raise ValueError(
+                f"snapshot norm mode must be 'source' or 'batch', not {snapshot['norm_mode']!r}"
+            )
+        saved = snapshot.get("quantizers")
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise ValueError("snapshot['quantizers'] must map quantizer names to (bits, enabled)")
+        differing = set(saved) ^ {q.name for q in self.quantizers()}
+        if differing:
+            raise ValueError(
+                "snapshot does not match this model: differing quantizer names "
+                f"{sorted(differing)[:5]}"
+            )
+        malformed = [
+            name
+            for name, value in saved.items()
+            if not (
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and isinstance(value[0], int)
+                and isinstance(value[1], bool)
+            )
+        ]
+        if malformed:
+            raise ValueError(
+                f"snapshot quantizer entries must be (bits, enabled), not so for {malformed[:5]}"
+            )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(backend={self.backend!r}, layers={len(self.layers())}, "
             f"norms={len(self.norms())}, can_backprop={self.can_backprop})"
         )
+
+
+def _copies_into(source: torch.Size, target: torch.Size) -> bool:
+    """Whether ``target.copy_(source)`` restores every element: the same shape, or the same
+    elements in a broadcastable shape (an observer's scalar ``min_val`` recorded before
+    calibration restores into the ``(1,)`` it became); never a slice broadcast over the rest."""
+    if source.numel() != target.numel():
+        return False
+    try:
+        return torch.broadcast_shapes(source, target) == target
+    except RuntimeError:
+        return False

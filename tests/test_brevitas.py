@@ -115,14 +115,23 @@ def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(
         outs = {bits: qm(clean_batch) for bits, qm in bqcnn.items()}
     errors = {bits: rel_error(out, ref) for bits, out in outs.items()}
     acc = {bits: float((out.argmax(1) == labels).float().mean()) for bits, out in outs.items()}
-    # measured: errors 0.031 / 0.24 / 1.14; accuracy on these 200 images 99.0 / 98.0 / 29.5 %
-    # (float 99.0 %): plain PTQ at 2-bit weights collapses without reconstruction or BN correction
+    # measured (seed 0): errors 0.019 / 0.33 / 1.15; accuracy on these 200 images 99.5 / 96.5 /
+    # 17.0 % (float 99.5 %): plain PTQ at 2-bit weights collapses to near chance on the source
+    # batch-norm statistics, so neither its error nor that accuracy can tell a broken W2A4 (one
+    # whose weights all round to zero: error 1.12, accuracy 8.5 %). The 2-bit weights invalidate
+    # those statistics without losing the information: on the batch's own statistics the working
+    # W2A4 is 91.0 % accurate, the broken one 12 %.
     assert errors["w8a8"] < 0.06, errors
     assert errors["w4a4"] < 0.4, errors
-    assert errors["w2a4"] < 2.0, errors
+    assert errors["w2a4"] < 1.6, errors
     assert errors["w8a8"] < errors["w4a4"] < errors["w2a4"], errors
     assert acc["w8a8"] > 0.97 and acc["w4a4"] > 0.95, acc
     assert all(not qm.training for qm in bqcnn.values())
+    w2 = copy.deepcopy(bqcnn["w2a4"])  # the module's model stays on source statistics
+    qtta_plugins.quant_view(w2).set_norm_mode("batch")
+    with torch.no_grad():
+        w2_batch = float((w2(clean_batch).argmax(1) == labels).float().mean())
+    assert w2_batch > 0.75, w2_batch  # chance: 0.1
 
 
 def test_quantize_returns_a_brevitas_model_and_leaves_the_float_model_untouched(float_cnn, calib):

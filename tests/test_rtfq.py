@@ -108,13 +108,45 @@ def test_costs_follow_width_resolution_and_bits(bank) -> None:
     assert full["bitops"] == pytest.approx(full["macs"] * 64, rel=1e-6)
 
 
-def test_select_subnet_budget_and_errors(bank) -> None:
+def test_choose_takes_the_most_accurate_within_budget_and_breaks_ties_on_bitops() -> None:
+    def row(name: str, macs: float, bitops: float, nbytes: float, acc: float) -> dict:
+        return {"name": name, "macs": macs, "bitops": bitops, "bytes": nbytes, "accuracy": acc}
+
+    best = row("best", 10, 640, 8, 95.0)  # the most accurate, and the most expensive
+    heavy = row("heavy", 5, 320, 4, 90.0)  # tied on accuracy with `light`, more BitOPs
+    light = row("light", 5, 160, 2, 90.0)
+    tiny = row("tiny", 2, 64, 1, 70.0)
+    for rows in ([best, heavy, light, tiny], [tiny, light, heavy, best]):  # order does not matter
+        assert choose(rows, {"macs": 100})["name"] == "best"
+        assert choose(rows, {"macs": 9.9})["name"] == "light"  # tie: the cheaper in BitOPs
+        assert choose(rows, {"macs": 5})["name"] == "light"  # the budget is inclusive
+        assert choose(rows, {"bitops": 320})["name"] == "light"
+        assert choose(rows, {"bitops": 200, "bytes": 1.5})["name"] == "tiny"  # every key binds
+        assert choose(rows, {"macs": 9.9, "bytes": 3})["name"] == "light"
+        assert choose(rows, {"macs": 4})["name"] == "tiny"
+    with pytest.raises(ValueError, match="smallest feasible budget is macs >= 2"):
+        choose([best, heavy, light, tiny], {"macs": 1})
+
+
+def test_select_subnet_returns_the_chosen_subnet_as_a_backend_model(bank, digits) -> None:
+    _, test = digits
     rows = bank.table()
+    # a budget that admits the half-width subnets only (MACs ~ width^2): four rows to choose from
+    budget = {"macs": max(r["macs"] for r in rows if r["subnet"].width == 0.5)}
+    feasible = [r for r in rows if r["macs"] <= budget["macs"]]
+    assert {r["subnet"].width for r in feasible} == {0.5} and len(feasible) == 4
+    expected = choose(rows, budget)
+    assert expected["accuracy"] == max(r["accuracy"] for r in feasible)
+    model = qtta_plugins.select_subnet(bank, **budget)
+    choice = model.qtta_subnet
+    assert choice.row is expected and choice.backend == "torchao" and choice.budget == budget
+    assert qtta_plugins.quant_view(model).backend == "torchao"
+    # the model is that subnet: it scores what the bank's table says (on the same images)
+    x, y = test.x[:200], test.y[:200]
+    assert abs(accuracy(model, x, y) - expected["accuracy"]) <= 1.0
     cheapest = min(r["macs"] for r in rows)
-    row = choose(rows, {"macs": cheapest * 1.01})
-    assert row["macs"] <= cheapest * 1.01
     with pytest.raises(ValueError, match="smallest feasible budget is macs >= "):
-        choose(rows, {"macs": cheapest / 2})
+        qtta_plugins.select_subnet(bank, macs=cheapest / 2)
     with pytest.raises(ValueError, match="unknown budget keys"):
         qtta_plugins.select_subnet(bank, flops=1e9)
 

@@ -35,16 +35,36 @@ def qvit():
 
 
 # --- quantization ----------------------------------------------------------------------------
-def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(float_cnn, qcnn, clean_batch):
-    ref = float_cnn(clean_batch)
-    errors = {}
+def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(
+    float_cnn, qcnn, clean_batch, digits
+):
+    """Measured (seed 0, these 200 images; float accuracy 99.5%): relative output error 0.022 /
+    0.24 / 2.47 and accuracy 99.5 / 98.5 / 11.5% for W8A8 / W4A4 / W2A4 on source statistics.
+    Plain min-max PTQ at 2-bit weights collapses to chance there, so its accuracy cannot tell a
+    working W2A4 from a broken one; the cause is the batch-norm statistics the 2-bit weights
+    invalidate, not lost information: on the batch's own statistics the working W2A4 is 55.5%
+    accurate, while one whose weights all round to zero (its grids' scales x100) stays at 12%."""
+    _, test = digits
+    labels = test.y[: len(clean_batch)]
+    with torch.no_grad():
+        ref = float_cnn(clean_batch)
+    errors, acc = {}, {}
     for bits, qm in qcnn.items():
         qtta_plugins.quant_view(qm).set_norm_mode("source")
         with torch.no_grad():
-            errors[bits] = rel_error(qm(clean_batch), ref)
+            out = qm(clean_batch)
+        errors[bits] = rel_error(out, ref)
+        acc[bits] = float((out.argmax(1) == labels).float().mean())
     assert errors["w8a8"] < 0.05, errors
-    assert errors["w4a4"] < 0.8, errors
+    assert errors["w4a4"] < 0.35, errors
+    assert errors["w2a4"] < 3.5, errors
     assert errors["w8a8"] < errors["w4a4"] < errors["w2a4"], errors
+    assert acc["w8a8"] > 0.97 and acc["w4a4"] > 0.95, acc
+    w2 = copy.deepcopy(qcnn["w2a4"])  # the session's model stays on source statistics
+    qtta_plugins.quant_view(w2).set_norm_mode("batch")
+    with torch.no_grad():
+        w2_batch = float((w2(clean_batch).argmax(1) == labels).float().mean())
+    assert w2_batch > 0.35, w2_batch  # chance: 0.1
 
 
 def test_quantize_leaves_the_float_model_untouched(float_cnn, calib):

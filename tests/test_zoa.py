@@ -276,18 +276,29 @@ def test_config_errors_name_the_option(qcnn):
         qtta_plugins.adapt(qm, None, "foa", population=1)
 
 
-def test_without_source_data_alignment_and_shift_are_off_with_a_warning(qcnn, short_stream):
-    from qtta_plugins.view import _SOURCE_SAMPLE
+def test_without_source_data_alignment_and_shift_are_off_with_a_warning(qcnn, short_stream, calib):
+    from qtta_plugins.view import keep_source_statistics
 
     qm = copy.deepcopy(qcnn["w4a4"])
-    qm.meta.pop(_SOURCE_SAMPLE)
+    keep_source_statistics(qm, None)  # what quantize kept in place of its calibration images
     with pytest.warns(UserWarning, match=r"no clean source data"):
         run = qtta_plugins.adapt(qm, short_stream, "zoa")
     assert run.method.align_weight == 0 and run.method.recorder.shift_target is None
     # Passing clean data explicitly turns them back on.
-    clean = qcnn["w4a4"].meta[_SOURCE_SAMPLE][:128]
+    clean = torch.cat(calib)[:128]
     run = qtta_plugins.adapt(qm, None, "zoa", source_data=clean)
     assert run.method.align_weight == 1.0 and run.method.recorder.shift_target is not None
+
+
+def _detector_never_ran(m: ZOA) -> bool:
+    """No change recorded, no statistics watched (no detector tap), none kept."""
+    return m.changes == [] and m.recorder.detector_stats is None and m.running_detector is None
+
+
+@pytest.fixture(scope="module")
+def all_on(qcnn, short_stream):
+    """ZOA with every component on, over the three-domain short stream."""
+    return qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa").method
 
 
 @pytest.mark.parametrize(
@@ -295,12 +306,18 @@ def test_without_source_data_alignment_and_shift_are_off_with_a_warning(qcnn, sh
     [
         ({"shift": False}, lambda m: m.recorder.shift_target is None),
         ({"bank": False}, lambda m: m.bank_deltas.shape[0] == 0),
-        ({"detector": False}, lambda m: m.running_detector is None or not m.config.detector),
+        # store_period (50) is longer than the stream (12 batches): nothing but the detector
+        # could record a change or store a domain here
+        ({"detector": False}, lambda m: _detector_never_ran(m) and m.bank_deltas.shape[0] == 0),
     ],
 )
-def test_every_component_switches_off(qcnn, short_stream, off, check):
+def test_every_component_switches_off(qcnn, short_stream, all_on, off, check):
     run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", **off)
     assert check(run.method)
+    # the same check tells the component on: the stream has two clear domain switches, so the
+    # detector fires and the bank stores what it saw
+    assert not check(all_on)
+    assert all_on.changes and all_on.bank_deltas.shape[0] > 0
 
 
 # --- skip the update once a domain has converged (skip_converged) --------------------------------

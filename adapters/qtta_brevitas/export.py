@@ -30,6 +30,9 @@ Both give the same numbers, a dynamic batch axis, and handle ``F.scaled_dot_prod
 (TinyViT) at the default opset 18. Brevitas' own default opset, 13, fails on it in the TorchScript
 route (it needs at least 14), and the dynamo route exports at 18 anyway (its conversion down to 13
 fails on these graphs and leaves them at 18, after a long logged traceback).
+
+:func:`export` is this adapter's ``qtta_plugins.export``: the QCDQ file written to a path, or,
+without one, the ``onnx.ModelProto`` in memory.
 """
 
 from __future__ import annotations
@@ -40,14 +43,18 @@ import importlib
 import logging
 import os
 import pathlib
+import tempfile
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from qtta_plugins.errors import BackendNotInstalledError
+from qtta_plugins.exporting import example_input, export_options
 
+from . import BACKEND
 from ._backend import brevitas_module
 
 INPUT_NAME = "input"
@@ -55,6 +62,9 @@ OUTPUT_NAME = "output"
 DEFAULT_OPSET = 18
 
 _INSTALL = "pip install onnx onnxoptimizer onnxscript onnxruntime"
+
+#: ``qtta_plugins.export`` options of this backend, with their defaults (see :func:`export`).
+EXPORT_OPTIONS: dict[str, Any] = {"example": None, "dynamo": None, "opset_version": DEFAULT_OPSET}
 
 
 def _require(names: tuple[str, ...]) -> None:
@@ -160,3 +170,28 @@ def export_onnx_qcdq(
     with _quiet_exporter(), torch.no_grad():
         export(exported, args=example, export_path=str(path), dynamo=dynamo, **kwargs)
     return path
+
+
+def export(model: nn.Module, path: str | os.PathLike | None = None, **options: Any) -> Any:
+    """``qtta_plugins.export`` for Brevitas: :func:`export_onnx_qcdq` of ``model`` (not modified).
+
+    With a ``path``, the QCDQ file is written there and its :class:`pathlib.Path` returned;
+    without one, the graph is written to a temporary file and returned as an ``onnx.ModelProto``
+    (``onnx.save(proto, path)`` writes it; ``onnxruntime.InferenceSession(proto.SerializeToString())``
+    runs it). Options: ``example`` (an input batch; default
+    :func:`qtta_plugins.exporting.example_input`, which a hand-built model lacks), ``dynamo`` and
+    ``opset_version`` (as for :func:`export_onnx_qcdq`).
+    """
+    opts = export_options(BACKEND, options, EXPORT_OPTIONS)
+    example = opts["example"] if opts["example"] is not None else example_input(model)
+    if example is None:
+        raise ValueError(
+            "ONNX export traces the model and needs an example input: pass example=x (a batch); "
+            "only models from qtta_plugins.quantize know their input shape"
+        )
+    route = {"dynamo": opts["dynamo"], "opset_version": opts["opset_version"]}
+    if path is not None:
+        return export_onnx_qcdq(model, example, path, **route)
+    with tempfile.TemporaryDirectory(prefix="qtta-onnx-") as tmp:
+        written = export_onnx_qcdq(model, example, pathlib.Path(tmp) / "model.onnx", **route)
+        return importlib.import_module("onnx").load(str(written))

@@ -16,12 +16,16 @@ large tensors, no compiler needed): see :func:`use_torch_fallback`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 from qtta_plugins.errors import BackendNotInstalledError
+from qtta_plugins.progress import quiet
 
 _INSTALL_HINT = "the NNCF backend is not installed: pip install 'qtta-plugins[nncf]'"
 
@@ -67,3 +71,30 @@ def extension_build_dir() -> Path:
     """Where NNCF caches its compiled CPU extension (cache this directory in CI)."""
     ext = nncf_module("nncf.torch.quantization.extensions")
     return Path(ext.QuantizedFunctionsCPULoader.get_build_dir())
+
+
+@contextlib.contextmanager
+def nncf_quiet(enabled: bool | None = None) -> Iterator[None]:
+    """NNCF silent for the duration of the block: its logger at WARNING (``nncf.set_log_level``:
+    no INFO lines) and its rich progress bars off (they draw on rich's global console, made
+    quiet). Both are put back as they were afterwards. ``enabled=None``: when the user asked for
+    quiet (``QTTA_QUIET``, which ``qtta ... -q`` sets)."""
+    if not (quiet() if enabled is None else enabled):
+        yield
+        return
+    nncf = nncf_module()
+    import rich
+
+    logger = logging.getLogger("nncf")
+    levels = (logger.level, [(h, h.level) for h in logger.handlers])
+    console = rich.get_console()
+    was_quiet = console.quiet
+    nncf.set_log_level(logging.WARNING)
+    console.quiet = True
+    try:
+        yield
+    finally:
+        console.quiet = was_quiet
+        logger.setLevel(levels[0])
+        for handler, level in levels[1]:
+            handler.setLevel(level)

@@ -43,24 +43,40 @@ The stripped model keeps its class and NNCF's forward wrapper and ``HookStorage`
 (``model.__nncf_hooks``); the hooks now hold ``torch.ao.quantization.FakeQuantize`` modules (and,
 for models NNCF quantized as transformers, the exact ``SQMultiply`` SmoothQuant scalings). It is no
 longer a model the NNCF adapter (or its quant view) recognises: it is for inference and export.
+
+:func:`export` is this adapter's ``qtta_plugins.export``: the stripped model, or, with a path, its
+ONNX file. NNCF 3.4 has no ONNX exporter of its own for PyTorch models; its documented route is
+``torch.onnx.export`` of the model (each ``torch.ao.quantization.FakeQuantize`` becomes a
+``QuantizeLinear`` -> ``DequantizeLinear`` pair), which :func:`export_onnx` takes on the
+stripped model, through torch's TorchScript exporter (its dynamo exporter fails on these models).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
+import os
+import pathlib
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from qtta_plugins.errors import BackendNotInstalledError
+from qtta_plugins.exporting import UnsupportedExportError, example_input, export_options
 from qtta_plugins.view import set_module_norm_mode
 
+from . import BACKEND
 from ._backend import nncf_module
 from .view import EXAMPLE_ATTR, HOOKS_ATTR, _CaptureExample, is_quantizer, quantizer_modules
 
 STRIP_BITS = 8
-"""The only bit-width ``nncf.strip`` converts."""
+"""The only bit-width ``nncf.strip`` converts (NNCF's ``SUPPORTED_NUM_BITS_FOR_STRIP_MODEL``)."""
+
+#: ``qtta_plugins.export`` options of this backend, with their defaults (see :func:`export`).
+EXPORT_OPTIONS: dict[str, Any] = {"example": None, "opset_version": 18}
 
 
 def _check_bits(modules: dict[str, nn.Module]) -> None:
@@ -71,7 +87,7 @@ def _check_bits(modules: dict[str, nn.Module]) -> None:
     }
     if bad:
         listing = ", ".join(f"{name} ({bits} bit)" for name, bits in bad.items())
-        raise ValueError(
+        raise UnsupportedExportError(
             f"nncf.strip supports {STRIP_BITS}-bit quantizers only; {len(bad)} enabled "
             f"quantizer(s) are not {STRIP_BITS}-bit: {listing}. Set them to {STRIP_BITS} bit "
             "(QuantizerHandle.bits) or switch them off (QuantizerHandle.enabled = False) before "
@@ -170,3 +186,70 @@ def strip(
         )
     _drop_qtta_state(result)
     return result.eval()
+
+
+def export_onnx(
+    stripped: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    opset_version: int = 18,
+) -> pathlib.Path:
+    """Write a stripped model (:func:`strip`) to ``path`` with ``torch.onnx.export`` (input
+    ``"input"``, output ``"output"``, batch axis dynamic) and return the path."""
+    if not isinstance(example, torch.Tensor) or example.ndim == 0 or len(example) == 0:
+        raise ValueError("example must be a tensor holding a non-empty batch (batch on axis 0)")
+    missing = [m for m in ("onnx",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendNotInstalledError(
+            f"ONNX export needs {', '.join(missing)} (not installed): "
+            "pip install onnx onnxruntime (onnxruntime runs the exported file)"
+        )
+    device = next((p.device for p in stripped.parameters()), example.device)
+    x = example[:2] if len(example) >= 2 else torch.cat([example, example])
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch's dynamo exporter fails on this model (torch.ao FakeQuantize's forward branches on its
+    # fake_quant_enabled buffer: a data-dependent guard), so the TorchScript route it is. Its trace
+    # bakes that branch (and NNCF's hook dispatch) in as it is, which is what the warnings say.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
+        torch.onnx.export(
+            stripped,
+            (x.to(device),),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=opset_version,
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    return path
+
+
+def export(
+    model: nn.Module, path: str | os.PathLike[str] | None = None, **options: Any
+) -> nn.Module | pathlib.Path:
+    """``qtta_plugins.export`` for NNCF: :func:`strip` of a copy of ``model`` (not modified), or,
+    with a ``path``, that stripped model written as ONNX by :func:`export_onnx` (the path is
+    returned). Options: ``example`` (the input batch NNCF traces the model with; default the one
+    our view stored on the model, else :func:`qtta_plugins.exporting.example_input`) and, with a
+    path, ``opset_version``.
+
+    Raises :class:`~qtta_plugins.exporting.UnsupportedExportError` naming every enabled quantizer
+    that is not 8-bit (``nncf.strip`` converts 8-bit quantizers only).
+    """
+    opts = export_options(BACKEND, options, EXPORT_OPTIONS)
+    if path is None and "opset_version" in options:
+        raise TypeError("export option 'opset_version' applies with a path only (ONNX)")
+    example = opts["example"]
+    if example is None:
+        example = model.__dict__.get(EXAMPLE_ATTR)
+    if example is None:
+        example = example_input(model)
+    stripped = strip(model, example_input=example)
+    if path is None:
+        return stripped
+    return export_onnx(stripped, example, path, opset_version=opts["opset_version"])

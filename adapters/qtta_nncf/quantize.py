@@ -37,7 +37,7 @@ from torch import nn
 
 from qtta_plugins.config import QuantConfig
 
-from ._backend import nncf_module
+from ._backend import nncf_module, nncf_quiet
 from .view import (
     EXAMPLE_ATTR,
     NNCFQuantizerHandle,
@@ -147,6 +147,26 @@ def quantize(
     *,
     refit_weights: bool = True,
     refit_activations: bool = True,
+) -> nn.Module:
+    """``nncf.quantize`` of a copy of ``model`` at ``config``'s bit-widths (see the module
+    docstring). Under ``QTTA_QUIET`` (``qtta ... -q``) NNCF prints no progress bar or INFO line."""
+    with nncf_quiet():
+        return _quantize(
+            model,
+            config,
+            calib,
+            refit_weights=refit_weights,
+            refit_activations=refit_activations,
+        )
+
+
+def _quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: Sequence[torch.Tensor],
+    *,
+    refit_weights: bool,
+    refit_activations: bool,
 ) -> nn.Module:
     if type(model) is nn.Sequential:
         # nncf.quantize adds its HookStorage as a child module, and Sequential.forward runs

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,7 @@ from qtta_plugins.view import (
     QuantizerHandle,
     QuantLayer,
     QuantView,
+    kept_source_statistics,
     module_norms,
     set_module_norm_mode,
     source_sample,
@@ -764,12 +765,51 @@ class NNCFView(QuantView):
     def norms(self) -> list[NormLayer]:
         return module_norms(self.model.named_modules())
 
+    _EXTREMES = "nncf_batch_extremes"
+
+    def measure_source(self, batches: Sequence[torch.Tensor]) -> dict[str, object]:
+        """What :meth:`prepare_adaptation` needs of the source data: each activation quantizer's
+        extremes in batch-statistics mode on the first 4 batches (none for a model without batch
+        norm statistics)."""
+        if not batches or not any(n.has_statistics for n in self.norms()):
+            return {}
+        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        handles = _act_handles(self.model)
+        first = [b.to(device) for b in batches[:4]]
+        extremes = _activation_extremes(self.model, handles, first, "batch")
+        return {
+            self._EXTREMES: {
+                name: (lo.detach().cpu(), hi.detach().cpu()) for name, (lo, hi) in extremes.items()
+            }
+        }
+
+    def _source_extremes(
+        self, handles: list[NNCFQuantizerHandle]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Batch-mode activation extremes on clean data: measured on the calibration sample when
+        the model keeps one, else those ``qtta_plugins.quantize`` measured, while the model is
+        still as quantized; ``None`` when neither is known."""
+        sample = source_sample(self.model)
+        if sample is not None and len(sample) >= 2:
+            batches = [sample[i : i + 64] for i in range(0, min(len(sample), 256), 64)]
+            return _activation_extremes(self.model, handles, batches, "batch")
+        stats = kept_source_statistics(self.model)
+        if stats is None or self._EXTREMES not in stats.adapter:
+            return None
+        kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = stats.adapter[self._EXTREMES]  # type: ignore[assignment]
+        if any(h.name not in kept for h in handles) or not stats.matches(self):
+            return None
+        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        return {name: (lo.to(device), hi.to(device)) for name, (lo, hi) in kept.items()}
+
     def prepare_adaptation(self) -> list[str]:
         """Two things keep adaptation from working on an NNCF model, both from calibrating under
         the running statistics: quantizers on norm affine parameters (named, see
         :func:`norm_parameter_quantizers`), and activation ranges that batch statistics overflow
-        (recalibrated here on the source sample ``qtta_plugins.quantize`` kept, see
-        :func:`recalibrate_activations`; named when no sample is known)."""
+        (recalibrated here from clean source data, see :func:`recalibrate_activations`: the
+        calibration sample when ``quantize`` kept one, else the batch-mode extremes it measured,
+        :meth:`measure_source`; without either, or on a model changed since, left as they are,
+        with a message)."""
         messages = []
         clamped = norm_parameter_quantizers(self.model)
         if clamped:
@@ -782,12 +822,17 @@ class NNCFView(QuantView):
             )
         if not any(n.has_statistics for n in self.norms()):
             return messages
-        sample = source_sample(self.model)
-        if sample is None or len(sample) < 2:
-            return messages
-        batches = [sample[i : i + 64] for i in range(0, min(len(sample), 256), 64)]
         handles = _act_handles(self.model)
-        extremes = _activation_extremes(self.model, handles, batches, "batch")
+        extremes = self._source_extremes(handles)
+        if extremes is None:
+            if kept_source_statistics(self.model) is not None:
+                messages.append(
+                    "NNCF activation ranges were not checked against batch statistics: the "
+                    "source measurements qtta_plugins.quantize kept describe the model it "
+                    "returned, and this one has changed since. Quantize with "
+                    "keep_calibration_sample=True to have them measured on the model as it is."
+                )
+            return messages
         over = _overflowing(handles, extremes)
         if over:  # recalibrated from the same batch-mode measurement (recalibrate_activations)
             _write_ranges(handles, extremes)
@@ -812,8 +857,34 @@ class NNCFView(QuantView):
         }
         return state
 
+    def check_snapshot(self, snapshot: object) -> None:
+        """As :meth:`QuantView.check_snapshot`, and the log-scale storage must name this model's
+        quantizers with tensors of their storage's shapes."""
+        super().check_snapshot(snapshot)
+        saved = snapshot.get("nncf_log_storage", {})  # type: ignore[union-attr]
+        if not isinstance(saved, dict):
+            raise ValueError("snapshot['nncf_log_storage'] must map quantizer names to tensors")
+        handles = {h.name: h for h in self.quantizers()}
+        for name, values in saved.items():
+            handle = handles.get(name)
+            if handle is None:
+                raise ValueError(
+                    f"snapshot does not match this model: log-scale storage for {name!r}, "
+                    "which is not one of its quantizers"
+                )
+            storage = handle._storage()
+            if len(values) != len(storage) or any(
+                not isinstance(v, torch.Tensor) or v.shape != p.shape
+                for v, p in zip(values, storage, strict=False)
+            ):
+                raise ValueError(
+                    f"snapshot does not match this model: log-scale storage of {name!r} has "
+                    f"shapes {[tuple(getattr(v, 'shape', ())) for v in values]}, the quantizer's "
+                    f"{[tuple(p.shape) for p in storage]}"
+                )
+
     def restore(self, snapshot: dict[str, object]) -> None:
-        super().restore(snapshot)
+        super().restore(snapshot)  # checks the whole snapshot (check_snapshot) before writing
         saved: dict[str, list[torch.Tensor]] = snapshot.get("nncf_log_storage", {})  # type: ignore[assignment]
         with torch.no_grad():
             for handle in self.quantizers():

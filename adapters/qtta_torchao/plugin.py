@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,6 +39,20 @@ def qtta_quantize(
     from .quantize import quantize
 
     return quantize(model, config, calib)
+
+
+@hookimpl
+def qtta_export(
+    model: torch.nn.Module,
+    backend: str,
+    path: str | os.PathLike[str] | None,
+    options: dict[str, Any],
+) -> Any | None:
+    if backend != BACKEND:
+        return None
+    from .export import export
+
+    return export(model, path, **options)
 
 
 def _may_be_torchao(model: torch.nn.Module) -> bool:

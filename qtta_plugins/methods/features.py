@@ -18,7 +18,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..view import QuantLayer, QuantView, fake_quantize, model_device, source_sample
+from ..view import (
+    SOURCE_BATCH_SIZE,
+    FeatureStatistics,
+    NormLayer,
+    QuantLayer,
+    QuantView,
+    SourceStatistics,
+    copy_model,
+    fake_quantize,
+    first_inputs,
+    keep_source_statistics,
+    kept_source_statistics,
+    model_device,
+    remember_source_sample,
+    source_sample,
+    state_fingerprint,
+)
 
 
 @dataclass
@@ -302,7 +318,8 @@ def _clone(t: torch.Tensor | None, device: torch.device | None = None) -> torch.
 
 def source_batches(view: QuantView, data: object, batch_size: int) -> list[torch.Tensor] | None:
     """Clean source inputs as batches: ``data`` (a tensor, or an iterable of tensors / ``(x, y)``
-    pairs), or else the sample :func:`qtta_plugins.quantize` kept on the model."""
+    pairs), or else the calibration sample :func:`qtta_plugins.quantize` kept on the model
+    (``keep_calibration_sample=True``); ``None`` without either (see :func:`kept_statistics`)."""
     if data is None:
         data = source_sample(view.model)
         if data is None:
@@ -359,10 +376,182 @@ def source_statistics(
     return [ChannelStats(s.mean / n, s.std / n) for s in sums], detector
 
 
-def no_source_data_warning(method: str) -> None:
+def no_source_data_warning(method: str, reason: str = "") -> None:
     warnings.warn(
-        f"{method}: no clean source data (pass source_data=..., or quantize with "
-        "qtta_plugins.quantize, which keeps a calibration sample): the statistics-alignment term "
-        "and the output shift are off",
+        f"{method}: no clean source data{reason or ''} (pass source_data=clean_batches, or "
+        "quantize with qtta_plugins.quantize, which keeps source statistics; "
+        "keep_calibration_sample=True keeps the images, for a model you will convert or change "
+        "before adapting): the statistics-alignment term and the output shift are off",
         stacklevel=4,
     )
+
+
+def detector_norm(view: QuantView) -> NormLayer | None:
+    """The norm whose input the domain-change detector watches: the first with statistics (what
+    it normalises still carries the shift), else the first norm."""
+    norms = view.norms()
+    return next((n for n in norms if n.has_statistics), norms[0] if norms else None)
+
+
+def measure_source_statistics(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, keep_sample: bool = False
+) -> None:
+    """Measure what the forward-only methods and the adapter need of clean source data on
+    ``model`` (its first :data:`~qtta_plugins.view.SOURCE_SAMPLE_SIZE` inputs of ``batches``) and
+    keep it on the model as :class:`~qtta_plugins.view.SourceStatistics`, replacing any kept
+    before; ``keep_sample=True`` keeps the inputs themselves instead (methods then measure on the
+    model as it is when they start). The model is not changed: features are measured on a copy,
+    prepared for adaptation the way :func:`qtta_plugins.adapt` prepares one."""
+    from .. import quant_view  # the adapters' views; qtta_plugins imports this module
+
+    keep_source_statistics(model, None)
+    sample = first_inputs(batches)
+    if sample is None:
+        return
+    if keep_sample:
+        remember_source_sample(model, [sample])
+        return
+    batches = [sample[i : i + SOURCE_BATCH_SIZE] for i in range(0, len(sample), SOURCE_BATCH_SIZE)]
+    view = quant_view(model)
+    stats = SourceStatistics(
+        images=len(sample),
+        batch_size=SOURCE_BATCH_SIZE,
+        input_shape=tuple(sample.shape[1:]),
+        fingerprint=state_fingerprint(view),
+        adapter=view.measure_source(batches),
+    )
+    keep_source_statistics(model, stats)  # the copy's prepare_adaptation reads stats.adapter
+    try:
+        work = quant_view(copy_model(model))
+        work.prepare_adaptation()
+        _measure_features(work, batches, stats)
+    except Exception as exc:  # optional: only zoa / foa need these, and can be given data
+        stats.measured.clear()
+        warnings.warn(
+            f"quantize could not measure source feature statistics on this model "
+            f"({type(exc).__name__}: {exc}); 'zoa' and 'foa' will need source_data=clean_batches, "
+            "or quantize with keep_calibration_sample=True",
+            stacklevel=3,
+        )
+        return
+
+
+def _measure_features(
+    work: QuantView, batches: list[torch.Tensor], stats: SourceStatistics
+) -> None:
+    """Add the feature statistics of ``work``'s model as it is (a copy: it gets tapped and its
+    norm mode changes) to ``stats.measured``."""
+    layers = work.layers()
+    if len(layers) < 2:
+        return
+    measured = FeatureStatistics(state_fingerprint(work))
+    first = detector_norm(work)
+    recorder = FeatureRecorder(
+        work, layers[1:], work.norm_input_module(first) if first is not None else None
+    )
+    names = _module_names(work, layers[1:], recorder)
+    has_bn = any(n.has_statistics for n in work.norms())
+    # the mode zoa and foa adapt in (batch_stats=True, their default): one pass over the sample
+    for mode in ("batch",) if has_bn else ("source",):
+        work.set_norm_mode(mode)
+        features, detector = source_statistics(work, recorder, batches)
+        measured.features[mode] = {
+            name: (f.mean.detach().cpu(), f.std.detach().cpu())
+            for name, f in zip(names, features, strict=True)
+        }
+        if first is not None and detector is not None:
+            measured.detector[mode] = {first.name: (detector[0].cpu(), detector[1].cpu())}
+    recorder.remove()
+    if not has_bn:  # without batch-norm statistics both modes normalise alike
+        measured.features["batch"] = measured.features["source"]
+        if "source" in measured.detector:
+            measured.detector["batch"] = measured.detector["source"]
+    stats.measured.append(measured)
+
+
+def _module_names(
+    view: QuantView, layers: Sequence[QuantLayer], recorder: FeatureRecorder
+) -> list[str]:
+    """For each of ``recorder``'s tapped modules, the name of the first of ``layers`` it feeds."""
+    by_module: dict[int, str] = {}
+    for layer in layers:
+        by_module.setdefault(id(view.layer_input_module(layer)), layer.name)
+    return [by_module[id(m)] for m in recorder.modules]
+
+
+def kept_statistics(
+    view: QuantView,
+    recorder: FeatureRecorder,
+    layers: Sequence[QuantLayer],
+    detector: NormLayer | None,
+    batch_size: int,
+    method: str,
+) -> tuple[list[ChannelStats], tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """The source statistics for ``recorder`` (features at ``layers``' inputs, and at
+    ``detector``'s input if given) that :func:`qtta_plugins.quantize` kept on the model, in the
+    view's current norm mode, on the recorder's device. ``None``, with a warning that says why
+    and what to pass, when none were kept or the model has changed since they were measured.
+    Raises ``ValueError`` when ``batch_size`` is not the one they were measured in."""
+    stats = kept_source_statistics(view.model)
+    if stats is None:
+        no_source_data_warning(method)
+        return None
+    if not stats.measured:
+        no_source_data_warning(
+            method, ": qtta_plugins.quantize could not measure source statistics on this model"
+        )
+        return None
+    if batch_size != stats.batch_size:
+        raise ValueError(
+            f"{method}: source_batch_size={batch_size}, but the source statistics "
+            f"qtta_plugins.quantize kept were measured in batches of {stats.batch_size} (batch "
+            "statistics depend on the batch size): pass source_data=clean_batches, or quantize "
+            "with keep_calibration_sample=True"
+        )
+    measured = stats.for_view(view)
+    if measured is None:
+        no_source_data_warning(
+            method,
+            ": the source statistics qtta_plugins.quantize kept describe the model it returned, "
+            "and this one differs from it (converted, reconstructed or adapted in place, edited)",
+        )
+        return None
+    if view.norm_mode not in measured.features:
+        no_source_data_warning(
+            method,
+            f": the source statistics qtta_plugins.quantize kept were measured with batch norms "
+            f"on test-batch statistics, and this run normalises in mode {view.norm_mode!r} "
+            "(batch_stats=False)",
+        )
+        return None
+    names = _module_names(view, layers, recorder)
+    features = measured.features[view.norm_mode]
+    detectors = measured.detector.get(view.norm_mode, {})
+    if any(name not in features for name in names) or (
+        detector is not None and detector.name not in detectors
+    ):
+        no_source_data_warning(
+            method, ": the source statistics qtta_plugins.quantize kept miss layers of this model"
+        )
+        return None
+    device = recorder.device
+    found = [
+        ChannelStats(
+            features[name][0].to(device, copy=True), features[name][1].to(device, copy=True)
+        )
+        for name in names
+    ]
+    det = None
+    if detector is not None:
+        mean, var = detectors[detector.name]
+        det = (mean.to(device, copy=True), var.to(device, copy=True))
+    return found, det
+
+
+def source_input_shape(view: QuantView) -> tuple[int, ...] | None:
+    """The shape of one input, as the calibration data quantize saw had it (``None`` if unknown)."""
+    sample = source_sample(view.model)
+    if sample is not None:
+        return tuple(sample.shape[1:])
+    stats = kept_source_statistics(view.model)
+    return stats.input_shape if stats is not None else None

@@ -33,8 +33,9 @@ from .base import MethodInfo, TestTimeMethod
 from .features import (
     FeatureRecorder,
     feature_layers,
-    no_source_data_warning,
+    kept_statistics,
     source_batches,
+    source_input_shape,
     source_statistics,
 )
 from .tent import softmax_entropy
@@ -113,6 +114,8 @@ class FOA(TestTimeMethod):
         batches = source_batches(view, config.source_data, config.source_batch_size)
         if shape is None and batches:
             shape = tuple(batches[0].shape[1:])
+        if shape is None:  # as the calibration data had it
+            shape = source_input_shape(view)
         if shape is None or len(shape) != 3:
             raise ValueError(
                 "method 'foa' needs image inputs (C, H, W) and a known input shape: pass "
@@ -122,15 +125,18 @@ class FOA(TestTimeMethod):
         view.freeze()
         if config.batch_stats and any(n.has_statistics for n in view.norms()):
             view.set_norm_mode("batch")
-        self.recorder = FeatureRecorder(view, feature_layers(view, config.feature_layers))
+        layers = feature_layers(view, config.feature_layers)
+        self.recorder = FeatureRecorder(view, layers)
         self.recorder.shift_momentum = config.shift_momentum
         if batches:
-            self.source_stats, _ = source_statistics(view, self.recorder, batches)
-            if config.shift:
-                self.recorder.shift_target = self.source_stats[-1].mean
-        else:
-            no_source_data_warning("foa")
-            self.source_stats = None
+            found = source_statistics(view, self.recorder, batches)
+        else:  # what quantize measured on its calibration data (None: warned why)
+            found = kept_statistics(
+                view, self.recorder, layers, None, config.source_batch_size, "foa"
+            )
+        self.source_stats = found[0] if found is not None else None
+        if self.source_stats is not None and config.shift:
+            self.recorder.shift_target = self.source_stats[-1].mean
         self._cma = cma
         self.theta = torch.zeros(self.prompt.dim)  # the incumbent
         self._hook = view.model.register_forward_pre_hook(self._apply_prompt)

@@ -537,6 +537,8 @@ class SubnetBank(nn.Module):
         step sizes written into the backend's grids where the grids have the bank's form."""
         import qtta_plugins
 
+        from .features import measure_source_statistics
+
         model = self.float_subnet(subnet)
         prefix = "net." if isinstance(model, AtResolution) else ""
         calib = [self.calib[i : i + 64] for i in range(0, len(self.calib), 64)]
@@ -594,6 +596,8 @@ class SubnetBank(nn.Module):
                 stacklevel=2,
             )
         qmodel.qtta_disabled_quantizers = [q.name for q in extra]
+        # the source statistics quantize kept describe the grids before the bank's were written
+        measure_source_statistics(qmodel, calib)
         return qmodel
 
 

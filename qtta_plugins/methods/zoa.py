@@ -59,8 +59,9 @@ from ..view import NormLayer, QuantView
 from .base import MethodInfo, TestTimeMethod
 from .features import (
     FeatureRecorder,
+    detector_norm,
     feature_layers,
-    no_source_data_warning,
+    kept_statistics,
     source_batches,
     source_statistics,
 )
@@ -117,7 +118,8 @@ class ZOAConfig(AdaptConfig):
     probe_period: int = 8  # while settled: a full two-pass update every this many batches
     source_batch_size: int = 64
     #: clean source inputs for the source statistics (tensor or iterable of batches); default: the
-    #: calibration sample qtta_plugins.quantize kept on the model
+    #: statistics qtta_plugins.quantize measured on its calibration data (or the calibration
+    #: sample itself, with keep_calibration_sample=True)
     source_data: Any = None
 
     def __post_init__(self) -> None:
@@ -242,28 +244,29 @@ class ZOA(TestTimeMethod):
         layers = feature_layers(view, config.feature_layers)
         # The detector watches what the first norm normalises (a batch norm's statistics would
         # otherwise take the shift out before we see it).
-        all_norms = view.norms()
-        first = next(
-            (n for n in all_norms if n.has_statistics), all_norms[0] if all_norms else None
-        )
-        detector = (
-            view.norm_input_module(first) if (config.detector and first is not None) else None
-        )
+        first = detector_norm(view) if config.detector else None
+        detector = view.norm_input_module(first) if first is not None else None
         self.recorder = FeatureRecorder(view, layers, detector)
         self.recorder.shift_momentum = config.shift_momentum
         batches = source_batches(view, config.source_data, config.source_batch_size)
         if batches:
-            self.source_stats, self.source_detector = source_statistics(
-                view, self.recorder, batches
+            found = source_statistics(view, self.recorder, batches)
+        else:  # what quantize measured on its calibration data (None: warned why)
+            found = kept_statistics(
+                view, self.recorder, layers, first, config.source_batch_size, "zoa"
             )
+        if found is not None:
+            self.source_stats, self.source_detector = found
             if config.shift:
                 self.recorder.shift_target = self.source_stats[-1].mean
         else:
-            no_source_data_warning("zoa")
             self.source_stats, self.source_detector = None, None
             self.align_weight = 0.0
             if not config.entropy:
-                raise ValueError("zoa: with entropy=False the method needs clean source data")
+                raise ValueError(
+                    "zoa: with entropy=False the method needs clean source data: pass "
+                    "source_data=clean_batches, or quantize with keep_calibration_sample=True"
+                )
         # The method's own tensors live on the model's device; the perturbations are drawn on the
         # CPU (one generator: the same run on any device) and moved there.
         self.device = self.theta0.device
