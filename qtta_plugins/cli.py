@@ -31,6 +31,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     progress = False if args.quiet else None
     with quiet_env(args.quiet):  # -q silences the backends' own progress and INFO lines too
+        if args.methods is None:
+            from .tour import run_tour
+
+            run_tour(
+                args.backend,
+                bits=args.bits,
+                seed=args.seed,
+                iters=args.iters,
+                bank_steps=args.bank_steps,
+                batch_size=args.batch_size,
+                out_dir=None if args.no_plot else (args.out_dir or f"qtta_demo_{args.backend}"),
+                progress=progress,
+                threads=args.threads,
+            )
+            return 0
         run_demo(
             backend=args.backend,
             bits=args.bits,
@@ -58,18 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
 
     d = sub.add_parser(
-        "demo", help="quantize a small CNN and adapt it along a continual corruption stream"
+        "demo",
+        help="the tour of TTAQ, ZOA and RTF-Q on a quantized CNN (with --methods: the continual "
+        "corruption stream, method by method)",
+        description="Without --methods: TTAQ (reconstruction + Tent + ABL), ZOA (forward-only, "
+        "against FOA and BN-adapt) and RTF-Q (a subnet bank, select_subnet under three budgets) on "
+        "scikit-learn's digits, one summary table, plots in --out-dir. With --methods: each "
+        "method along the 15-corruption continual stream, error per domain.",
     )
     d.add_argument("--backend", default="torchao")
     d.add_argument("--bits", default="w4a4", help="w8a8, w4a4, w2a4, ...")
-    d.add_argument("--methods", nargs="+", default=["source", "norm", "tent"])
+    d.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="run the continual-stream table for these adapt methods instead of the tour "
+        "(e.g. source norm tent)",
+    )
+    d.add_argument(
+        "--iters", type=int, default=100, help="tour: reconstruction iterations per block"
+    )
+    d.add_argument("--bank-steps", type=int, default=60, help="tour: RTF-Q bank training steps")
+    d.add_argument(
+        "--out-dir", default=None, help="tour: summary and plots (default qtta_demo_<backend>)"
+    )
     d.add_argument("--source", default="digits", choices=["digits", "fashion-mnist"])
     d.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     d.add_argument("--batch-size", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    d.add_argument("--plot", default=None, help="PNG path (default qtta_demo_<backend>_<bits>.png)")
-    d.add_argument("--no-plot", action="store_true")
+    d.add_argument(
+        "--plot",
+        default=None,
+        help="--methods: PNG path (default qtta_demo_<backend>_<bits>.png)",
+    )
+    d.add_argument("--no-plot", action="store_true", help="write no plot (nor the tour's summary)")
     d.add_argument(
         "--cache-dir", default=None, help="cache directory (default $QTTA_CACHE_DIR or ~/.cache)"
     )

@@ -123,13 +123,15 @@ def source_statistics(model: nn.Module, batches: Sequence[torch.Tensor]) -> None
     model.eval()
 
 
-def forward_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Names of the conv / linear modules in the order the float model calls them."""
+def forward_order(
+    model: nn.Module, x: torch.Tensor, kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+) -> list[str]:
+    """Names of the ``kinds`` modules (conv / linear) in the order the float model calls them."""
     order: list[str] = []
     hooks = [
         m.register_forward_hook(lambda mod, i, o, name=name: order.append(name))
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
+        if isinstance(m, kinds)
     ]
     try:
         with torch.no_grad():
@@ -232,6 +234,8 @@ def check_snapshot_and_restore_are_exact(case: Case) -> None:
 
 
 def check_gradients_reach_norms_and_scales(case: Case) -> None:
+    """Gradients reach every norm affine parameter; each quantizer either makes its scale
+    trainable (and the gradient reaches it) or refuses with ``NotImplementedError``."""
     qmodel, view = case.fresh()
     view.set_norm_mode("batch")
     view.freeze()
@@ -242,20 +246,47 @@ def check_gradients_reach_norms_and_scales(case: Case) -> None:
     scales = []
     for q in view.quantizers():
         try:
-            scales += q.set_trainable(True)
+            params = q.set_trainable(True)
         except NotImplementedError:
             continue
+        assert params, f"{q.name}: set_trainable(True) returned no parameter and did not refuse"
+        scales += params
     qmodel(case.x).logsumexp(1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in norms)
     assert sum(float(p.grad.abs().sum()) for p in norms) > 0, "zero gradient on every norm"
-    assert all(p.grad is not None for p in scales), "set_trainable returned a scale with no grad"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scales), (
+        "set_trainable returned a scale the gradient does not reach"
+    )
+    assert not scales or sum(float(p.grad.abs().sum()) for p in scales) > 0, (
+        "zero gradient on every trainable scale"
+    )
+
+
+#: state-dict entries a forward may change in any mode: torchao's train-mode pt2e export keeps
+#: ``num_batches_tracked.add_(1)`` in its graph (the counter is unused with a set momentum)
+_COUNTERS = "num_batches_tracked"
 
 
 def check_forward_only_needs_no_autograd(case: Case) -> None:
-    qmodel, _ = case.fresh()
+    """Under ``inference_mode`` (no autograd at all) the model computes what it computes with
+    autograd on, and changes no state of its own (no observer or running statistic updates)."""
+    qmodel, view = case.fresh()
+    view.freeze()
+    for p in view.norm_parameters():
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items() if _COUNTERS not in k}
     with torch.inference_mode():
         out = qmodel(case.x)
-    assert not out.requires_grad and torch.isfinite(out).all()
+    assert torch.isfinite(out).all(), "non-finite output under inference_mode"
+    after = {k: v for k, v in qmodel.state_dict().items() if _COUNTERS not in k}
+    assert after.keys() == before.keys()
+    changed = [k for k, v in after.items() if not torch.equal(before[k], v)]
+    assert not changed, f"a forward under inference_mode changed the model's state: {changed[:5]}"
+    reference = qmodel(case.x)
+    assert reference.requires_grad, "with autograd on, the norm parameters do not reach the output"
+    assert torch.allclose(out, reference.detach(), rtol=1e-5, atol=1e-5 * float(out.abs().max())), (
+        "the output under inference_mode differs from the one with autograd on"
+    )
 
 
 def check_adapt_leaves_the_callers_model_unchanged(case: Case) -> None:

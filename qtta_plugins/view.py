@@ -366,13 +366,19 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
 def state_fingerprint(view: QuantView) -> str:
     """A digest of everything a model's function depends on that a view can change: every
     state-dict tensor (names, dtypes, shapes, bytes) and each quantizer's bit-width and switch.
-    Equal fingerprints: statistics measured on one model hold for the other."""
+    Equal fingerprints: statistics measured on one model hold for the other.
+
+    Batch norms' ``num_batches_tracked`` counters are left out: they do not change what the model
+    computes, and torchao's train-mode pt2e graph increments them on every forward, so merely
+    running a quantized model would otherwise invalidate its source statistics."""
     model = view.model
     inner = model._modules.get("_orig_mod")
     if isinstance(inner, nn.Module):
         model = inner
     digest = hashlib.sha256()
     for name, t in model.state_dict(keep_vars=True).items():
+        if name.rsplit(".", 1)[-1] == "num_batches_tracked":
+            continue
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(_tensor_digest(t))
     for q in view.quantizers():

@@ -97,26 +97,6 @@ def export_logits(tmp_path):
     return run
 
 
-def assert_snapshot_restores_exactly(
-    qmodel: torch.nn.Module, view, x: torch.Tensor, bits: int
-) -> None:
-    """Change everything a method may (norm affines, a bit-width, a quantizer switch, the norm
-    mode), check the output moved, restore the snapshot taken before, check it is bit-exact."""
-    snap = view.snapshot()
-    with torch.no_grad():
-        ref = qmodel(x)
-        for p in view.norm_parameters():
-            p.mul_(1.5).add_(0.1)
-        view.layers()[1].weight_quantizer.bits = bits
-        view.quantizers()[-1].enabled = False
-    view.set_norm_mode("batch")
-    with torch.no_grad():
-        assert not torch.equal(qmodel(x), ref)
-    view.restore(snap)
-    with torch.no_grad():
-        assert torch.equal(qmodel(x), ref)
-
-
 def x86_qat_prepare(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
     """torchao's own W8A8 QAT flow as a user writes it: a strict export, ``prepare_qat_pt2e`` with
     ``X86InductorQuantizer``, eval mode, calibration, observers off (``model`` is not modified)."""

@@ -21,10 +21,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_snapshot_restores_exactly, x86_qat_prepare
+from conftest import x86_qat_prepare
 from torch import nn
 
 import qtta_plugins
+from qtta_plugins.conformance import (
+    assert_snapshot_restores_exactly,
+    forward_order,
+    rel_error,
+    source_statistics,
+)
 from qtta_plugins.data import to_channels
 from qtta_plugins.plugins import available_backends
 from qtta_plugins.zoo import import_timm
@@ -36,28 +42,9 @@ FAMILIES = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "timm-vit")
 ROUTES = ("quantize", "toolchain")
 
 
-def forward_order(model: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> list[str]:
-    """Names of the ``kinds`` modules in the order the float model calls them."""
-    order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o, name=name: order.append(name))
-        for name, m in model.named_modules()
-        if isinstance(m, kinds)
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return list(dict.fromkeys(order))
-
-
 def is_subsequence(part: list[str], whole: list[str]) -> bool:
     it = iter(whole)
     return all(name in it for name in part)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -68,17 +55,8 @@ def build_float(family: str, scale: str, calib: list[torch.Tensor]) -> nn.Module
 
     torch.manual_seed(0)
     model = build(family, scale=scale)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = None  # cumulative average over the warm-up batches
-    model.train()
-    with torch.no_grad():
-        for x in calib:
-            model(x)
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
-    return model.eval()
+    source_statistics(model, calib)
+    return model
 
 
 def quantize_with_toolchain(backend: str, model: nn.Module, calib: list[torch.Tensor]):

@@ -148,6 +148,24 @@ def test_a_model_changed_since_needs_clean_data(small):
         qtta_plugins.adapt(qmodel, None, "zoa", source_batch_size=32)
 
 
+def test_running_the_quantized_model_keeps_its_statistics_valid(small):
+    """torchao's pt2e graph counts every forward in ``num_batches_tracked``; a counter is not the
+    model's function, so using the model (as any user does before adapting it) must not cost it
+    its source statistics (it did: the full suite's shared model lost them, test order decided)."""
+    model, batches = small
+    qmodel = qtta_plugins.quantize(model, "torchao", "w8a8", batches)
+    tracked = {k: v.clone() for k, v in qmodel.state_dict().items() if "num_batches" in k}
+    with torch.no_grad():
+        qmodel(batches[0])
+    assert any(not torch.equal(v, qmodel.state_dict()[k]) for k, v in tracked.items()), (
+        "the forward counted nothing: this test no longer covers the counter"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = qtta_plugins.adapt(qmodel, None, "zoa")
+    assert not _no_source_warnings(caught) and run.method.recorder.shift_target is not None
+
+
 def test_reconstruct_measures_the_statistics_again(small):
     model, batches = small
     qmodel = qtta_plugins.quantize(model, "torchao", "w4a4", batches)

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_snapshot_restores_exactly
 
 import qtta_plugins
+from qtta_plugins.conformance import assert_snapshot_restores_exactly
 from qtta_plugins.models import TinyViT
 
 pytest.importorskip("torchao")

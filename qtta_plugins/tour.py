@@ -1,0 +1,381 @@
+"""``qtta demo``: the tour of the three methods this project brings to quantized models.
+
+On scikit-learn's bundled digits (nothing is downloaded), with one backend (torchao by default):
+
+1. **TTAQ**: quantize at low precision, reconstruct with ``qdrop`` and with ``ttaq`` (demo-sized
+   iterations), then adapt with Tent (+ ABL) against min-max PTQ + Tent, on an i.i.d. and a
+   class-imbalanced (Dirichlet) continual stream of the 15 corruptions at severity 5.
+2. **ZOA**: the deployable model (what :func:`qtta_plugins.export` gives, where the backend's export
+   is a torch module our view recognises: torchao's integer Q/DQ graph; otherwise the quantized
+   model), adapted forward-only with ZOA against FOA and BN-adapt (``norm``), with the time per
+   batch as a ratio to plain inference measured in the same run.
+3. **RTF-Q**: a small bank of quantized subnets (width x resolution x bits) trained briefly for one
+   target domain (digits under fog), ``select_subnet`` under three MAC budgets, and each
+   materialized model's accuracy next to its table row.
+
+One summary table (printed, and written with the figures as ``summary.md`` / ``summary.json``) and
+two plots (``stream.png``: error along the stream; ``rtfq_frontier.png``) in ``out_dir``.
+
+The figures are a demo's: one seed, demo-sized reconstruction and bank training. The published,
+seeded tables are in docs/ttaq.md, docs/zoa.md and docs/rtfq.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import adapt, export, quant_view, quantize, reconstruct, select_subnet
+from .data import ContinualStream, continual_stream, corrupt_set, load_source
+from .models import accuracy, train_source_model
+
+#: reconstruction iterations per block in the demo (the methods' default is 1000)
+DEMO_ITERS = 100  # keep in step with the cli default
+#: RTF-Q bank training steps in the demo (docs/rtfq.md trains 300)
+DEMO_BANK_STEPS = 60
+#: the RTF-Q demo's target domain: digits under this corruption, at this severity
+RTFQ_TARGET = ("fog", 3)
+#: the budgets ``select_subnet`` is called with, as fractions of the full subnet's MACs
+BUDGETS = (0.25, 0.5, 1.0)
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    part: str
+    name: str
+    clean: float | None = None  # clean accuracy %, where it says something
+    error: float | None = None  # mean error % on the (i.i.d.) stream / the target test split
+    error_dirichlet: float | None = None
+    note: str = ""
+
+
+@dataclass
+class TourResult:
+    backend: str
+    bits: str
+    float_accuracy: float
+    rows: list[Row] = field(default_factory=list)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # row -> error % per batch
+    frontier: list[dict[str, Any]] = field(default_factory=list)  # the bank's table
+    selected: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # part -> wall time
+
+    def table(self) -> str:
+        head = f"{'part':<6} {'row':<34} {'clean':>6} {'error':>6} {'Dirich':>7}  note"
+        lines = [head, "-" * (len(head) + 26)]
+        part = None
+        for r in self.rows:
+            if part is not None and r.part != part:
+                lines.append("")
+            part = r.part
+            lines.append(
+                f"{r.part:<6} {r.name:<34} {_pct(r.clean):>6} {_pct(r.error):>6} "
+                f"{_pct(r.error_dirichlet):>7}  {r.note}".rstrip()
+            )
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        out = [
+            "| part | row | clean acc % | error % | error %, Dirichlet | note |",
+            "|---" * 6 + "|",
+        ]
+        for r in self.rows:
+            cells = [r.part, r.name, _pct(r.clean), _pct(r.error), _pct(r.error_dirichlet), r.note]
+            out.append("| " + " | ".join(c or "" for c in cells) + " |")
+        return "\n".join(out)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def run_tour(
+    backend: str = "torchao",
+    *,
+    bits: str = "w4a4",
+    seed: int = 0,
+    iters: int = DEMO_ITERS,
+    bank_steps: int = DEMO_BANK_STEPS,
+    batch_size: int = 50,
+    out_dir: str | Path | None = None,
+    progress: bool | None = None,
+    threads: int | None = 2,
+    echo: bool = True,
+) -> TourResult:
+    """Run the tour and return its figures (printing them when ``echo``; writing the summary and
+    the plots to ``out_dir`` unless it is ``None``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    say: Callable[..., None] = (lambda *a: print(*a, flush=True)) if echo else (lambda *a: None)
+    start = time.perf_counter()
+    model = train_source_model("bncnn", "digits", seed=seed, progress=progress)
+    train, test = load_source("digits", seed=seed)
+    calib = [train.x[i : i + 64] for i in range(0, min(len(train), 512), 64)]
+    result = TourResult(backend, bits.upper(), accuracy(model, test.x, test.y))
+    say(
+        f"source model: digits BN-CNN, {result.float_accuracy:.1f}% clean accuracy (float); "
+        f"backend {backend}, {result.bits}"
+    )
+    streams = {
+        order: continual_stream(
+            "digits", severity=5, batch_size=batch_size, order=order, seed=seed, progress=progress
+        )
+        for order in ("iid", "dirichlet")
+    }
+    result.seconds["setup"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    qmodel = _ttaq_part(result, model, calib, test, streams, iters, seed, progress, say)
+    result.seconds["TTAQ"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _zoa_part(result, qmodel, calib, test, streams["iid"], progress, say)
+    result.seconds["ZOA"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _rtfq_part(result, model, train, test, bank_steps, seed, progress, say)
+    result.seconds["RTF-Q"] = time.perf_counter() - t
+    result.seconds["total"] = time.perf_counter() - start
+
+    stream = streams["iid"]
+    say(
+        f"\nsummary: digits-C, severity 5, {len(stream.domains)} corruptions as one continual "
+        f"stream (i.i.d. and Dirichlet-ordered labels), batch {batch_size}; {backend} {result.bits}"
+    )
+    say(result.table())
+    if out_dir is not None:
+        paths = write_outputs(result, stream, Path(out_dir))
+        say("\n" + "written: " + ", ".join(str(p) for p in paths))
+    say(
+        "time: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items() if k != "total")
+        + f"; total {result.seconds['total']:.0f}s"
+    )
+    return result
+
+
+# --- 1. TTAQ ------------------------------------------------------------------------------------
+def _ttaq_part(result, model, calib, test, streams, iters, seed, progress, say):
+    say(f"\n[TTAQ] quantize at {result.bits} (min-max), reconstruct with qdrop and ttaq")
+    ptq = {"min-max": quantize(model, backend=result.backend, bits=result.bits, calib=calib)}
+    notes = {"min-max": "PTQ: min-max ranges"}
+    for method in ("qdrop", "ttaq"):
+        t = time.perf_counter()
+        ptq[method] = reconstruct(
+            ptq["min-max"], model, calib, method, iters=iters, seed=seed, progress=progress
+        )
+        notes[method] = f"reconstruct {iters} it/block: {time.perf_counter() - t:.0f}s"
+    clean = {name: accuracy(q, test.x, test.y) for name, q in ptq.items()}
+    rows = (
+        ("min-max + Tent", "min-max", False),
+        ("QDrop + Tent", "qdrop", False),
+        ("QDrop + Tent + ABL", "qdrop", True),
+        ("TTAQ + Tent + ABL", "ttaq", True),
+    )
+    for label, name, abl in rows:
+        errors = {}
+        for order, stream in streams.items():
+            run = adapt(ptq[name], stream, "tent", abl=abl, seed=seed, progress=progress)
+            errors[order] = run.errors()["mean"]
+            if order == "iid":
+                result.curves[label] = _batch_errors(run.predictions, stream)
+        result.rows.append(
+            Row("TTAQ", label, clean[name], errors["iid"], errors["dirichlet"], notes[name])
+        )
+        say(f"  {label:<20} error {errors['iid']:.1f} (Dirichlet {errors['dirichlet']:.1f})")
+    return ptq["min-max"]
+
+
+# --- 2. ZOA -------------------------------------------------------------------------------------
+def _zoa_part(result, qmodel, calib, test, stream, progress, say):
+    deployed, what = _deployable(qmodel)
+    say(f"\n[ZOA] forward-only adaptation of {what}")
+    clean = accuracy(deployed, test.x, test.y)
+    plain = _plain_inference_seconds(deployed, stream)
+    rows = (
+        ("source (no adaptation)", "source", {}),
+        ("BN-adapt (norm)", "norm", {}),
+        ("FOA", "foa", {"source_data": calib}),
+        ("ZOA", "zoa", {"source_data": calib}),
+    )
+    for label, method, options in rows:
+        t = time.perf_counter()
+        run = adapt(deployed, stream, method, progress=progress, **options)
+        per_batch = (time.perf_counter() - t) / len(stream)
+        error = run.errors()["mean"]
+        result.curves[f"{label} [{what}]"] = _batch_errors(run.predictions, stream)
+        note = f"{per_batch / plain:.1f}x plain inference per batch"
+        result.rows.append(
+            Row("ZOA", label, clean if method == "source" else None, error, None, note)
+        )
+        say(f"  {label:<22} error {error:.1f}, {note}")
+
+
+def _deployable(qmodel: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """What the backend deploys, where its export gives a torch module our view recognises
+    (torchao: the integer Q/DQ graph); otherwise the quantized model itself."""
+    from .errors import UnknownBackendError
+    from .exporting import UnsupportedExportError
+
+    try:
+        exported = export(qmodel)
+    except UnsupportedExportError:
+        exported = None
+    if isinstance(exported, torch.nn.Module):
+        try:
+            quant_view(exported)
+        except (UnknownBackendError, TypeError, ValueError):
+            pass
+        else:
+            return exported, "the exported integer model"
+    return qmodel, "the fake-quantized model"
+
+
+def _plain_inference_seconds(model: torch.nn.Module, stream: ContinualStream) -> float:
+    """Seconds per batch of ``model`` on the stream without adaptation (after one warm-up batch)."""
+    batches = [batch.x for batch in stream]
+    with torch.inference_mode():
+        model(batches[0])
+        t = time.perf_counter()
+        for x in batches:
+            model(x)
+    return (time.perf_counter() - t) / len(batches)
+
+
+def _batch_errors(predictions: torch.Tensor, stream: ContinualStream) -> list[float]:
+    out, i = [], 0
+    for batch in stream:
+        n = len(batch.y)
+        out.append(100.0 * float((predictions[i : i + n] != batch.y).float().mean()))
+        i += n
+    return out
+
+
+# --- 3. RTF-Q -----------------------------------------------------------------------------------
+def _rtfq_part(result, model, train, test, steps, seed, progress, say):
+    from .methods.rtfq import RTFQConfig, SubnetBank, train_bank
+
+    corruption, severity = RTFQ_TARGET
+    say(
+        f"\n[RTF-Q] a bank of 27 subnets (width x resolution x W8/6/4), {steps} steps of "
+        f"unsupervised adaptation to digits under {corruption} (severity {severity})"
+    )
+    target = corrupt_set(train, corruption, severity, seed=seed, progress=progress)
+    target_test = corrupt_set(test, corruption, severity, seed=seed, progress=progress)
+    config = RTFQConfig(steps=steps, seed=seed, progress=progress)
+    bank = SubnetBank(model, target.x, config)
+    source_only = accuracy(model, target_test.x, target_test.y)
+    trained = train_bank(bank, (train.x, train.y), target.x)
+    table = bank.evaluate(target_test.x, target_test.y)
+    result.frontier = [{k: v for k, v in r.items() if k != "subnet"} for r in table]
+    full = max(r["macs"] for r in table)
+    result.rows.append(
+        Row("RTF-Q", "float source model", None, 100 - source_only, None, "no adaptation")
+    )
+    for fraction in BUDGETS:
+        qmodel = select_subnet(bank, macs=fraction * full, backend=result.backend)
+        row = qmodel.qtta_subnet.row
+        measured = accuracy(qmodel, target_test.x, target_test.y)
+        result.selected.append(
+            {
+                "budget": fraction,
+                "name": row["name"],
+                "macs": row["macs"],
+                "table": row["accuracy"],
+                "materialized": measured,
+            }
+        )
+        note = (
+            f"{row['name']}, {row['macs'] / full:.0%} MACs; bank table {100 - row['accuracy']:.1f}"
+        )
+        result.rows.append(
+            Row("RTF-Q", f"select_subnet(macs <= {fraction:.0%})", None, 100 - measured, None, note)
+        )
+        say(
+            f"  budget {fraction:>4.0%}: {note}, materialized ({result.backend}) {100 - measured:.1f}"
+        )
+    say(f"  (bank trained in {trained['seconds']:.0f}s; error % on the held-out target split)")
+
+
+# --- outputs ------------------------------------------------------------------------------------
+def write_outputs(result: TourResult, stream: ContinualStream, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "summary.md"
+    summary.write_text(result.markdown() + "\n")
+    figures = out_dir / "summary.json"
+    figures.write_text(json.dumps(asdict(result), indent=1, default=str))
+    return [summary, figures, *save_plots(result, stream, out_dir)]
+
+
+def save_plots(result: TourResult, stream: ContinualStream, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .demo import _SHORT
+
+    stream_png = out_dir / "stream.png"
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    n = len(next(iter(result.curves.values())))
+    per_domain = n / len(stream.domains)
+    window = max(1, round(per_domain / 2))
+    for ax, part in zip(axes, ("TTAQ", "ZOA"), strict=True):
+        means = {r.name: r.error for r in result.rows if r.part == part}
+        for label, errs in result.curves.items():
+            name = label.split(" [")[0]
+            if name not in means:
+                continue
+            t = torch.tensor(errs)
+            smooth = t.unfold(0, window, 1).mean(1) if len(t) >= window else t
+            ax.plot(
+                range(window - 1, window - 1 + len(smooth)),
+                smooth.tolist(),
+                label=f"{label} (mean {means[name]:.1f}%)",
+            )
+        for i in range(1, len(stream.domains)):
+            ax.axvline(i * per_domain - 0.5, color="0.85", lw=0.8)
+        ax.set_ylabel(f"error % (moving mean, {window} batches)")
+        ax.set_title(f"{part}: digits-C continual stream, {result.backend} {result.bits}")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xticks([(i + 0.5) * per_domain for i in range(len(stream.domains))])
+    axes[-1].set_xticklabels([_SHORT.get(d, d) for d in stream.domains], rotation=45, ha="right")
+    fig.tight_layout()
+    fig.savefig(stream_png, dpi=110)
+    plt.close(fig)
+
+    frontier_png = out_dir / "rtfq_frontier.png"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for bits, marker in ((8, "o"), (6, "s"), (4, "^")):
+        rows = [r for r in result.frontier if r["name"].endswith(f"W{bits}A{bits}")]
+        ax.scatter(
+            [r["macs"] / 1e6 for r in rows],
+            [r["accuracy"] for r in rows],
+            marker=marker,
+            label=f"bank subnets, W{bits}A{bits}",
+            alpha=0.7,
+        )
+    ax.scatter(
+        [s["macs"] / 1e6 for s in result.selected],
+        [s["materialized"] for s in result.selected],
+        marker="*",
+        s=160,
+        color="black",
+        label=f"select_subnet, materialized ({result.backend})",
+    )
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("accuracy % on the target test split")
+    corruption, severity = RTFQ_TARGET
+    ax.set_title(f"RTF-Q bank: digits -> digits-{corruption} (severity {severity})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(frontier_png, dpi=110)
+    plt.close(fig)
+    return [stream_png, frontier_png]
