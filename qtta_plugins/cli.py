@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. source norm tent)",
     )
     d.add_argument(
-        "--iters", type=int, default=100, help="tour: reconstruction iterations per block"
+        "--iters", type=int, default=40, help="tour: reconstruction iterations per block"
     )
-    d.add_argument("--bank-steps", type=int, default=60, help="tour: RTF-Q bank training steps")
+    d.add_argument("--bank-steps", type=int, default=40, help="tour: RTF-Q bank training steps")
     d.add_argument(
         "--out-dir", default=None, help="tour: summary and plots (default qtta_demo_<backend>)"
     )

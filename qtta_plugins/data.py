@@ -725,6 +725,7 @@ def continual_stream(
     seed: int = 0,
     progress: bool | None = None,
     channels: int = 1,
+    per_domain: int | None = None,
 ) -> ContinualStream:
     """Build the continual TTA benchmark stream for ``source``.
 
@@ -733,10 +734,14 @@ def continual_stream(
     :func:`cache_dir`) and returns a :class:`ContinualStream` whose domains are the corruption
     names, in the given order. ``channels=3`` yields the gray images replicated to RGB (for
     torchvision / timm models); corruption and its cache stay on the gray images.
+    ``per_domain``: a shorter stream, of the same seeded, class-stratified ``per_domain`` test
+    images in every domain (``n_test`` chooses the test split itself, and with it the training
+    split a source model is trained on; this does not).
 
     Raises:
         ValueError: empty or unknown ``corruptions``, bad ``severity``, ``batch_size < 1``,
-            ``rounds < 1``, unknown ``order``/``source``.
+            ``rounds < 1``, unknown ``order``/``source``, ``per_domain`` not in
+            ``1..len(test split)``.
     """
     if isinstance(corruptions, str):
         corruptions = [corruptions]
@@ -752,7 +757,17 @@ def continual_stream(
         raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
     _check_seed(seed)
     test = _load_test(source, root, size, n_test, seed)
+    if per_domain is not None and (
+        isinstance(per_domain, bool)
+        or not isinstance(per_domain, (int, np.integer))
+        or not 1 <= per_domain <= len(test)
+    ):
+        raise ValueError(f"per_domain must be an int in [1, {len(test)}], got {per_domain!r}")
     sets = [corrupt_set(test, c, severity, seed=seed, progress=progress) for c in corruptions]
+    if per_domain is not None and per_domain < len(test):
+        _, keep = _stratified_subset(test.y.numpy(), int(per_domain), seed)
+        index = torch.from_numpy(keep)
+        sets = [ImageSet(s.x[index], s.y[index], f"{s.name}-{per_domain}") for s in sets]
     return ContinualStream(
         sets,
         domains=corruptions,

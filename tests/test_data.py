@@ -311,6 +311,24 @@ def test_stream_validation() -> None:
         data.continual_stream(order="sorted", n_test=N_TEST)
 
 
+def test_per_domain_takes_the_same_stratified_images_from_each_domain() -> None:
+    full = data.continual_stream(corruptions=["contrast", "pixelate"], n_test=N_TEST)
+    short = data.continual_stream(
+        corruptions=["contrast", "pixelate"], n_test=N_TEST, per_domain=20
+    )
+    assert [len(s) for s in short.sets] == [20, 20] and len(short) == 2
+    # the same test images in every domain, each one's image as in the full stream
+    rows = [int(torch.nonzero((full.sets[0].x == x).flatten(1).all(1))[0]) for x in short.sets[0].x]
+    assert all(
+        torch.equal(full.sets[1].x[i], x) for i, x in zip(rows, short.sets[1].x, strict=True)
+    )
+    assert torch.equal(short.sets[0].y, short.sets[1].y)
+    assert set(short.sets[0].y.tolist()) == set(range(10)), "stratified: every class is there"
+    for bad in (0, N_TEST + 1, 2.5):
+        with pytest.raises(ValueError, match="per_domain"):
+            data.continual_stream(corruptions=["contrast"], n_test=N_TEST, per_domain=bad)
+
+
 def test_dirichlet_order_imbalanced_same_samples() -> None:
     clean = data.load_source("digits", n_test=200)[1]
     sets = [clean, data.ImageSet(clean.x.flip(-1), clean.y, "flipped")]
