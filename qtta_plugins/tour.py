@@ -72,6 +72,7 @@ class TourResult:
     frontier: list[dict[str, Any]] = field(default_factory=list)  # the bank's table
     selected: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # part -> wall time
+    zoa_model: str = ""  # what the ZOA part adapted: the exported integer model, or the quantized
 
     def table(self) -> str:
         head = f"{'part':<6} {'row':<34} {'clean':>6} {'error':>6} {'Dirich':>7}  note"
@@ -208,6 +209,7 @@ def _ttaq_part(result, model, calib, test, streams, iters, seed, progress, say):
 # --- 2. ZOA -------------------------------------------------------------------------------------
 def _zoa_part(result, qmodel, calib, test, stream, progress, say):
     deployed, what = _deployable(qmodel)
+    result.zoa_model = what
     say(f"\n[ZOA] forward-only adaptation of {what}")
     clean = accuracy(deployed, test.x, test.y)
     plain = _plain_inference_seconds(deployed, stream)
@@ -222,7 +224,7 @@ def _zoa_part(result, qmodel, calib, test, stream, progress, say):
         run = adapt(deployed, stream, method, progress=progress, **options)
         per_batch = (time.perf_counter() - t) / len(stream)
         error = run.errors()["mean"]
-        result.curves[f"{label} [{what}]"] = _batch_errors(run.predictions, stream)
+        result.curves[label] = _batch_errors(run.predictions, stream)
         note = f"{per_batch / plain:.1f}x plain inference per batch"
         result.rows.append(
             Row("ZOA", label, clean if method == "source" else None, error, None, note)
@@ -342,20 +344,20 @@ def save_plots(result: TourResult, stream: ContinualStream, out_dir: Path) -> li
     for ax, part in zip(axes, ("TTAQ", "ZOA"), strict=True):
         means = {r.name: r.error for r in result.rows if r.part == part}
         for label, errs in result.curves.items():
-            name = label.split(" [")[0]
-            if name not in means:
+            if label not in means:
                 continue
             t = torch.tensor(errs)
             smooth = t.unfold(0, window, 1).mean(1) if len(t) >= window else t
             ax.plot(
                 range(window - 1, window - 1 + len(smooth)),
                 smooth.tolist(),
-                label=f"{label} (mean {means[name]:.1f}%)",
+                label=f"{label} (mean {means[label]:.1f}%)",
             )
         for i in range(1, len(stream.domains)):
             ax.axvline(i * per_domain - 0.5, color="0.85", lw=0.8)
         ax.set_ylabel(f"error % (moving mean, {window} batches)")
-        ax.set_title(f"{part}: digits-C continual stream, {result.backend} {result.bits}")
+        on = f", {result.zoa_model}" if part == "ZOA" else ""
+        ax.set_title(f"{part}: digits-C continual stream, {result.backend} {result.bits}{on}")
         ax.set_ylim(0, 100)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xticks([(i + 0.5) * per_domain for i in range(len(stream.domains))])
