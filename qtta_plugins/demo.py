@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,15 +142,8 @@ def save_plot(result: DemoResult, domains: Sequence[str], path: Path) -> None:
     per_domain = n_batches / len(domains)
     window = max(1, round(per_domain / 2))
     for method, errs in result.batch_errors.items():
-        t = torch.tensor(errs)
-        smooth = t.unfold(0, window, 1).mean(1) if len(t) >= window else t
-        ax.plot(
-            range(window - 1, window - 1 + len(smooth)),
-            smooth.tolist(),
-            label=f"{method} (mean {result.errors[method]['mean']:.1f}%)",
-        )
-    for i in range(1, len(domains)):
-        ax.axvline(i * per_domain - 0.5, color="0.85", lw=0.8)
+        plot_moving_mean(ax, errs, window, f"{method} (mean {result.errors[method]['mean']:.1f}%)")
+    mark_domains(ax, len(domains), per_domain)
     ax.set_xticks([(i + 0.5) * per_domain for i in range(len(domains))])
     ax.set_xticklabels([_SHORT.get(d, d) for d in domains], rotation=45, ha="right")
     ax.set_ylabel(f"error % (moving mean over {window} batches)")
@@ -160,3 +154,17 @@ def save_plot(result: DemoResult, domains: Sequence[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_moving_mean(ax: Any, errors: Sequence[float], window: int, label: str) -> None:
+    """Per-batch errors as a moving mean over ``window`` batches, each point at its last batch."""
+    t = torch.tensor(list(errors), dtype=torch.float64)
+    smooth = t.unfold(0, window, 1).mean(1) if len(t) >= window else t
+    start = window - 1 if len(t) >= window else 0
+    ax.plot(range(start, start + len(smooth)), smooth.tolist(), label=label)
+
+
+def mark_domains(ax: Any, n_domains: int, per_domain: float) -> None:
+    """Light vertical lines at the domain boundaries of a stream plot."""
+    for i in range(1, n_domains):
+        ax.axvline(i * per_domain - 0.5, color="0.85", lw=0.8)

@@ -233,7 +233,7 @@ def test_cache_hit(
     def boom(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("recomputed despite the cache")
 
-    monkeypatch.setattr(data, "_corrupt_image", boom)
+    monkeypatch.setattr(data.corruption, "_corrupt_image", boom)
     second = data.corrupt_set(test, "gaussian_noise", 5)
     assert torch.equal(first.x, second.x) and torch.equal(first.y, second.y)
     assert second.name == first.name

@@ -30,19 +30,19 @@ from qtta_plugins.view import copy_model, remember_source_sample, source_sample
 
 from . import BACKEND
 from ._backend import torchao_module
-from .quantize import match_convert_fold_eps
-from .view import (
-    ConvertedView,
-    FakeQuantizeHandle,
-    ModuleView,
-    Pt2eView,
+from .converted_view import ConvertedView
+from .eager_view import ModuleView
+from .graph import (
     _inner_graph,
     _sample_shape,
     foldable_norms,
     insert_folded_norms,
-    recognise,
     remove_input_taps,
 )
+from .handles import FakeQuantizeHandle
+from .pt2e_view import Pt2eView
+from .quantize import match_convert_fold_eps
+from .view import recognise
 
 #: ``qtta_plugins.export`` options of this backend, with their defaults (``freeze`` defaults to
 #: ``True`` with ``compile=True`` and applies only there).
@@ -69,7 +69,7 @@ def convert(model: torch.fx.GraphModule, *, folded_norms: bool = True) -> torch.
     """torchao's integer Q/DQ model of a prepared pt2e model (the caller's model is not modified).
 
     ``folded_norms``: put a stand-in for each batch norm ``convert_pt2e`` folds into its conv (see
-    :func:`qtta_torchao.view.insert_folded_norms`): the identity as converted, it lets forward-only
+    :func:`qtta_torchao.graph.insert_folded_norms`): the identity as converted, it lets forward-only
     methods (``norm``, ``zoa``) renormalise and adapt the integer model. ``False`` gives
     ``convert_pt2e``'s graph untouched.
     """

@@ -26,7 +26,7 @@ Forward and adapt, per batch ``x``:
 3. pass 2 at ``(eps + c * D, alpha + c_alpha * D_alpha)``, ``D`` drawn as ``+-U[0.5, 1]``, gives
    ``L+``; one-sided SPSA: ``g = (L+ - L) / (c * D)``;
 4. ``eps`` takes an SGD step with weight decay (which pulls it back to the stored mix); ``alpha`` an
-   AdamW step, once the bank holds a domain.
+   AdamW step (``torch.optim.AdamW``), once the bank holds a domain.
 
 Doing less work (docs/zoa.md, benchmarks/zoa_cost.py): pass 2 starts at the first adapted norm
 from pass 1's values there (``reuse_prefix``, :mod:`qtta_plugins.prefix`); ``norm_layers="late"``
@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributions import Normal, kl_divergence
 
 from ..config import AdaptConfig
 from ..hookspecs import hookimpl
@@ -189,10 +190,11 @@ def _block_key(name: str) -> str:
 
 
 def symmetric_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
-    """Mean over channels of the symmetric KL divergence between two diagonal Gaussians."""
-    v1, v2 = v1 + 1e-5, v2 + 1e-5
-    d2 = (m1 - m2).square()
-    return float((0.25 * ((v1 + d2) / v2 + (v2 + d2) / v1 - 2.0)).mean())
+    """Mean over channels of the symmetric KL divergence (the mean of both directions) between
+    two diagonal Gaussians given by means and variances."""
+    p = Normal(m1, (v1 + 1e-5).sqrt())
+    q = Normal(m2, (v2 + 1e-5).sqrt())
+    return float((0.5 * (kl_divergence(p, q) + kl_divergence(q, p))).mean())
 
 
 class ZOA(TestTimeMethod):
@@ -281,9 +283,7 @@ class ZOA(TestTimeMethod):
         self.eps = torch.zeros(d, device=device)
         # K stored domains (the source's zero delta is implicit)
         self.bank_deltas = torch.zeros(0, d, device=device)
-        self.alpha = torch.zeros(1, device=device)
-        self.alpha_moments = (torch.zeros(1, device=device), torch.zeros(1, device=device))
-        self.alpha_steps = 0
+        self._set_alpha(torch.zeros(1, device=device))
         self.running_detector: tuple[torch.Tensor, torch.Tensor] | None = (
             tuple(t.clone() for t in self.source_detector) if self.source_detector else None  # type: ignore[assignment]
         )
@@ -306,8 +306,7 @@ class ZOA(TestTimeMethod):
             "eps": self.eps.clone(),
             "bank_deltas": self.bank_deltas.clone(),
             "alpha": self.alpha.clone(),
-            "alpha_moments": tuple(t.clone() for t in self.alpha_moments),
-            "alpha_steps": self.alpha_steps,
+            **self._alpha_optimizer_state(),
             "running_detector": None
             if self.running_detector is None
             else tuple(t.clone() for t in self.running_detector),
@@ -332,9 +331,8 @@ class ZOA(TestTimeMethod):
 
         self.eps = on(state["eps"])
         self.bank_deltas = on(state["bank_deltas"])
-        self.alpha = on(state["alpha"])
-        self.alpha_moments = tuple(on(t) for t in state["alpha_moments"])  # type: ignore[assignment]
-        self.alpha_steps = state["alpha_steps"]
+        self._set_alpha(on(state["alpha"]), [on(t) for t in state["alpha_moments"]])
+        self._load_alpha_steps(state["alpha_steps"])
         det = state["running_detector"]
         self.running_detector = None if det is None else tuple(on(t) for t in det)  # type: ignore[assignment]
         self.domain_batches = state["domain_batches"]
@@ -476,19 +474,51 @@ class ZOA(TestTimeMethod):
         noise = cfg.converge_z * spread * math.sqrt(2 / cfg.converge_window)
         return abs(mean - reference) <= max(cfg.converge_tolerance * abs(reference), noise)
 
-    def _adamw(self, grad: torch.Tensor) -> None:
-        """One AdamW step on alpha (decoupled weight decay, betas 0.9 / 0.999)."""
+    # --- alpha and its AdamW ---------------------------------------------------------------------
+    def _set_alpha(self, alpha: torch.Tensor, moments: list[torch.Tensor] | None = None) -> None:
+        """``alpha`` (a new leaf) with a fresh AdamW on it (betas 0.9 / 0.999, decoupled weight
+        decay); ``moments``: its first and second moments to go on from (a loaded state). The
+        bank grows ``alpha`` by one logit per stored domain, and the moments restart with it."""
         cfg = self.config
-        b1, b2 = 0.9, 0.999
-        self.alpha_steps += 1
-        m, v = self.alpha_moments
-        m = b1 * m + (1 - b1) * grad
-        v = b2 * v + (1 - b2) * grad.square()
-        self.alpha_moments = (m, v)
-        m_hat = m / (1 - b1**self.alpha_steps)
-        v_hat = v / (1 - b2**self.alpha_steps)
-        alpha = self.alpha * (1 - cfg.alpha_lr * cfg.alpha_weight_decay)
-        self.alpha = alpha - cfg.alpha_lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.alpha = alpha.detach().clone()
+        self.alpha_optimizer = torch.optim.AdamW(
+            [self.alpha],
+            lr=cfg.alpha_lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=cfg.alpha_weight_decay,
+            foreach=False,
+        )
+        if moments is not None:
+            m, v = moments
+            self.alpha_optimizer.state[self.alpha] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": m.clone(),
+                "exp_avg_sq": v.clone(),
+            }
+
+    def _load_alpha_steps(self, steps: int) -> None:
+        state = self.alpha_optimizer.state.get(self.alpha)
+        if state is not None:
+            state["step"] = torch.tensor(float(steps))
+
+    def _alpha_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's moments and step count, as plain tensors and an int (a state file
+        stays loadable with ``weights_only``)."""
+        state = self.alpha_optimizer.state.get(self.alpha)
+        if not state:
+            zeros = torch.zeros_like(self.alpha)
+            return {"alpha_moments": (zeros, zeros.clone()), "alpha_steps": 0}
+        return {
+            "alpha_moments": (state["exp_avg"].clone(), state["exp_avg_sq"].clone()),
+            "alpha_steps": int(state["step"]),
+        }
+
+    def _adamw(self, grad: torch.Tensor) -> None:
+        """One AdamW step on alpha with the SPSA estimate ``grad``."""
+        self.alpha.grad = grad.to(self.alpha.dtype)
+        self.alpha_optimizer.step()
+        self.alpha.grad = None
 
     # --- the domain-change detector and the bank ---------------------------------------------
     def _detect(self, batch_size: int) -> bool:
@@ -537,9 +567,8 @@ class ZOA(TestTimeMethod):
         self.alpha = torch.cat([self.alpha, self.alpha.max().reshape(1) + 1.0])
         while self.bank_deltas.shape[0] > cfg.bank_size:
             self._merge_most_similar()
+        self._set_alpha(self.alpha)  # the moments restart with the new logit
         self.eps = total - self._mix(self.alpha)
-        self.alpha_moments = (torch.zeros_like(self.alpha), torch.zeros_like(self.alpha))
-        self.alpha_steps = 0
 
     def _merge_most_similar(self) -> None:
         deltas = self.bank_deltas
