@@ -46,6 +46,11 @@ def case(request, float_models, digits) -> conformance.Case:
     "check", conformance.CHECKS, ids=[c.__name__.removeprefix("check_") for c in conformance.CHECKS]
 )
 def test_conformance(check, case):
+    if check is conformance.check_export_keeps_predictions and case.backend == "torchao":
+        # ~25 s for the two torchao cases; torchao's export after adaptation is checked in
+        # tests/test_torchao_export.py and tests/test_architectures.py, and the kit's check
+        # itself on Brevitas here
+        pytest.skip("torchao's export is checked in tests/test_torchao_export.py")
     check(case)
 
 

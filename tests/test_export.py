@@ -30,7 +30,9 @@ OPTIONS = {"foa": {"population": 4}}  # 5 passes per batch instead of 28
 # copy can lose; the other methods change parameters and the norm mode only, which tent shows);
 # `-m slow` runs every (backend, method) pair. The torchao model straight from quantize is
 # checked by test_torchao_converted_model_compile_and_zoa.
-FAST = {("torchao", "foa"), ("brevitas", "foa"), *(("nncf", m) for m in METHODS)}
+# torchao's convert after adaptation is checked by default in tests/test_torchao_export.py and
+# tests/test_architectures.py; its row here is slow (18 s)
+FAST = {("brevitas", "foa"), *(("nncf", m) for m in METHODS)}
 TO_FILE = {("brevitas", "tent"), ("nncf", "tent")}  # a path: the ONNX file
 
 

@@ -52,6 +52,7 @@ def test_convert_pt2e_after_tent_keeps_predictions(adapted):
     assert float((out - logits).abs().max()) < 0.05 * float(logits.abs().max())
 
 
+@pytest.mark.slow  # 18 s; tests/test_export.py compiles the converted model (and runs ZOA on it)
 def test_torch_compile_path_matches_converted(adapted):
     model, x, _ = adapted
     converted = convert(model)

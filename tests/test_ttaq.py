@@ -227,7 +227,14 @@ def test_ttaq_terms_change_the_result_and_each_switches_off(float_cnn, calib) ->
 
 # NNCF's own export (strip) is 8-bit only; torchao's convert and Brevitas' QCDQ ONNX take 4 bits.
 @pytest.mark.parametrize(
-    "backend, bits", [("torchao", "w4a4"), ("brevitas", "w4a4"), ("nncf", "w8a8")]
+    "backend, bits",
+    # torchao's convert is the slow one (22 s); convert after reconstruction writes back as after
+    # Tent, which tests/test_torchao_export.py checks by default
+    [
+        pytest.param("torchao", "w4a4", marks=pytest.mark.slow),
+        ("brevitas", "w4a4"),
+        ("nncf", "w8a8"),
+    ],
 )
 def test_export_after_reconstruction_keeps_the_predictions(
     backend, bits, float_cnn, calib, held_out, export_logits
