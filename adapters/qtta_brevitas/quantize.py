@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.config import QuantConfig
+from qtta_plugins.ranges import least_error_ratio, symmetric_weight_error
 
 from ._backend import brevitas_module
 
@@ -187,20 +188,11 @@ def mse_weight_thresholds(model: nn.Module, steps: int = 100) -> None:
             if not isinstance(value, nn.Parameter) or value.numel() != module.weight.shape[0]:
                 continue
             bits = float(tensor_quant.msb_clamp_bit_width_impl())
-            qmax = 2 ** (bits - 1) - 1
-            w = module.weight.detach().reshape(module.weight.shape[0], -1)
-            absmax = w.abs().amax(1).clamp_min(1e-8)
-            best = absmax.clone()
-            best_err = torch.full_like(absmax, float("inf"))
-            for chunk in fractions.split(25):  # all candidates of a chunk at once
-                thresholds = chunk[:, None] * absmax[None, :]  # (candidates, channels)
-                scale = (thresholds / qmax)[..., None]
-                error = ((torch.clamp(torch.round(w / scale), -qmax, qmax) * scale - w) ** 2).sum(2)
-                chunk_err, idx = error.min(0)
-                better = chunk_err < best_err
-                best_err = torch.where(better, chunk_err, best_err)
-                best = torch.where(better, thresholds.gather(0, idx[None])[0], best)
-            value.copy_(best.reshape(value.shape))
+            error = symmetric_weight_error(module.weight, int(2 ** (bits - 1) - 1))
+            absmax = module.weight.detach().reshape(module.weight.shape[0], -1).abs().amax(1)
+            absmax = absmax.clamp_min(1e-8)
+            ratio = least_error_ratio(fractions, lambda r, a=absmax, e=error: e(r * a))
+            value.copy_((ratio * absmax).reshape(value.shape))
 
 
 def _quant_proxies(model: nn.Module) -> list[nn.Module]:

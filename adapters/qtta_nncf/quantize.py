@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.config import QuantConfig
+from qtta_plugins.ranges import least_error_ratio
 
 from ._backend import nncf_module, nncf_quiet
 from .view import (
@@ -75,16 +76,13 @@ def refit_weight_range(handle: NNCFQuantizerHandle, weight: torch.Tensor) -> Non
         axis = handle.ch_axis
         dims = [d for d in range(w.ndim) if d != axis] if axis is not None else list(range(w.ndim))
         base = w.abs().amax(dim=dims, keepdim=True).reshape(shape).clamp_min(1e-12)
-        best = torch.full_like(base, float("inf"))
-        best_scale = base.clone()
-        for ratio in _RATIOS:
+
+        def error(ratio: float) -> torch.Tensor:  # with NNCF's own fake quantization
             storage.copy_(base * ratio)
             err = (_fake_quant(w, q) - w).pow(2)
-            err = err.sum(dim=dims, keepdim=True).reshape(shape) if dims else err.reshape(shape)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_scale = torch.where(better, base * ratio, best_scale)
-        storage.copy_(best_scale)
+            return err.sum(dim=dims, keepdim=True).reshape(shape) if dims else err.reshape(shape)
+
+        storage.copy_(base * least_error_ratio(_RATIOS, error))
 
 
 def refit_activation_range(handle: NNCFQuantizerHandle, samples: list[torch.Tensor]) -> None:
@@ -99,13 +97,13 @@ def refit_activation_range(handle: NNCFQuantizerHandle, samples: list[torch.Tens
         else:
             params = [q.input_low, q._input_range_param_storage]
         original = [p.detach().clone() for p in params]
-        best, best_ratio = float("inf"), 1.0
-        for ratio in _RATIOS:
+
+        def error(ratio: float) -> torch.Tensor:
             for p, p0 in zip(params, original, strict=True):
                 p.copy_(p0 * ratio)
-            err = float((_fake_quant(x, q) - x).pow(2).mean())
-            if err < best:
-                best, best_ratio = err, float(ratio)
+            return (_fake_quant(x, q) - x).pow(2).mean()
+
+        best_ratio = float(least_error_ratio(_RATIOS, error))
         for p, p0 in zip(params, original, strict=True):
             p.copy_(p0 * best_ratio)
 
