@@ -108,17 +108,13 @@ def run_demo(
         seed=seed,
         progress=progress,
     )
+    labels = [b.y for b in stream]  # the stream's batches, once
     for method in methods:
         t1 = time.perf_counter()
         run = adapt(qmodel, stream, method, progress=progress)
         result.errors[method] = run.errors()
         result.seconds[method] = time.perf_counter() - t1
-        y = torch.cat([b.y for b in stream])
-        wrong = (run.predictions != y).float()
-        result.batch_errors[method] = [
-            100.0 * float(wrong[i : i + batch_size].mean())
-            for i in range(0, len(wrong), batch_size)
-        ]
+        result.batch_errors[method] = batch_errors(run.predictions, labels)
     say(
         f"\ncontinual {source}-C, severity {severity}, {len(stream.domains)} domains, no reset: "
         f"error (%) per domain, {backend} {result.bits}\n"
@@ -154,6 +150,15 @@ def save_plot(result: DemoResult, domains: Sequence[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def batch_errors(predictions: torch.Tensor, labels: Sequence[torch.Tensor]) -> list[float]:
+    """Error % of each batch: ``predictions`` of a whole run against the stream's ``labels``."""
+    out, i = [], 0
+    for y in labels:
+        out.append(100.0 * float((predictions[i : i + len(y)] != y).float().mean()))
+        i += len(y)
+    return out
 
 
 def plot_moving_mean(ax: Any, errors: Sequence[float], window: int, label: str) -> None:
