@@ -80,6 +80,31 @@ class QuantConfig:
         return f"W{self.weight_bits}A{self.act_bits}"
 
 
+def check_abl_options(config: object) -> None:
+    """Validate the ABL fields (``abl``, ``abl_tau_f``, ``abl_tau_g``, ``abl_momentum``) a method's
+    config declares when the method takes TTAQ's adaptive balanced loss (Tent, EATA, CoTTA)."""
+    name = type(config).__name__
+    if not isinstance(config.abl, bool):  # type: ignore[attr-defined]
+        raise ValueError(f"{name}.abl must be True or False, got {config.abl!r}")  # type: ignore[attr-defined]
+    for field in ("abl_tau_f", "abl_tau_g"):
+        value = getattr(config, field)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(
+                f"{name}.{field} must be a finite number >= 0 (0 turns that term off), "
+                f"got {value!r}"
+            )
+    momentum = config.abl_momentum  # type: ignore[attr-defined]
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        raise ValueError(
+            f"{name}.abl_momentum must be in [0, 1) (the weight of the old statistics in "
+            f"the EMA), got {momentum!r}"
+        )
+
+
 @dataclass
 class AdaptConfig:
     """Base of every test-time adaptation method's configuration.
@@ -149,28 +174,7 @@ class TentConfig(AdaptConfig):
             raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.steps < 1:
             raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
-        if not isinstance(self.abl, bool):
-            raise ValueError(f"TentConfig.abl must be True or False, got {self.abl!r}")
-        for field in ("abl_tau_f", "abl_tau_g"):
-            value = getattr(self, field)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(
-                    f"TentConfig.{field} must be a finite number >= 0 (0 turns that term off), "
-                    f"got {value!r}"
-                )
-        if (
-            isinstance(self.abl_momentum, bool)
-            or not isinstance(self.abl_momentum, int | float)
-            or not 0 <= self.abl_momentum < 1
-        ):
-            raise ValueError(
-                f"TentConfig.abl_momentum must be in [0, 1) (the weight of the old statistics in "
-                f"the EMA), got {self.abl_momentum!r}"
-            )
+        check_abl_options(self)
 
 
 @dataclass

@@ -49,34 +49,10 @@ from torch import nn
 from ..config import AdaptConfig, TentConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
+from .abl import ABL_EPS, BalancedLoss, abl_adjusted_logits, softmax_entropy
 from .base import MethodInfo, TestTimeMethod
 
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample entropy of the softmax of ``logits``."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-#: floor of ``pi`` and ``g / mean g`` before the log: an unseen class gets a large but finite shift
-ABL_EPS = 1e-6
-
-
-def abl_adjusted_logits(
-    logits: torch.Tensor,
-    class_freq: torch.Tensor,
-    grad_mag: torch.Tensor,
-    tau_f: float,
-    tau_g: float,
-) -> torch.Tensor:
-    """ABL's adjusted logits ``z - tau_f * log(pi) - tau_g * log(g / mean g)`` (see the module doc).
-
-    ``logits``: ``(N, K)``; ``class_freq`` (``pi``) and ``grad_mag`` (``g``): ``(K,)``, positive.
-    ``pi`` and ``g / mean g`` are floored at :data:`ABL_EPS` so a class with no mass yet gets a
-    finite shift.
-    """
-    g = grad_mag / grad_mag.mean()
-    shift = tau_f * class_freq.clamp_min(ABL_EPS).log() + tau_g * g.clamp_min(ABL_EPS).log()
-    return logits - shift.to(logits.dtype)
+__all__ = ["ABL_EPS", "Tent", "abl_adjusted_logits", "softmax_entropy", "tent_parameters"]
 
 
 def tent_parameters(view: QuantView) -> list[nn.Parameter]:
@@ -141,34 +117,24 @@ class Tent(TestTimeMethod):
         self.optimizer.zero_grad(set_to_none=True)
         return prediction
 
-    # --- ABL -------------------------------------------------------------------------------------
+    # --- ABL (qtta_plugins.methods.abl) ----------------------------------------------------------
+    @property
+    def class_freq(self) -> torch.Tensor | None:
+        return self.abl.class_freq if self.abl is not None else None
+
+    @property
+    def grad_mag(self) -> torch.Tensor | None:
+        return self.abl.grad_mag if self.abl is not None else None
+
     def _abl_loss(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean entropy of the adjusted logits, and a list the backward fills with dL/dz~."""
-        if self.class_freq is None or self.grad_mag is None:
-            k = logits.shape[1]
-            self.class_freq = torch.full((k,), 1.0 / k, device=logits.device)
-            self.grad_mag = torch.ones(k, device=logits.device)
-        adjusted = abl_adjusted_logits(
-            logits,
-            self.class_freq,
-            self.grad_mag,
-            self.config.abl_tau_f,
-            self.config.abl_tau_g,
-        )
-        grads: list[torch.Tensor] = []
-        # the gradient on the logits comes with the backward the step runs anyway
-        adjusted.register_hook(lambda grad: grads.append(grad.detach()))
+        assert self.abl is not None
+        adjusted, grads = self.abl.adjust(logits)
         return softmax_entropy(adjusted).mean(), grads
 
-    @torch.no_grad()
     def _abl_update(self, logits: torch.Tensor, logit_grad: torch.Tensor) -> None:
-        m = self.config.abl_momentum
-        freq = logits.float().softmax(1).mean(0)
-        self.class_freq = m * self.class_freq + (1 - m) * freq
-        push = logit_grad.float().abs().sum(0)
-        total = push.mean()
-        if total > 0:  # a batch the loss does not push at all says nothing about the classes
-            self.grad_mag = m * self.grad_mag + (1 - m) * push / total
+        assert self.abl is not None
+        self.abl.update(logits, logit_grad)
 
     # --- state -----------------------------------------------------------------------------------
     def adapted_parameters(self) -> list[nn.Parameter]:
@@ -176,9 +142,8 @@ class Tent(TestTimeMethod):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
-        if self.config.abl:
-            # tensors are replaced, never updated in place, so the core's deep copy is a snapshot
-            state["abl"] = {"class_freq": self.class_freq, "grad_mag": self.grad_mag}
+        if self.abl is not None:
+            state["abl"] = self.abl.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,23 +155,23 @@ class Tent(TestTimeMethod):
                 + ("with" if self.config.abl else "without")
                 + " it (TentConfig.abl must match)"
             )
-        if self.config.abl:
-            freq, grad = state["abl"]["class_freq"], state["abl"]["grad_mag"]
-            if (freq is None) != (grad is None) or (freq is not None and freq.shape != grad.shape):
-                raise ValueError("ABL state: class_freq and grad_mag must both be set, same shape")
+        if self.abl is not None:
+            # checked before anything is loaded: a bad state changes nothing
+            probe = BalancedLoss(self.abl.tau_f, self.abl.tau_g, self.abl.momentum)
+            probe.load_state_dict(state["abl"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.config.abl:
-            self.class_freq = None if freq is None else freq.detach().clone()
-            self.grad_mag = None if grad is None else grad.detach().clone()
+        if self.abl is not None:
+            self.abl.load_state_dict(state["abl"])
 
     def reset(self) -> None:
         self.optimizer.state.clear()
-        self._abl_init()
+        if self.abl is not None:
+            self.abl.reset()
 
     def _abl_init(self) -> None:
         # the number of classes is known at the first batch: until then, no statistics
-        self.class_freq: torch.Tensor | None = None
-        self.grad_mag: torch.Tensor | None = None
+        c = self.config
+        self.abl = BalancedLoss(c.abl_tau_f, c.abl_tau_g, c.abl_momentum) if c.abl else None
 
 
 @hookimpl
