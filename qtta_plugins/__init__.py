@@ -22,9 +22,11 @@ import torch
 from .adaptation import Adaptation, DomainResult, calibration_batches
 from .config import (
     AdaptConfig,
+    CoTTAConfig,
     NormConfig,
     QuantConfig,
     ReconstructConfig,
+    RoTTAConfig,
     SourceConfig,
     TentConfig,
     parse_bits,
@@ -66,6 +68,7 @@ __all__ = [
     "BackendNotInstalledError",
     "BadBatchError",
     "Block",
+    "CoTTAConfig",
     "DomainResult",
     "FOAConfig",
     "Grid",
@@ -76,6 +79,7 @@ __all__ = [
     "QuantView",
     "QuantizerHandle",
     "ReconstructConfig",
+    "RoTTAConfig",
     "SourceConfig",
     "SourceStatistics",
     "TentConfig",

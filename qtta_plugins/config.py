@@ -186,3 +186,172 @@ class ReconstructConfig:
 
     method: str = "ttaq"
     seed: int = 0
+
+
+def _check_unit(config: object, field: str, *, low_open: bool, high_open: bool) -> None:
+    """``config.field`` must be a number in the unit interval, ends open as asked."""
+    value = getattr(config, field)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value > 0 if low_open else value >= 0)
+        and (value < 1 if high_open else value <= 1)
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{type(config).__name__}.{field} must be in {interval}, got {value!r}")
+
+
+def _check_int(config: object, field: str, minimum: int) -> None:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{type(config).__name__}.{field} must be an int >= {minimum}, got {value!r}"
+        )
+
+
+def _check_flags(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, bool):
+            raise ValueError(
+                f"{type(config).__name__}.{field} must be True or False, got {value!r}"
+            )
+
+
+def _check_optimizer(config: object) -> None:
+    """``optimizer`` ('adam' / 'sgd'), ``lr`` > 0, ``momentum`` in [0, 1), ``weight_decay`` >= 0."""
+    name = type(config).__name__
+    if config.optimizer not in ("adam", "sgd"):  # type: ignore[attr-defined]
+        raise ValueError(f"{name}.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")  # type: ignore[attr-defined]
+    lr = config.lr  # type: ignore[attr-defined]
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, int | float)
+        or not (math.isfinite(lr) and lr > 0)
+    ):
+        raise ValueError(f"{name}.lr must be a positive finite number, got {lr!r}")
+    _check_unit(config, "momentum", low_open=False, high_open=True)
+    wd = config.weight_decay  # type: ignore[attr-defined]
+    if (
+        isinstance(wd, bool)
+        or not isinstance(wd, int | float)
+        or not (math.isfinite(wd) and wd >= 0)
+    ):
+        raise ValueError(f"{name}.weight_decay must be a finite number >= 0, got {wd!r}")
+
+
+@dataclass
+class CoTTAConfig(AdaptConfig):
+    """CoTTA (Wang et al., CVPR 2022): continual test-time adaptation with a mean teacher,
+    augmentation-averaged pseudo-labels and stochastic restore (:mod:`qtta_plugins.methods.cotta`).
+
+    ``params``: ``"all"`` (the paper's choice, as far as the view exposes the model: norm affines
+    and the float weights and biases of the quantized conv / linear layers, learnt through the fake
+    quantizers' straight-through gradient) or ``"norm"`` (norm affines only). ``optimizer`` /
+    ``lr`` / ``momentum`` (SGD only) / ``weight_decay``: the student's optimizer (Adam at 1e-3,
+    the reference setting for CIFAR-10-C).
+
+    Parts, each switchable off: ``mean_teacher`` (the teacher is an EMA of the student with weight
+    ``ema_alpha`` on its old value; off: the teacher is the student as of the last step),
+    ``augment`` (when the mean confidence of the ``confidence_from`` model, ``"source"`` as in the
+    paper or ``"teacher"``, on the batch is below ``confidence_threshold``, the pseudo-labels are
+    the teacher's softmax averaged over ``n_augmentations`` augmented copies), ``restore``
+    (stochastic restore: after each step each adapted element goes back to its source value with
+    probability ``restore_prob``). ``n_augmentations`` is 4 by default, not the paper's 32: each
+    copy costs one teacher forward pass, and on 10-class 32 px inputs four already average out
+    most of the augmentation noise.
+
+    ``abl=True`` adds TTAQ's adaptive balanced loss to the student's loss (as in
+    :class:`TentConfig`): the cross-entropy to the teacher's soft labels is taken on the adjusted
+    student logits; the prediction is unchanged.
+    """
+
+    method: str = "cotta"
+    params: str = "all"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    mean_teacher: bool = True
+    ema_alpha: float = 0.999
+    augment: bool = True
+    n_augmentations: int = 4
+    confidence_threshold: float = 0.92
+    confidence_from: str = "source"
+    restore: bool = True
+    restore_prob: float = 0.01
+    abl: bool = False
+    abl_tau_f: float = 1.0
+    abl_tau_g: float = 0.25
+    abl_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.params not in ("all", "norm"):
+            raise ValueError(f"CoTTAConfig.params must be 'all' or 'norm', got {self.params!r}")
+        _check_optimizer(self)
+        _check_flags(self, "mean_teacher", "augment", "restore")
+        _check_unit(self, "ema_alpha", low_open=False, high_open=True)
+        _check_int(self, "n_augmentations", 1)
+        _check_unit(self, "confidence_threshold", low_open=False, high_open=False)
+        if self.confidence_from not in ("source", "teacher"):
+            raise ValueError(
+                "CoTTAConfig.confidence_from must be 'source' or 'teacher', got "
+                f"{self.confidence_from!r}"
+            )
+        _check_unit(self, "restore_prob", low_open=False, high_open=False)
+        check_abl_options(self)
+
+
+@dataclass
+class RoTTAConfig(AdaptConfig):
+    """RoTTA (Yuan et al., CVPR 2023): robust test-time adaptation in dynamic scenarios
+    (:mod:`qtta_plugins.methods.rotta`).
+
+    Parts, each switchable off: ``rbn`` (robust batch normalisation: global statistics, an EMA
+    with weight ``rbn_momentum`` on each batch's; off: test-batch statistics), ``balanced_memory``
+    (the category-balanced memory CSTU of ``memory_capacity`` samples, scored by age
+    ``lambda_t`` and uncertainty ``lambda_u``; off: a first-in first-out memory of the same size),
+    ``mean_teacher`` (the teacher is an EMA of the student with weight ``ema_nu`` on the student;
+    off: the teacher is the student as of the last step), ``timeliness`` (the loss weighs each
+    memory item by its age; off: uniformly), ``strong_augment`` (the student sees augmented
+    memory items; off: the items as they are). The student takes one step every
+    ``update_frequency`` test samples, on the memory. ``optimizer`` / ``lr`` / ``momentum`` (SGD
+    only) / ``weight_decay``: Adam at 1e-3, the paper's setting; the norm affines adapt.
+    """
+
+    method: str = "rotta"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    rbn: bool = True
+    rbn_momentum: float = 0.05
+    balanced_memory: bool = True
+    memory_capacity: int = 64
+    lambda_t: float = 1.0
+    lambda_u: float = 1.0
+    update_frequency: int = 64
+    mean_teacher: bool = True
+    ema_nu: float = 0.001
+    timeliness: bool = True
+    strong_augment: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_optimizer(self)
+        _check_flags(self, "rbn", "balanced_memory", "mean_teacher", "timeliness", "strong_augment")
+        _check_unit(self, "rbn_momentum", low_open=True, high_open=False)
+        _check_int(self, "memory_capacity", 1)
+        _check_int(self, "update_frequency", 1)
+        _check_unit(self, "ema_nu", low_open=False, high_open=False)
+        for field in ("lambda_t", "lambda_u"):
+            value = getattr(self, field)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(f"RoTTAConfig.{field} must be a finite number >= 0, got {value!r}")

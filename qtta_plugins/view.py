@@ -11,6 +11,7 @@ import copy
 import hashlib
 import math
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ class NormLayer:
     running_mean: torch.Tensor | None = None
     running_var: torch.Tensor | None = None
     folded: bool = False
+    #: the ``eps`` the norm adds to the variance (``None`` where the adapter does not say)
+    eps: float | None = None
 
     def affine(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -416,6 +419,7 @@ def module_norms(named_modules: Iterable[tuple[str, nn.Module]]) -> list[NormLay
                 getattr(module, "bias", None),
                 getattr(module, "running_mean", None),
                 getattr(module, "running_var", None),
+                eps=getattr(module, "eps", None),
             )
         )
     return norms
@@ -447,6 +451,100 @@ def set_module_norm_mode(model: nn.Module, mode: NormMode) -> None:
             elif "_qtta_momentum" in state:
                 module.momentum = state.pop("_qtta_momentum")
             module.train(mode == "batch")
+
+
+class _RobustNormHook:
+    """The forward pre-hook :class:`RobustBatchNorm` puts in front of one batch norm. It holds
+    its owner by a weak reference, so a deep copy of the model does not copy the owner (and
+    :meth:`QuantView.copy` drops it from copies)."""
+
+    def __init__(self, owner: RobustBatchNorm, norm: NormLayer) -> None:
+        self.owner = weakref.ref(owner)
+        self.norm = norm
+
+    def __call__(self, module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        owner = self.owner()
+        if owner is None or not owner.updating or not args:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            return None
+        return (owner._fold(self.norm, x), *args[1:])
+
+
+class RobustBatchNorm:
+    """Robust batch normalisation (RBN; Yuan et al., "Robust Test-Time Adaptation in Dynamic
+    Scenarios", CVPR 2023) on a view's batch norms with running statistics.
+
+    Each such norm normalises with *global* statistics ``(mu, var)`` that follow an exponential
+    moving average of the batch statistics it sees while :attr:`updating` is on::
+
+        mu  <- (1 - momentum) * mu  + momentum * mean_batch(x)
+        var <- (1 - momentum) * var + momentum * var_batch(x)     (biased variance)
+
+    and stay as they are otherwise (prediction). A small batch, or a batch of one class, then moves
+    the normalisation only a little, where test-batch statistics would follow it entirely.
+
+    How it is served on every backend: the global statistics *are* the norm's own running
+    buffers, and the norms run on them (``"source"`` norm mode). While updating, a forward
+    pre-hook on :meth:`QuantView.norm_input_module` (the module whose input is what the norm
+    normalises) folds the batch statistics into the buffers in place and hands the norm
+    ``x' = x.detach() + (g - g.detach())`` with ``g = (x - mu) * sqrt(rv + eps) / sqrt(var + eps) + rm``,
+    where ``mu`` / ``var`` are the new statistics *as functions of the batch* and ``rm`` / ``rv``
+    the buffers holding their values. ``x'`` equals ``x`` exactly, so the norm computes
+    ``(x - mu) / sqrt(var + eps) * weight + bias``; its gradient is that of RBN, which reaches the
+    batch statistics with weight ``momentum``. Keeping the statistics in the running buffers keeps
+    the model its backend's own: a deep copy, a snapshot, the core's rollback and the backend's
+    export carry them (torchao's ``convert_pt2e`` folds them into the conv like any running
+    statistics).
+
+    ``momentum``: the paper's ``alpha`` (0.05). Norms without running statistics (LayerNorm,
+    GroupNorm) are left alone.
+    """
+
+    def __init__(self, view: QuantView, momentum: float) -> None:
+        if isinstance(momentum, bool) or not 0 < float(momentum) <= 1:
+            raise ValueError(f"RBN momentum must be in (0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self.norms = [n for n in view.norms() if n.has_statistics and n.running_var is not None]
+        #: whether forwards fold their batch statistics into the global ones
+        self.updating = False
+        view.set_norm_mode("source")
+        self._handles = []
+        for norm in self.norms:
+            module = view.norm_input_module(norm)
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, _RobustNormHook):  # one RBN per norm: a new one replaces it
+                    del module._forward_pre_hooks[key]
+            self._handles.append(module.register_forward_pre_hook(_RobustNormHook(self, norm)))
+
+    def statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The global ``(mean, var)`` of each norm, by name (the live buffers)."""
+        return {n.name: (n.running_mean, n.running_var) for n in self.norms}  # type: ignore[misc]
+
+    def remove(self) -> None:
+        """Take the hooks off (the statistics stay in the running buffers)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _fold(self, norm: NormLayer, x: torch.Tensor) -> torch.Tensor:
+        rm, rv = norm.running_mean, norm.running_var
+        assert rm is not None and rv is not None
+        eps = 1e-5 if norm.eps is None else norm.eps
+        dims = [d for d in range(x.ndim) if d != 1]
+        batch_var, batch_mean = torch.var_mean(x, dim=dims, unbiased=False)
+        a = self.momentum
+        mean = (1 - a) * rm.detach().to(x.dtype) + a * batch_mean
+        var = (1 - a) * rv.detach().to(x.dtype) + a * batch_var
+        with torch.no_grad():
+            rm.copy_(mean)
+            rv.copy_(var)
+        shape = [1] * x.ndim
+        shape[1] = -1
+        ratio = (rv.to(x.dtype) + eps).sqrt() / (var + eps).sqrt()
+        g = (x - mean.reshape(shape)) * ratio.reshape(shape) + rm.to(x.dtype).reshape(shape)
+        return x.detach() + (g - g.detach())  # the value of x exactly, RBN's gradient
 
 
 class QuantView(ABC):
@@ -616,6 +714,33 @@ class QuantView(ABC):
             for p in norm.affine():
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    # --- copies and robust norms (teacher-student methods) ----------------------------------------
+    def copy(self) -> QuantView:
+        """A view of a deep copy of this model: the same view class, norm mode and sample shape,
+        and no tensor shared with this model. Teacher-student methods keep their teacher, student
+        and source copies this way (``cotta``, ``rotta``), so every backend serves them.
+
+        The hooks a :class:`RobustBatchNorm` put on this model are not carried over (a copied hook
+        would still update this model's statistics); other hooks are copied with the model.
+        Adapters whose view needs more than the model to be rebuilt override this."""
+        clone = type(self)(copy_model(self.model))
+        for module in clone.model.modules():
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, _RobustNormHook):
+                    del module._forward_pre_hooks[key]
+        clone.set_norm_mode(self.norm_mode)
+        if hasattr(self, "sample_shape"):
+            clone.sample_shape = self.sample_shape  # type: ignore[attr-defined]
+        return clone
+
+    def robust_batch_norms(self, momentum: float) -> RobustBatchNorm:
+        """Robust batch normalisation (RoTTA's RBN) on this model's batch norms with running
+        statistics: see :class:`RobustBatchNorm`. Puts the view in ``"source"`` norm mode (the
+        norms normalise with their running statistics, which RBN keeps). The default works
+        through :meth:`norm_input_module` and the norms' running buffers, on any backend that
+        lists them; an adapter with another way to hold the statistics overrides it."""
+        return RobustBatchNorm(self, momentum)
 
     # --- state -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, object]:

@@ -134,3 +134,27 @@ def x86_qat_prepare(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.
             prepared(x)
     prepared.apply(disable_observer)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def qcnn_on(request, float_cnn, calib):
+    """``qcnn_on(backend)``: the W4A4 ``bncnn`` quantized by ``backend`` (torchao: ``qcnn["w4a4"]``),
+    built on first use and shared by the session (do not mutate: adapt works on copies). Skips
+    when the backend is not installed."""
+    import importlib.util
+
+    import qtta_plugins
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(backend: str) -> torch.nn.Module:
+        if importlib.util.find_spec(backend) is None:
+            pytest.skip(f"{backend} is not installed")
+        if backend not in cache:
+            if backend == "torchao":
+                cache[backend] = request.getfixturevalue("qcnn")["w4a4"]
+            else:
+                cache[backend] = qtta_plugins.quantize(float_cnn, backend, "w4a4", calib[:2])
+        return cache[backend]
+
+    return get

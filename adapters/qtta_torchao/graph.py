@@ -62,9 +62,11 @@ def _graph_norms(gm: torch.fx.GraphModule) -> list[NormLayer]:
         if node.op != "call_function":
             continue
         target = node.target
+        eps = None
         if target is torch.ops.aten.batch_norm.default:
             weight, bias, mean, var = node.args[1:5]
             kind = "batch"
+            eps = float(node.args[7]) if len(node.args) > 7 else None
         elif target is torch.ops.aten.layer_norm.default:
             weight = node.args[2] if len(node.args) > 2 else None
             bias = node.args[3] if len(node.args) > 3 else None
@@ -87,7 +89,7 @@ def _graph_norms(gm: torch.fx.GraphModule) -> list[NormLayer]:
         name = (
             str(weight.target).rsplit(".", 1)[0] if isinstance(weight, torch.fx.Node) else node.name
         )
-        norms.append(NormLayer(name, kind, w, fetch(bias), fetch(mean), fetch(var)))  # type: ignore[arg-type]
+        norms.append(NormLayer(name, kind, w, fetch(bias), fetch(mean), fetch(var), eps=eps))  # type: ignore[arg-type]
     return norms
 
 

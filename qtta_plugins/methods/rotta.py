@@ -1,0 +1,408 @@
+"""``rotta``: RoTTA (Yuan et al., "Robust Test-Time Adaptation in Dynamic Scenarios", CVPR 2023).
+
+Built for streams whose label distribution drifts and whose batches are correlated (one class at a
+time, small batches), where test-batch statistics and per-batch updates go wrong. Three parts:
+
+* **Robust batch normalisation (RBN)**: batch norms normalise with global statistics, an EMA
+  (``rbn_momentum`` 0.05) of the batch statistics seen during the updates, instead of each test
+  batch's own. Served by the view (:meth:`~qtta_plugins.view.QuantView.robust_batch_norms`) on
+  every backend; the statistics live in the norms' running buffers.
+* **Category-balanced sampling with timeliness and uncertainty (CSTU)**: a memory of
+  ``memory_capacity`` (64) test samples, each kept with its predicted class, its age (how many
+  samples arrived since) and its uncertainty (the entropy of the teacher's prediction). The quota
+  of a class is ``capacity / K`` (at most ``ceil(capacity / K)`` items). A sample predicted as
+  class ``c`` enters if ``c`` is under its quota and the memory has room; otherwise it must
+  displace an item (of ``c`` itself when ``c`` is at its quota, else of a class holding the most
+  items) whose score is higher than its own, the highest-scoring such item; the score is
+  ``lambda_t * sigmoid(age / capacity) + lambda_u * entropy / log K`` (old and uncertain items
+  go first, a new sample scores ``lambda_t / 2 + lambda_u * entropy / log K``). A sample that
+  displaces nothing is dropped. Every item ages by one per arriving sample. So no class can flood
+  the memory, whatever the order of the stream.
+* **Teacher-student with timeliness reweighting**: the teacher (an EMA of the student, weight
+  ``ema_nu`` 0.001 on the student) predicts the stream. Every ``update_frequency`` (64) samples
+  the student takes one step on the memory: the cross-entropy from its logits on strongly
+  augmented items (:func:`qtta_plugins.methods.cotta.augment`) to the teacher's soft labels on
+  the items themselves, each item weighted by ``w(a) = exp(-a / C) / (1 + exp(-a / C))``
+  (``a`` its age, ``C`` the capacity): ``w`` falls from 1/2 at age 0 towards 0, so items from a
+  domain the stream has left count less. Then the teacher moves towards the student. RBN
+  statistics move during the update only (the teacher's on the items, the student's on their
+  augmented copies); predicting the stream leaves them alone.
+
+The norm affines adapt (Adam, lr 1e-3), as in the paper. Our choices:
+
+* The teacher is the run's model (``run.model``): it predicts, so what a user exports is what
+  made the predictions. The student is a view of its copy (:meth:`~qtta_plugins.view.QuantView.copy`).
+* The number of classes ``K`` is read from the first batch's logits.
+* A step falls due at the sample it counts, inside a batch: the memory then holds the samples up
+  to that one (the reference code updates at the same point).
+* Switches (``RoTTAConfig``): ``rbn=False`` uses test-batch statistics; ``balanced_memory=False``
+  a first-in first-out memory of the same size; ``mean_teacher=False`` makes the teacher the
+  student as of its last step; ``timeliness=False`` weighs items alike; ``strong_augment=False``
+  shows the student the items as they are.
+
+Randomness (augmentations) comes from the method's own generator seeded with ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdaptConfig, RoTTAConfig
+from ..hookspecs import hookimpl
+from ..view import QuantView, RobustBatchNorm
+from .base import MethodInfo, TestTimeMethod
+from .cotta import (
+    _import_v2,
+    augment,
+    check_generator_state,
+    check_named_tensors,
+    ema_update,
+    make_optimizer,
+    paired,
+    refuse_forward_only,
+    soft_cross_entropy,
+)
+
+__all__ = ["BalancedMemory", "RoTTA", "timeliness_weight"]
+
+
+def timeliness_weight(ages: torch.Tensor, capacity: int) -> torch.Tensor:
+    """RoTTA's timeliness reweighting ``exp(-a / C) / (1 + exp(-a / C))`` of items aged ``ages``
+    in a memory of capacity ``C``: 1/2 for a new item, decreasing with age."""
+    return torch.sigmoid(-ages.float() / capacity)
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    cls: int
+    age: int
+    uncertainty: float
+
+
+class BalancedMemory:
+    """CSTU, RoTTA's category-balanced memory (or, ``balanced=False``, a first-in first-out one
+    of the same capacity): see :mod:`qtta_plugins.methods.rotta` for the rule."""
+
+    def __init__(
+        self,
+        capacity: int,
+        num_classes: int,
+        lambda_t: float = 1.0,
+        lambda_u: float = 1.0,
+        balanced: bool = True,
+    ) -> None:
+        if capacity < 1 or num_classes < 1:
+            raise ValueError("a memory needs a capacity and a number of classes of at least 1")
+        self.capacity = capacity
+        self.num_classes = num_classes
+        self.lambda_t = lambda_t
+        self.lambda_u = lambda_u
+        self.balanced = balanced
+        self.quota = capacity / num_classes
+        self.clear()
+
+    def clear(self) -> None:
+        #: per class, oldest first (balanced); or one list, oldest first (FIFO)
+        self.classes: list[list[_Item]] = [[] for _ in range(self.num_classes)]
+        self.queue: list[_Item] = []
+
+    # --- reading ---------------------------------------------------------------------------------
+    def items(self) -> list[_Item]:
+        """Every item: class by class, oldest first (balanced); oldest first (FIFO)."""
+        if not self.balanced:
+            return list(self.queue)
+        return [item for items in self.classes for item in items]
+
+    def __len__(self) -> int:
+        return len(self.queue) if not self.balanced else sum(map(len, self.classes))
+
+    def class_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for item in self.items():
+            counts[item.cls] += 1
+        return counts
+
+    def score(self, age: float, uncertainty: float) -> float:
+        """Eviction score: ``lambda_t * sigmoid(age / C) + lambda_u * uncertainty / log K``."""
+        norm = math.log(self.num_classes) if self.num_classes > 1 else 1.0
+        return self.lambda_t / (1 + math.exp(-age / self.capacity)) + (
+            self.lambda_u * uncertainty / norm
+        )
+
+    # --- writing ---------------------------------------------------------------------------------
+    def add(self, x: torch.Tensor, cls: int, uncertainty: float) -> bool:
+        """Offer one sample predicted as ``cls``; return whether it was kept. Every item ages."""
+        if not 0 <= cls < self.num_classes:
+            raise ValueError(f"class {cls} is outside 0..{self.num_classes - 1}")
+        item = _Item(x.detach().clone(), int(cls), 0, float(uncertainty))
+        if not self.balanced:
+            self.queue.append(item)
+            del self.queue[: max(0, len(self.queue) - self.capacity)]
+            kept = True
+        else:
+            kept = self._make_room(item)
+            if kept:
+                self.classes[item.cls].append(item)
+        for other in self.items():
+            other.age += 1
+        return kept
+
+    def _make_room(self, item: _Item) -> bool:
+        new_score = self.score(0, item.uncertainty)
+        if len(self.classes[item.cls]) >= self.quota:
+            return self._evict([item.cls], new_score)
+        if len(self) < self.capacity:
+            return True
+        counts = [len(items) for items in self.classes]
+        most = max(counts)
+        return self._evict([c for c, n in enumerate(counts) if n == most], new_score)
+
+    def _evict(self, classes: list[int], new_score: float) -> bool:
+        """Remove the highest-scoring item of ``classes`` if it scores above ``new_score``."""
+        best: tuple[float, int, int] | None = None
+        for c in classes:
+            for i, other in enumerate(self.classes[c]):
+                s = self.score(other.age, other.uncertainty)
+                if best is None or s >= best[0]:  # ties: the later item goes
+                    best = (s, c, i)
+        if best is None:
+            return True
+        if best[0] <= new_score:
+            return False
+        del self.classes[best[1]][best[2]]
+        return True
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        items = self.items()
+        return {
+            "num_classes": self.num_classes,
+            "x": torch.stack([i.x for i in items]) if items else torch.empty(0),
+            "cls": torch.tensor([i.cls for i in items], dtype=torch.long),
+            "age": torch.tensor([i.age for i in items], dtype=torch.long),
+            "uncertainty": torch.tensor([i.uncertainty for i in items], dtype=torch.float64),
+        }
+
+    @staticmethod
+    def check_state(state: object, capacity: int) -> None:
+        """Raise ``ValueError`` unless ``state`` is a memory state of at most ``capacity`` items."""
+        keys = {"num_classes", "x", "cls", "age", "uncertainty"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"a RoTTA memory state is a dict with {sorted(keys)}")
+        k = state["num_classes"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError("RoTTA memory state: num_classes must be a positive int")
+        n = len(state["cls"]) if isinstance(state["cls"], torch.Tensor) else -1
+        tensors_ok = all(
+            isinstance(state[key], torch.Tensor) and state[key].ndim == 1 and len(state[key]) == n
+            for key in ("cls", "age", "uncertainty")
+        ) and isinstance(state["x"], torch.Tensor)
+        if not tensors_ok or (n and len(state["x"]) != n) or n > capacity:
+            raise ValueError(
+                f"RoTTA memory state: x, cls, age and uncertainty must hold the same number of "
+                f"items, at most the capacity {capacity}"
+            )
+        if n and ((state["cls"] < 0) | (state["cls"] >= k)).any():
+            raise ValueError("RoTTA memory state: a class index is out of range")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state, self.capacity)
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"RoTTA memory state has {state['num_classes']} classes, this memory "
+                f"{self.num_classes}"
+            )
+        self.clear()
+        for x, c, a, u in zip(
+            state["x"],
+            state["cls"].tolist(),
+            state["age"].tolist(),
+            state["uncertainty"].tolist(),
+            strict=False,
+        ):
+            item = _Item(x.clone(), int(c), int(a), float(u))
+            (self.classes[item.cls] if self.balanced else self.queue).append(item)
+
+
+class RoTTA(TestTimeMethod):
+    """RoTTA on a view: the view's model is the teacher, :attr:`student` a view of its copy.
+
+    State (:meth:`state_dict`): the student's norm affines and RBN statistics, its optimizer,
+    the memory, the sample counter and the random generator; the teacher's tensors (its affines
+    and RBN statistics) are the run's model, which the core snapshots. :attr:`updates` counts the
+    student's steps.
+    """
+
+    needs_backward = True
+
+    def __init__(self, view: QuantView, config: RoTTAConfig) -> None:
+        super().__init__(view, config)
+        refuse_forward_only(view, "rotta")
+        self.params = view.norm_parameters()
+        if not self.params:
+            raise ValueError(
+                f"method 'rotta' found no norm affine parameters in this {view.backend} model"
+            )
+        if config.strong_augment:
+            _import_v2()
+        view.freeze()
+        view.set_norm_mode("source" if config.rbn else "batch")
+        self.student = view.copy()  # before any RBN hook goes on the teacher
+        self.names, self.student_params = paired(
+            self.params, view.model, self.student.model, "rotta"
+        )
+        for p in self.student_params:
+            p.requires_grad_(True)
+        self.rbn: RobustBatchNorm | None = None
+        self.student_rbn: RobustBatchNorm | None = None
+        stats: list[torch.Tensor] = []
+        if config.rbn:
+            self.rbn = view.robust_batch_norms(config.rbn_momentum)
+            self.student_rbn = self.student.robust_batch_norms(config.rbn_momentum)
+            stats = [t for pair in self.rbn.statistics().values() for t in pair]
+        self.stat_names, self.student_stats = paired(stats, view.model, self.student.model, "rotta")
+        self._initial = [t.detach().clone() for t in [*self.student_params, *self.student_stats]]
+        self.optimizer = make_optimizer(self.student_params, config)  # type: ignore[arg-type]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.memory: BalancedMemory | None = None
+        self.seen = 0
+        self.updates = 0
+
+    # --- one batch -------------------------------------------------------------------------------
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.view.model(x)
+        probs = logits.float().softmax(1)
+        labels = probs.argmax(1).tolist()
+        entropy = (-(probs * (probs + 1e-6).log()).sum(1)).tolist()
+        if self.memory is None:
+            self.memory = self._new_memory(logits.shape[1])
+        for i in range(x.shape[0]):
+            self.memory.add(x[i], labels[i], entropy[i])
+            self.seen += 1
+            if self.seen % self.config.update_frequency == 0:
+                self._update()
+        return logits
+
+    def _new_memory(self, num_classes: int) -> BalancedMemory:
+        c = self.config
+        return BalancedMemory(
+            c.memory_capacity, num_classes, c.lambda_t, c.lambda_u, c.balanced_memory
+        )
+
+    def _update(self) -> None:
+        """One student step on the memory, then the teacher's EMA."""
+        assert self.memory is not None
+        items = self.memory.items()
+        if not items:
+            return
+        c = self.config
+        x = torch.stack([i.x for i in items])
+        ages = torch.tensor([i.age for i in items], device=x.device)
+        for rbn in (self.rbn, self.student_rbn):
+            if rbn is not None:
+                rbn.updating = True
+        try:
+            with torch.no_grad():
+                target = self.view.model(x).float().softmax(1)
+            seen = augment(x, self.generator) if c.strong_augment else x
+            with torch.enable_grad():
+                logits = self.student.model(seen)
+                per_item = soft_cross_entropy(logits.float(), target)
+                if c.timeliness:
+                    per_item = per_item * timeliness_weight(ages, c.memory_capacity)
+                loss = per_item.mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+        finally:
+            for rbn in (self.rbn, self.student_rbn):
+                if rbn is not None:
+                    rbn.updating = False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if any(not torch.isfinite(p).all() for p in self.student_params):
+            raise FloatingPointError("the RoTTA student became non-finite on this batch")
+        ema_update(self.params, self.student_params, 1 - c.ema_nu if c.mean_teacher else 0.0)
+        self.updates += 1
+
+    # --- state -----------------------------------------------------------------------------------
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        """The teacher's (the run's model's) affines; its RBN statistics are model buffers."""
+        return self.params
+
+    def state_dict(self) -> dict[str, Any]:
+        student = dict(zip(self.names, self.student_params, strict=True))
+        student.update(zip(self.stat_names, self.student_stats, strict=True))
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "student": {k: v.detach() for k, v in student.items()},
+            "memory": None if self.memory is None else self.memory.state_dict(),
+            "seen": self.seen,
+            "updates": self.updates,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = {"optimizer", "student", "memory", "seen", "updates", "generator"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"a RoTTA state is a dict with {sorted(keys)} (RoTTA.state_dict)")
+        # everything is checked before anything is loaded: a bad state changes nothing
+        names = [*self.names, *self.stat_names]
+        check_named_tensors(
+            state["student"], names, [*self.student_params, *self.student_stats], "RoTTA state"
+        )
+        check_generator_state(state["generator"], self.generator)
+        for key in ("seen", "updates"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"RoTTA state: {key!r} must be an int >= 0")
+        memory = None
+        if state["memory"] is not None:
+            BalancedMemory.check_state(state["memory"], self.config.memory_capacity)
+            memory = self._new_memory(state["memory"]["num_classes"])
+            memory.load_state_dict(state["memory"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for name, t in zip(names, [*self.student_params, *self.student_stats], strict=True):
+                t.copy_(state["student"][name])
+        self.memory = memory
+        self.seen, self.updates = state["seen"], state["updates"]
+        self.generator.set_state(state["generator"].clone())
+
+    def reset(self) -> None:
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for t, initial in zip(
+                [*self.student_params, *self.student_stats], self._initial, strict=True
+            ):
+                t.copy_(initial)
+        self.memory = None
+        self.seen = self.updates = 0
+        self.generator.manual_seed(self.config.seed)
+
+
+@hookimpl
+def qtta_methods() -> list[MethodInfo]:
+    return [
+        MethodInfo(
+            "rotta",
+            "adapt",
+            "RoTTA: robust BN, category-balanced memory, timeliness-weighted teacher-student",
+            True,
+            RoTTAConfig,
+        )
+    ]
+
+
+@hookimpl
+def qtta_adapt(view: QuantView, config: AdaptConfig) -> TestTimeMethod | None:
+    if config.method != "rotta":
+        return None
+    if not isinstance(config, RoTTAConfig):
+        config = RoTTAConfig(seed=config.seed)
+    return RoTTA(view, config)
