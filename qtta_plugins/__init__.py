@@ -22,9 +22,11 @@ import torch
 from .adaptation import Adaptation, DomainResult, calibration_batches
 from .config import (
     AdaptConfig,
+    EATAConfig,
     NormConfig,
     QuantConfig,
     ReconstructConfig,
+    SARConfig,
     SourceConfig,
     TentConfig,
     parse_bits,
@@ -67,6 +69,7 @@ __all__ = [
     "BadBatchError",
     "Block",
     "DomainResult",
+    "EATAConfig",
     "FOAConfig",
     "Grid",
     "NormConfig",
@@ -76,6 +79,7 @@ __all__ = [
     "QuantView",
     "QuantizerHandle",
     "ReconstructConfig",
+    "SARConfig",
     "SourceConfig",
     "SourceStatistics",
     "TentConfig",

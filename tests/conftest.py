@@ -134,3 +134,21 @@ def x86_qat_prepare(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.
             prepared(x)
     prepared.apply(disable_observer)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def qcnn_by_backend(float_cnn, calib, qcnn):
+    """``get(backend)``: the session's CNN quantized at W8A8 by ``backend`` (torchao's is
+    ``qcnn["w8a8"]``), each quantized once, when first asked for; skips an uninstalled backend.
+    Do not mutate: tests that adapt work on copies."""
+    import qtta_plugins
+
+    models = {"torchao": qcnn["w8a8"]}
+
+    def get(backend: str) -> torch.nn.Module:
+        pytest.importorskip(backend)
+        if backend not in models:
+            models[backend] = qtta_plugins.quantize(float_cnn, backend, "w8a8", calib)
+        return models[backend]
+
+    return get

@@ -4,6 +4,8 @@ BUILTIN_METHOD_PLUGINS = (
     "qtta_plugins.methods.source",
     "qtta_plugins.methods.norm",
     "qtta_plugins.methods.tent",
+    "qtta_plugins.methods.eata",
+    "qtta_plugins.methods.sar",
     "qtta_plugins.methods.zoa",
     "qtta_plugins.methods.foa",
     "qtta_plugins.methods.ttaq",
