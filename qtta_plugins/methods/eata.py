@@ -18,8 +18,9 @@ quantizers straight through. Per batch ``x`` with logits ``z`` (``K`` classes), 
    the gradient, favours confident samples), plus the anti-forgetting term
    ``fisher_alpha * sum_j F_j (theta_j - theta0_j)^2``, with ``theta0`` the parameters when the
    method was built and ``F`` their diagonal Fisher information on clean source images;
-4. one SGD step if any sample was selected; none otherwise (the Fisher term alone would only pull
-   towards where the parameters already are). The prediction is the batch's pre-update output.
+4. one SGD step if any sample was selected; none otherwise, as EATA does: a batch with nothing to
+   learn from does not move the model, neither by the Fisher term's pull nor by the momentum. The
+   prediction is the batch's pre-update output.
 
 The Fisher is EATA's estimate: the model's own predictions on the source images are the labels
 (the images need none), and ``F`` is the mean over source batches of the squared gradient of the

@@ -124,9 +124,11 @@ class SAR(TestTimeMethod):
         """Replace the gradients of pass 1 by those of pass 2 at ``theta + rho * g / ||g||``, the
         parameters back at ``theta`` exactly; pass 2's loss, or ``None`` (no gradient) when no
         reliable sample is left there."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:  # pass 1's loss did not reach the adapted parameters
+            return None
         with torch.no_grad():
             saved = [p.detach().clone() for p in self.params]
-            grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g) for g in grads])
             )
