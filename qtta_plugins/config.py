@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
 
@@ -175,6 +176,179 @@ class TentConfig(AdaptConfig):
         if self.steps < 1:
             raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
         check_abl_options(self)
+
+
+def _check_positive(config: object, *fields: str) -> None:
+    name = type(config).__name__
+    for field in fields:
+        value = getattr(config, field)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value > 0)
+        ):
+            raise ValueError(f"{name}.{field} must be a positive finite number, got {value!r}")
+
+
+def _check_unit(config: object, *fields: str) -> None:
+    """Each field in [0, 1): an SGD momentum or the weight of the old value in an EMA."""
+    name = type(config).__name__
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
+
+
+def _check_flags(config: object, *fields: str) -> None:
+    name = type(config).__name__
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}.{field} must be True or False, got {value!r}")
+
+
+@dataclass
+class EATAConfig(AdaptConfig):
+    """EATA (Niu et al., ICML 2022, "Efficient Test-Time Model Adaptation without Forgetting"):
+    Tent's entropy minimisation on the norm affine parameters, on selected samples, re-weighted,
+    with a Fisher-weighted pull back to the source parameters (see :mod:`qtta_plugins.methods.eata`).
+
+    Every part switches off for ablations: ``reliable_filter`` (keep samples whose entropy is below
+    ``E0 = e_margin * ln K``), ``redundancy_filter`` (drop samples whose softmax has cosine
+    similarity ``>= d_margin`` with an EMA of the selected samples' mean softmax), ``reweight``
+    (weight ``exp(E0 - E)`` per sample), ``fisher`` (the anti-forgetting term
+    ``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2``).
+
+    Defaults and where they come from:
+
+    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's default here (``TentConfig``: 1e-2, 0.9), so
+      the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50.
+    * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``; relative to ``ln K``, so it carries over
+      to any number of classes.
+    * ``d_margin = 0.4``: the paper's 0.05 is for ImageNet (K = 1000), where the cosine between a
+      confident softmax and a spread-out mean is about ``1/sqrt(K)`` = 0.03; with K = 10 that
+      cosine is about 0.3, so 0.05 would drop almost every sample. 0.4 is what the TTA benchmark
+      library (mariodoebler/test-time-adaptation) runs EATA with on CIFAR-10-C (K = 10, as our
+      digits and Fashion-MNIST streams).
+    * ``probs_momentum = 0.9``: the paper's EMA weight on the old mean softmax.
+    * ``fisher_alpha = 2000``: the paper's. The term's pull per SGD step is ``2 lr alpha F`` of
+      the distance to ``theta0``: at most about 0.05 on the digits CNN (torchao W4A4, diagonal
+      Fisher up to 1.3e-3, lr 1e-2), far inside SGD's stable range, so the paper's weight
+      carries over to our step size.
+    * ``fisher``: ``None`` (default) uses the term when clean source images are at hand
+      (``source_data=``, or the sample a model quantized with ``keep_calibration_sample=True``
+      keeps) and otherwise runs without it with a warning (that is ETA, the paper's variant
+      without the term); ``True`` requires it (an error without images); ``False`` turns it off.
+    * ``source_batch_size = 64``: the Fisher is the mean over source batches of the squared
+      gradient of the batch's cross-entropy against the model's own predictions, as EATA computes
+      it (in batches of 64, the size ``fisher_alpha`` was set for).
+
+    ``abl=True`` takes TTAQ's adaptive balanced loss inside EATA's loss, as Tent does
+    (:class:`TentConfig`): the selected samples' entropies are taken on the adjusted logits;
+    selection, weights and the prediction use the raw logits.
+    """
+
+    method: str = "eata"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    reliable_filter: bool = True
+    e_margin: float = 0.4
+    redundancy_filter: bool = True
+    d_margin: float = 0.4
+    probs_momentum: float = 0.9
+    reweight: bool = True
+    fisher: bool | None = None
+    fisher_alpha: float = 2000.0
+    source_batch_size: int = 64
+    #: clean source inputs for the Fisher (a tensor, or an iterable of tensors / (x, y) pairs);
+    #: default: the calibration sample a model quantized with keep_calibration_sample=True keeps
+    source_data: Any = None
+    abl: bool = False
+    abl_tau_f: float = 1.0
+    abl_tau_g: float = 0.25
+    abl_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "lr", "e_margin", "d_margin", "fisher_alpha")
+        _check_unit(self, "momentum", "probs_momentum")
+        if (
+            isinstance(self.weight_decay, bool)
+            or not isinstance(self.weight_decay, int | float)
+            or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0)
+        ):
+            raise ValueError(
+                f"EATAConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+            )
+        _check_flags(self, "reliable_filter", "redundancy_filter", "reweight")
+        if self.fisher is not None and not isinstance(self.fisher, bool):
+            raise ValueError(
+                f"EATAConfig.fisher must be None (on when source images are at hand), True or "
+                f"False, got {self.fisher!r}"
+            )
+        if (
+            isinstance(self.source_batch_size, bool)
+            or not isinstance(self.source_batch_size, int)
+            or self.source_batch_size < 1
+        ):
+            raise ValueError(
+                f"EATAConfig.source_batch_size must be an int >= 1, got {self.source_batch_size!r}"
+            )
+        check_abl_options(self)
+
+
+@dataclass
+class SARConfig(AdaptConfig):
+    """SAR (Niu et al., ICLR 2023, "Towards Stable Test-Time Adaptation in Dynamic Wild World"):
+    reliable, sharpness-aware entropy minimisation on the norm affine parameters, with a model
+    recovery reset (see :mod:`qtta_plugins.methods.sar`).
+
+    Every part switches off for ablations: ``reliable_filter`` (keep samples whose entropy is below
+    ``E0 = e_margin * ln K``, in both passes), ``sam`` (the sharpness-aware step; off, one plain
+    SGD step on the reliable entropy), ``recovery`` (reset the parameters and the optimizer to
+    their initial state when the EMA of the second pass's loss falls below ``reset_constant``).
+
+    Defaults and where they come from:
+
+    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's default here (``TentConfig``: 1e-2, 0.9),
+      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50
+      (batch 64).
+    * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``, relative to ``ln K``.
+    * ``rho = 0.05``: the paper's SAM radius (SAM's default).
+    * ``reset_constant = 0.2``: the paper's ``e_m``, an entropy in nats, kept as is (public
+      reimplementations keep 0.2 whatever the number of classes). Measured on the digits CNN
+      (torchao W4A4): the reliable samples' mean entropy is about 0.32 nats on clean images, and
+      the loss EMA stayed above 0.36 along a whole digits-C stream (15 domains, seed 1), so 0.2
+      flags what it flags on ImageNet, predictions gone to one-hot, and not a confident model.
+    * ``ema_momentum = 0.9``: the paper's EMA weight on the old value of that loss.
+    """
+
+    method: str = "sar"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    reliable_filter: bool = True
+    e_margin: float = 0.4
+    sam: bool = True
+    rho: float = 0.05
+    recovery: bool = True
+    reset_constant: float = 0.2
+    ema_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "lr", "e_margin", "rho", "reset_constant")
+        _check_unit(self, "momentum", "ema_momentum")
+        if (
+            isinstance(self.weight_decay, bool)
+            or not isinstance(self.weight_decay, int | float)
+            or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0)
+        ):
+            raise ValueError(
+                f"SARConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+            )
+        _check_flags(self, "reliable_filter", "sam", "recovery")
 
 
 @dataclass

@@ -138,23 +138,29 @@ def x86_qat_prepare(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.
 
 @pytest.fixture(scope="session")
 def qcnn_on(request, float_cnn, calib):
-    """``qcnn_on(backend)``: the W4A4 ``bncnn`` quantized by ``backend`` (torchao: ``qcnn["w4a4"]``),
-    built on first use and shared by the session (do not mutate: adapt works on copies). Skips
-    when the backend is not installed."""
+    """``qcnn_on(backend, bits="w4a4")``: the ``bncnn`` quantized by ``backend`` (torchao's are
+    the ``qcnn`` fixture's), built on first use and shared by the session (do not mutate: adapt
+    works on copies). Skips when the backend is not installed."""
     import importlib.util
 
     import qtta_plugins
 
-    cache: dict[str, torch.nn.Module] = {}
+    cache: dict[tuple[str, str], torch.nn.Module] = {}
 
-    def get(backend: str) -> torch.nn.Module:
+    def get(backend: str, bits: str = "w4a4") -> torch.nn.Module:
         if importlib.util.find_spec(backend) is None:
             pytest.skip(f"{backend} is not installed")
-        if backend not in cache:
+        if (backend, bits) not in cache:
             if backend == "torchao":
-                cache[backend] = request.getfixturevalue("qcnn")["w4a4"]
+                cache[backend, bits] = request.getfixturevalue("qcnn")[bits]
             else:
-                cache[backend] = qtta_plugins.quantize(float_cnn, backend, "w4a4", calib[:2])
-        return cache[backend]
+                cache[backend, bits] = qtta_plugins.quantize(float_cnn, backend, bits, calib[:2])
+        return cache[backend, bits]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qcnn_by_backend(qcnn_on):
+    """``get(backend)``: the session's CNN quantized at W8A8 by ``backend``."""
+    return lambda backend: qcnn_on(backend, "w8a8")

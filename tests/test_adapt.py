@@ -162,7 +162,8 @@ def test_empty_stream_unknown_method_and_bad_options(qcnn):
     with pytest.raises(BadBatchError, match=r"stream is empty"):
         qtta_plugins.adapt(qm, [], "tent")
     with pytest.raises(
-        UnknownMethodError, match=r"'tnet'.*available: cotta, foa, norm, rotta, source, tent, zoa"
+        UnknownMethodError,
+        match=r"'tnet'.*available: cotta, eata, foa, norm, rotta, sar, source, tent, zoa",
     ):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tnet")
     with pytest.raises(ValueError, match=r"TentConfig.lr must be a positive"):

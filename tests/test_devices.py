@@ -17,7 +17,7 @@ from qtta_plugins.errors import BadBatchError
 
 pytest.importorskip("torchao")
 
-METHODS = ["norm", "tent", "zoa", "foa"]
+METHODS = ["norm", "tent", "eata", "sar", "zoa", "foa"]
 OPTIONS = {"foa": {"population": 4}}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

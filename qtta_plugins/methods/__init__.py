@@ -6,6 +6,8 @@ BUILTIN_METHOD_PLUGINS = (
     "qtta_plugins.methods.tent",
     "qtta_plugins.methods.cotta",
     "qtta_plugins.methods.rotta",
+    "qtta_plugins.methods.eata",
+    "qtta_plugins.methods.sar",
     "qtta_plugins.methods.zoa",
     "qtta_plugins.methods.foa",
     "qtta_plugins.methods.ttaq",
