@@ -257,7 +257,7 @@ def save_plot(
         ax.set_xticks([(r + 0.5) * per_round for r in range(stream.rounds)])
         ax.set_xticklabels([f"round {r + 1}" for r in range(stream.rounds)])
     else:
-        ax.set_xticks([(start + end) / 2 - 0.5 for _, start, end in segments])
+        ax.set_xticks([(start + end) / 2 for _, start, end in segments])
         ax.set_xticklabels(
             [_SHORT.get(name, name) for name, _, _ in segments], rotation=45, ha="right"
         )
