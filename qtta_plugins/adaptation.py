@@ -209,9 +209,9 @@ class Adaptation:
     ) -> torch.Tensor:
         """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing.
 
-        The reset policy applies: with ``reset_on_shift=True``, a ``domain`` other than the last
-        batch's first puts the model and the method back at their start; with ``reset_every``, so
-        does the ``reset_every``-th batch since the last start."""
+        The reset policy applies: with ``reset_on_shift=True``, a batch whose ``domain`` differs
+        from the previous batch's first puts the model and the method back at their start (a
+        restart); with ``reset_every=N``, so does every ``N``-th batch since the last start."""
         return self._step(x, y, domain, bool(self.reset_on_shift))
 
     def _step(

@@ -97,7 +97,7 @@ def _dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator)
 class ContinualStream:
     """Iterable of :class:`Batch` over a sequence of domains, repeated for ``rounds`` rounds.
 
-    Domains are visited in the given order (never mixed); each round visits all of them.  Within
+    Domains are visited in the given order (unless ``mixed``); each round visits all of them.  Within
     a domain, the samples are ordered by a permutation seeded from ``(seed, round, domain
     index)`` -- so it differs between rounds and domains but is identical on every iteration --
     and cut into batches of ``batch_size`` (the last batch of a domain may be smaller).
