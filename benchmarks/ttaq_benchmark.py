@@ -10,6 +10,10 @@ the PTQ variants are built once: min-max (``qtta_plugins.quantize``), ``qdrop`` 
 test accuracy and its reconstruction time, then adapted with Tent (and Tent + ABL) on two continual
 streams of the 15 corruptions at severity 5: the i.i.d. order and the class-imbalanced
 (Dirichlet, delta = 0.1) order. Results go to a JSON file; ``--render`` prints the markdown tables.
+
+``--setting NAME`` runs another stream setting of ``qtta_plugins.data.make_stream`` (reset,
+gradual, mixed, long: each in both orders; dirichlet: that order only); ``--reset-every N`` restarts
+Tent from the PTQ model every N batches (the RDumb baseline). Both enter the results' setup line.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.data import continual_stream, load_source  # noqa: E402
+from qtta_plugins.data import SETTINGS, load_source, make_stream  # noqa: E402
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
 #: PTQ variant -> (reconstruction method or None for min-max, options)
@@ -69,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--setting", default="continual", choices=SETTINGS, help="stream setting (make_stream)"
+    )
+    parser.add_argument(
+        "--reset-every", type=int, default=None, metavar="N", help="restart every N batches"
+    )
     parser.add_argument("--quick", action="store_true", help="digits-C, two domains, 100 iters")
     parser.add_argument("--out", default="benchmarks/results/ttaq.json")
     parser.add_argument("--render", default=None, help="print the tables of a results file")
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(json.loads(Path(args.render).read_text())), end="")
         return
 
+    if args.reset_every is not None and args.reset_every < 1:
+        parser.error(f"--reset-every must be >= 1, got {args.reset_every}")
     torch.set_num_threads(args.threads)
     source = "digits" if args.quick else "fashion-mnist"
     kw = {"corruptions": ["gaussian_noise", "fog"]} if args.quick else {}
@@ -91,22 +103,28 @@ def main(argv: list[str] | None = None) -> None:
     train, test = load_source(source, n_test=n_test, seed=args.seed)
     n_calib = min(args.calib, len(train))
     calib = [train.x[i : min(i + 64, n_calib)] for i in range(0, n_calib, 64)]
+    orders = ("dirichlet",) if args.setting == "dirichlet" else ("iid", "dirichlet")
     streams = {
-        order: continual_stream(
+        order: make_stream(
+            args.setting,
             source,
-            severity=5,
+            severity=None if args.setting == "gradual" else 5,
             batch_size=args.batch_size,
             n_test=n_test,
             seed=args.seed,
             order=order,
             **kw,
         )
-        for order in ("iid", "dirichlet")
+        for order in orders
     }
+    first = streams[orders[0]]
+    setting = "" if args.setting == "continual" else f"{args.setting} setting, "
+    severity = "severities 1..5..1" if args.setting == "gradual" else "severity 5"
+    resets = "" if args.reset_every is None else f", Tent reset every {args.reset_every} batches"
     results: dict = {
-        "setup": f"{source}-C severity 5, {len(streams['iid'].domains)} domains, "
-        f"{len(streams['iid'].sets[0])} images each, batch {args.batch_size}, seed {args.seed}; "
-        f"calibration {n_calib} clean images, {iters} iterations per block",
+        "setup": f"{source}-C {setting}{severity}, {len(first.domains)} domains, "
+        f"{len(first.sets[0])} images each, batch {args.batch_size}, seed {args.seed}; "
+        f"calibration {n_calib} clean images, {iters} iterations per block{resets}",
         "float_clean_accuracy": accuracy(model, test.x, test.y),
         "ptq": [],
         "rows": [],
@@ -154,7 +172,14 @@ def main(argv: list[str] | None = None) -> None:
             for row in args.rows:
                 ptq, tent = ROWS[row]
                 for order, stream in streams.items():
-                    run = qtta_plugins.adapt(models[ptq], stream, "tent", progress=False, **tent)
+                    run = qtta_plugins.adapt(
+                        models[ptq],
+                        stream,
+                        "tent",
+                        progress=False,
+                        reset_every=args.reset_every,
+                        **tent,
+                    )
                     err = run.errors()
                     results["rows"].append(
                         {

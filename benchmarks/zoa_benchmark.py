@@ -13,6 +13,11 @@ peak memory above the row's starting RSS (sampled); bank bytes per stored domain
 the model's bytes. Also ZOA on torchao's converted integer model, eager and ``torch.compile``d, with
 its time ratio to plain inference of that same model. Results go to a JSON file; ``--plot`` draws
 the error along the stream.
+
+``--setting NAME`` runs the rows on another stream setting of ``qtta_plugins.data.make_stream``
+(reset, gradual, mixed, dirichlet, long); ``--reset-every N`` restarts every row's method every N
+batches (the RDumb baseline). Both enter the results' stream line; the 10-round ZOA run keeps its
+continual stream (with the reset, if asked).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.data import continual_stream, load_source  # noqa: E402
+from qtta_plugins.data import SETTINGS, continual_stream, load_source, make_stream  # noqa: E402
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
 ROWS = {
@@ -101,8 +106,11 @@ def packed_weight_bytes(model: torch.nn.Module) -> float:
     )
 
 
-def run_row(model, stream, method, options, inplace=False, plain_model=None):
+def run_row(model, stream, method, options, inplace=False, plain_model=None, reset_every=None):
     """Adapt over the stream; return errors, passes per batch, time ratio, peak memory, run.
+
+    The run restarts at each domain when the stream says so (``stream.reset_on_shift``, the
+    reset setting) and every ``reset_every`` batches when given.
 
     Timing is paired: before each adaptation step, plain inference of the same quantized model
     (``model(x)`` on a copy, no adaptation) runs on the same batch, so both see the same machine
@@ -110,7 +118,16 @@ def run_row(model, stream, method, options, inplace=False, plain_model=None):
     """
     plain_model = plain_model if plain_model is not None else qtta_plugins.copy_model(model)
     plain_model.eval()
-    run = qtta_plugins.adapt(model, None, method, progress=False, inplace=inplace, **options)
+    run = qtta_plugins.adapt(
+        model,
+        None,
+        method,
+        progress=False,
+        inplace=inplace,
+        reset_every=reset_every,
+        reset_on_shift=getattr(stream, "reset_on_shift", False),
+        **options,
+    )
     calls = [0]
     handle = run.model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
     step_times, plain_times, per_batch = [], [], []
@@ -171,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--setting", default="continual", choices=SETTINGS, help="stream setting (make_stream)"
+    )
+    parser.add_argument(
+        "--reset-every", type=int, default=None, metavar="N", help="restart every N batches"
+    )
     parser.add_argument("--quick", action="store_true", help="digits-C, two domains, fewer rows")
     parser.add_argument("--out", default="benchmarks/results/zoa.json")
     parser.add_argument("--plot", default=None)
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             plot(results, args.plot)
         return None
 
+    if args.reset_every is not None and args.reset_every < 1:
+        parser.error(f"--reset-every must be >= 1, got {args.reset_every}")
     torch.set_num_threads(args.threads)
     backends = args.backends or [
         b for b in ("torchao", "brevitas", "nncf") if importlib.util.find_spec(b) is not None
@@ -202,12 +227,21 @@ def main(argv: list[str] | None = None) -> None:
     model = train_source_model("bncnn", source, epochs=epochs, seed=args.seed)
     train, test = load_source(source, n_test=n_test, seed=args.seed)
     calib = [train.x[i : i + 64] for i in range(0, 512, 64)]
-    stream = continual_stream(
-        source, severity=5, batch_size=args.batch_size, n_test=n_test, seed=args.seed, **kw
+    stream = make_stream(
+        args.setting,
+        source,
+        severity=None if args.setting == "gradual" else 5,
+        batch_size=args.batch_size,
+        n_test=n_test,
+        seed=args.seed,
+        **kw,
     )
+    setting = "" if args.setting == "continual" else f"{args.setting} setting, "
+    severity = "severities 1..5..1" if args.setting == "gradual" else "severity 5"
+    resets = "" if args.reset_every is None else f", reset every {args.reset_every} batches"
     results: dict = {
-        "stream": f"{source}-C severity 5, {len(stream.domains)} domains, "
-        f"{len(stream.sets[0])} images each, batch {args.batch_size}, seed {args.seed}",
+        "stream": f"{source}-C {setting}{severity}, {len(stream.domains)} domains, "
+        f"{len(stream.sets[0])} images each, batch {args.batch_size}, seed {args.seed}{resets}",
         "float_clean_accuracy": accuracy(model, test.x, test.y),
         "rows": [],
         "rounds10": [],
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                 method, options = ROWS[row]
                 if args.quick and method == "foa":
                     options = {**options, "population": 7}
-                res, run = run_row(qm, stream, method, options)
+                res, run = run_row(qm, stream, method, options, reset_every=args.reset_every)
                 bank = (
                     run.method.bank_bytes_per_domain
                     if getattr(run.method.config, "bank", False)
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                     rounds=10,
                     **kw,
                 )
-                res, run = run_row(qm, long, "zoa", {})
+                res, run = run_row(qm, long, "zoa", {}, reset_every=args.reset_every)
                 per_round = round_errors(res["per_batch"], 10)
                 results["rounds10"].append(
                     {
@@ -298,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if backend == "torchao" and not args.no_compiled:
                 try:
-                    results["integer_path"] += integer_path(qm, stream, bits)
+                    results["integer_path"] += integer_path(qm, stream, bits, args.reset_every)
                 except Exception as exc:  # reported, not fatal: the other rows stand on their own
                     print(f"torchao integer path failed: {type(exc).__name__}: {exc}", flush=True)
                     results["integer_path"].append(
@@ -316,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.plot}")
 
 
-def integer_path(qm, stream, bits):
+def integer_path(qm, stream, bits, reset_every=None):
     """ZOA on torchao's converted integer model, eager and compiled (inductor, weights not frozen)."""
     from qtta_torchao.export import compile_converted, convert
 
@@ -325,12 +359,20 @@ def integer_path(qm, stream, bits):
     for label in ("convert_pt2e eager", "convert_pt2e + torch.compile"):
         for method in ("source", "zoa"):
             if "eager" in label:
-                res, _ = run_row(converted, stream, method, {})
+                res, _ = run_row(converted, stream, method, {}, reset_every=reset_every)
             else:
                 # Adapt a compiled copy in place, and time plain inference on another compiled copy.
                 target = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
                 plain = compile_converted(qtta_plugins.copy_model(converted), freeze=False)
-                res, _ = run_row(target, stream, method, {}, inplace=True, plain_model=plain)
+                res, _ = run_row(
+                    target,
+                    stream,
+                    method,
+                    {},
+                    inplace=True,
+                    plain_model=plain,
+                    reset_every=reset_every,
+                )
             out.append(
                 {
                     "bits": bits.upper(),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adaptation import Adaptation, DomainResult, calibration_batches
+from .adaptation import Adaptation, DomainResult, calibration_batches, check_reset_policy
 from .config import (
     AdaptConfig,
     CoTTAConfig,
@@ -214,6 +214,8 @@ def adapt(
     *,
     inplace: bool = False,
     progress: bool | None = None,
+    reset_every: int | None = None,
+    reset_on_shift: bool | None = None,
     **options: Any,
 ) -> Adaptation:
     """Adapt a quantized model online to ``stream``: for each batch, predict, then update.
@@ -224,6 +226,20 @@ def adapt(
     ``method``: a name (``"tent"``, ``"norm"``, ``"source"``, or any installed plugin's) or a config
     object; by default Tent where gradients flow, the forward-only ZOA where they cannot.
     ``inplace=False`` (the default) adapts a copy: the caller's model is left untouched.
+
+    A reset policy, for every method: the run puts the model and the method back at their start
+    (as :meth:`Adaptation.reset` does, but keeping the predictions and ``errors()`` so far)
+
+    * ``reset_on_shift=True``: before each batch whose ``domain`` differs from the previous
+      batch's (reset-each-shift: every domain adapted from the source model). ``None`` (the
+      default): as the stream says, through its ``reset_on_shift`` attribute: a stream of
+      :func:`qtta_plugins.data.make_stream` ``("reset", ...)`` says ``True``, others ``False``;
+    * ``reset_every=N``: before every ``N``-th batch since the last start (the periodic reset of
+      RDumb, Press et al., NeurIPS 2023: on long streams it matches many continual methods;
+      ``adapt(qmodel, stream, "tent", reset_every=100)`` is RDumb's baseline with Tent).
+
+    Both may be given. ``run.restarts`` lists the batches before which the run restarted. A bad
+    value raises ``ValueError`` before anything is copied or changed.
 
     If the stream (or a step) raises partway, the error carries the run so far as
     ``err.adaptation``: its predictions, ``errors()`` and state up to the last good batch (the
@@ -237,6 +253,7 @@ def adapt(
     (same backend kind), ``.errors()`` per domain when labels were given, ``.reset()``,
     ``.save(path)`` / ``.load(path)``.
     """
+    check_reset_policy(reset_every, reset_on_shift)
     if not inplace:
         quant_view(model)  # fail on an unknown model before paying for a copy
         model = copy_model(model)
@@ -256,7 +273,14 @@ def adapt(
         warnings.warn(message, stacklevel=2)
     if tta is None:  # pragma: no cover - declared in qtta_methods but qtta_adapt returned None
         raise UnknownMethodError(f"the plugin declaring {config.method!r} did not build it")
-    run = Adaptation(view, tta, config, before=before if inplace else None)
+    run = Adaptation(
+        view,
+        tta,
+        config,
+        before=before if inplace else None,
+        reset_every=reset_every,
+        reset_on_shift=reset_on_shift,
+    )
     if stream is not None:
         try:
             run.run(stream, progress=progress)

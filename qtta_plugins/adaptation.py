@@ -5,10 +5,16 @@ Each :meth:`Adaptation.step` checks the batch first (so a bad batch never reache
 what the method may change, runs ``forward_and_adapt``, and puts everything back if the step fails or
 leaves a non-finite parameter. Predictions and, when the stream carries labels, errors per domain are
 recorded in stream order.
+
+A reset policy, for any method: ``reset_on_shift`` puts the model and the method back at their start
+whenever the batch's domain changes (the reset-each-shift setting), ``reset_every=N`` every ``N``
+batches (the periodic reset of RDumb, Press et al., NeurIPS 2023, which the long-stream studies find
+as good as many continual methods). Such a restart keeps the predictions and results.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
@@ -130,12 +136,31 @@ def check_labels(y: Any, x: torch.Tensor) -> None:
         )
 
 
+def check_reset_policy(reset_every: Any, reset_on_shift: Any) -> None:
+    """Raise ``ValueError`` naming the problem unless ``reset_every`` is ``None`` or an int >= 1
+    and ``reset_on_shift`` is ``None``, ``True`` or ``False``."""
+    if reset_every is not None and (
+        isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
+    ):
+        raise ValueError(
+            f"reset_every must be a number of batches >= 1 (or None: no periodic reset), got "
+            f"{reset_every!r}"
+        )
+    if reset_on_shift is not None and not isinstance(reset_on_shift, bool):
+        raise ValueError(
+            "reset_on_shift must be True, False or None (None: as the stream says), got "
+            f"{reset_on_shift!r}"
+        )
+
+
 class Adaptation:
     """A model adapting online to a stream, with its state.
 
     Attributes: ``model`` (the adapted model, still of its backend's kind), ``view``, ``method``,
     ``config``, ``predictions`` (every prediction so far, in order), ``results`` (per-domain errors
-    when labels were given).
+    when labels were given), ``reset_every`` / ``reset_on_shift`` (the reset policy, see
+    :func:`qtta_plugins.adapt`), ``restarts`` (the index, counted as ``batches``, of each batch
+    before which the policy put the model and method back at their start).
     """
 
     def __init__(
@@ -145,9 +170,15 @@ class Adaptation:
         config: AdaptConfig,
         *,
         before: dict[str, Any] | None = None,
+        reset_every: int | None = None,
+        reset_on_shift: bool | None = None,
     ) -> None:
         """``before``: the model's snapshot from before the adaptation was set up (what
-        :meth:`restore_model` puts back; :func:`qtta_plugins.adapt` passes it for in-place runs)."""
+        :meth:`restore_model` puts back; :func:`qtta_plugins.adapt` passes it for in-place runs).
+        ``reset_every``, ``reset_on_shift``: the reset policy (see :func:`qtta_plugins.adapt`)."""
+        check_reset_policy(reset_every, reset_on_shift)
+        self.reset_every = reset_every
+        self.reset_on_shift = reset_on_shift
         self.view = view
         self.method = method
         self.config = config
@@ -158,6 +189,9 @@ class Adaptation:
         self._predictions: list[torch.Tensor] = []
         self.results: dict[str, DomainResult] = {}
         self.batches = 0
+        self.restarts: list[int] = []
+        self._since_start = 0  # batches adapted since the start or the last restart
+        self._last_domain: str | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -173,7 +207,16 @@ class Adaptation:
     def step(
         self, x: torch.Tensor, y: torch.Tensor | None = None, domain: str = "stream"
     ) -> torch.Tensor:
-        """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing."""
+        """Predict ``x`` and adapt on it; return the logits. A failing step changes nothing.
+
+        The reset policy applies: with ``reset_on_shift=True``, a batch whose ``domain`` differs
+        from the previous batch's first puts the model and the method back at their start (a
+        restart); with ``reset_every=N``, so does every ``N``-th batch since the last start."""
+        return self._step(x, y, domain, bool(self.reset_on_shift))
+
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor | None, domain: str, on_shift: bool
+    ) -> torch.Tensor:
         if self._restored:
             raise RuntimeError(
                 "this adaptation put its model back with restore_model(); start a new one with "
@@ -182,23 +225,34 @@ class Adaptation:
         x = check_batch(x, self.sample_shape, model_device(self.model))
         if y is not None:
             check_labels(y, x)
+        restart = self._restart_due(domain, on_shift)
         params = self.method.adapted_parameters()
-        backup = [p.detach().clone() for p in params]
-        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
-        method_state = self.method._copy_state()
+        if restart:  # the restart is part of the step: a failing step undoes it too
+            saved = (self.view.snapshot(), self.method._copy_state())
+        else:
+            backup = [p.detach().clone() for p in params]
+            buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+            method_state = self.method._copy_state()
         try:
+            if restart:
+                self._restore_start()
             logits = self.method.forward_and_adapt(x)
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("the model produced non-finite logits on this batch")
             if any(not torch.isfinite(p).all() for p in params):
                 raise FloatingPointError("adaptation produced a non-finite parameter on this batch")
         except BaseException:
-            with torch.no_grad():
-                for p, saved in zip(params, backup, strict=True):
-                    p.copy_(saved)
-                for k, b in self.model.named_buffers():
-                    b.copy_(buffers[k])
-            self.method.load_state_dict(method_state)
+            if restart:
+                self.view.restore(saved[0])
+                self.method.reset()
+                self.method.load_state_dict(saved[1])
+            else:
+                with torch.no_grad():
+                    for p, kept in zip(params, backup, strict=True):
+                        p.copy_(kept)
+                    for k, b in self.model.named_buffers():
+                        b.copy_(buffers[k])
+                self.method.load_state_dict(method_state)
             raise
         if self.sample_shape is None:
             self.sample_shape = tuple(x.shape[1:])
@@ -208,13 +262,34 @@ class Adaptation:
             result = self.results.setdefault(domain, DomainResult(domain))
             result.n += int(y.numel())
             result.errors += int((pred.cpu() != y.cpu()).sum())
+        if restart:
+            self.restarts.append(self.batches)
+            self._since_start = 0
+        self._since_start += 1
+        self._last_domain = domain
         self.batches += 1
         return logits
+
+    def _restart_due(self, domain: str, on_shift: bool) -> bool:
+        if on_shift and self._last_domain is not None and domain != self._last_domain:
+            return True
+        return self.reset_every is not None and self._since_start >= self.reset_every
 
     def run(
         self, stream: Iterable[Any], *, progress: bool | None = None, desc: str | None = None
     ) -> torch.Tensor:
-        """Adapt on every batch of ``stream`` in order; return this run's predictions."""
+        """Adapt on every batch of ``stream`` in order; return this run's predictions.
+
+        With ``reset_on_shift=None`` the stream's own ``reset_on_shift`` attribute (a stream of
+        :func:`qtta_plugins.data.make_stream`'s ``"reset"`` setting carries ``True``) decides
+        whether a change of domain restarts the run."""
+        on_shift = self.reset_on_shift
+        if on_shift is None:
+            on_shift = getattr(stream, "reset_on_shift", False)
+            if not isinstance(on_shift, bool):
+                raise ValueError(
+                    f"the stream's reset_on_shift must be True or False, got {on_shift!r}"
+                )
         start = len(self._predictions)
         total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
         bar: Iterator[Any] = tqdm(
@@ -227,7 +302,7 @@ class Adaptation:
         n = 0
         for item in bar:
             batch = _unpack(item)
-            self.step(batch.x, batch.y, batch.domain)
+            self._step(batch.x, batch.y, batch.domain, on_shift)
             n += 1
         if n == 0:
             raise BadBatchError("the stream is empty: there was no batch to adapt on")
@@ -244,13 +319,22 @@ class Adaptation:
     # --- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Back to the model and method state before the first batch; results are cleared."""
-        model_state, method_state = self._initial
-        self.view.restore(model_state)
-        self.method.reset()
-        self.method.load_state_dict(method_state)
+        self._restore_start()
         self._predictions.clear()
         self.results.clear()
         self.batches = 0
+        self.restarts.clear()
+        self._since_start = 0
+        self._last_domain = None
+
+    def _restore_start(self) -> None:
+        """The model and the method back at their state before the first batch (what the reset
+        policy does between batches); predictions, results and counts stay."""
+        model_state, method_state = self._initial
+        self.view.restore(model_state)
+        self.method.reset()
+        # a copy: a method may keep the tensors it is given and update them in place
+        self.method.load_state_dict(copy.deepcopy(method_state))
 
     def restore_model(self) -> None:
         """Put the model back as it was before :func:`qtta_plugins.adapt` set this run up (after an
@@ -271,6 +355,8 @@ class Adaptation:
             "method_state": self.method._copy_state(),
             "batches": self.batches,
             "sample_shape": self.sample_shape,
+            "since_start": self._since_start,
+            "last_domain": self._last_domain,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -288,6 +374,8 @@ class Adaptation:
             raise
         self.batches = state.get("batches", 0)
         self.sample_shape = state.get("sample_shape", self.sample_shape)
+        self._since_start = state.get("since_start", self.batches)
+        self._last_domain = state.get("last_domain")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         torch.save(self.state_dict(), path)

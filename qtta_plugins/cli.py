@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .data import SETTINGS
+
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import list_plugins
@@ -30,6 +32,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .progress import quiet_env
 
     progress = False if args.quiet else None
+    stream_flags = [
+        flag
+        for flag, value in (
+            ("--setting", args.setting),
+            ("--reset-every", args.reset_every),
+            ("--rounds", args.rounds),
+        )
+        if value is not None
+    ]
+    if args.methods is None and stream_flags:
+        raise ValueError(
+            f"{' and '.join(stream_flags)} choose the stream of the continual table: pass "
+            "--methods too (e.g. --methods source norm tent); the tour has its own streams"
+        )
     with quiet_env(args.quiet):  # -q silences the backends' own progress and INFO lines too
         if args.methods is None:
             from .tour import run_tour
@@ -59,8 +75,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             else (args.plot or f"qtta_demo_{args.backend}_{args.bits}.png"),
             progress=progress,
             threads=args.threads,
+            setting=args.setting or "continual",
+            reset_every=args.reset_every,
+            rounds=args.rounds,
         )
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --methods: TTAQ (reconstruction + Tent + ABL), ZOA (forward-only, "
         "against FOA and BN-adapt) and RTF-Q (a subnet bank, select_subnet under three budgets) on "
         "scikit-learn's digits, one summary table, plots in --out-dir. With --methods: each "
-        "method along the 15-corruption continual stream, error per domain.",
+        "method along the 15-corruption continual stream, error per domain (--setting: another "
+        "stream setting; --reset-every N: the periodic-reset baseline).",
     )
     d.add_argument("--backend", default="torchao")
     d.add_argument("--bits", default="w4a4", help="w8a8, w4a4, w2a4, ...")
@@ -98,7 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", default=None, help="tour: summary and plots (default qtta_demo_<backend>)"
     )
     d.add_argument("--source", default="digits", choices=["digits", "fashion-mnist"])
-    d.add_argument("--severity", type=int, default=5, choices=range(1, 6))
+    d.add_argument(
+        "--setting",
+        default=None,
+        choices=SETTINGS,
+        help="--methods: the stream setting (default continual): continual, reset (reset at each "
+        "domain), gradual (severity 1..5..1 per corruption), mixed (batches mix all "
+        "corruptions), dirichlet (class-imbalanced labels), long (several rounds)",
+    )
+    d.add_argument(
+        "--reset-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="--methods: every method restarts from the source model every N batches (RDumb)",
+    )
+    d.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help="--methods: rounds of the stream (default 1; 10 for --setting long)",
+    )
+    d.add_argument(
+        "--severity",
+        type=int,
+        default=None,
+        choices=range(1, 6),
+        help="--methods: corruption severity (default 5; not with --setting gradual)",
+    )
     d.add_argument("--batch-size", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

@@ -12,19 +12,36 @@ Everything here works offline:
 Images are always gray ``float32`` tensors of shape ``(N, 1, S, S)`` with values in ``[0, 1]``.
 
 The parts: :mod:`.sources` (the data sets and their reading), :mod:`.corruption` (corruptions and
-their cache), :mod:`.streams` (continual streams); everything public is re-exported here.
+their cache), :mod:`.streams` (continual streams, and the named settings of :func:`make_stream`:
+continual, reset-each-shift, gradual, mixed domains, Dirichlet labels, long); everything public is
+re-exported here.
 """
 
 from __future__ import annotations
 
 from .corruption import CORRUPTIONS, cache_dir, corrupt_set
 from .sources import FASHION_MNIST_DIR, SOURCES, ImageSet, load_source
-from .streams import ORDERS, Batch, ContinualStream, continual_stream, to_channels
+from .streams import (
+    GRADUAL_SEVERITIES,
+    LONG_ROUNDS,
+    MIXED,
+    ORDERS,
+    SETTINGS,
+    Batch,
+    ContinualStream,
+    continual_stream,
+    make_stream,
+    to_channels,
+)
 
 __all__ = [
     "CORRUPTIONS",
     "FASHION_MNIST_DIR",
+    "GRADUAL_SEVERITIES",
+    "LONG_ROUNDS",
+    "MIXED",
     "ORDERS",
+    "SETTINGS",
     "SOURCES",
     "Batch",
     "ContinualStream",
@@ -33,5 +50,6 @@ __all__ = [
     "continual_stream",
     "corrupt_set",
     "load_source",
+    "make_stream",
     "to_channels",
 ]

@@ -1,5 +1,6 @@
-"""Continual test-time-adaptation streams: the corrupted sets one domain after another, in an
-i.i.d. or a class-imbalanced (Dirichlet) order, over one or more rounds."""
+"""Test-time-adaptation streams: the corrupted sets one domain after another, in an i.i.d. or a
+class-imbalanced (Dirichlet) order, over one or more rounds; and the named stream settings of the
+continual-TTA literature (:data:`SETTINGS`, :func:`make_stream`) built on the same machinery."""
 
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ from .sources import ImageSet, _load_test, _stratified_subset
 ORDERS: tuple[str, ...] = ("iid", "dirichlet")
 """Within-domain sample orders accepted by :class:`ContinualStream`."""
 
+SETTINGS: tuple[str, ...] = ("continual", "reset", "gradual", "mixed", "dirichlet", "long")
+"""Stream settings accepted by :func:`make_stream` (see there for what each one is)."""
+
+GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+"""The severity ladder of the ``"gradual"`` setting, walked for every corruption in turn."""
+
+LONG_ROUNDS = 10
+"""Rounds of the ``"long"`` setting unless ``rounds=`` says otherwise (ZOA's 10-round protocol:
+1500 batches of 50 on digits, minutes on two cores)."""
+
+MIXED = "mixed"
+"""``Batch.domain`` of a mixed-domains batch (its samples' own domains are ``sample_domains``)."""
+
 
 @dataclass(frozen=True, eq=False)
 class Batch:
@@ -30,14 +44,18 @@ class Batch:
     Attributes:
         x: images ``(B, C, S, S)`` (``C`` is the stream's ``channels``: 1, or 3 for RGB models).
         y: labels ``(B,)`` (for evaluation only; a TTA method must not use them).
-        domain: name of the domain (e.g. the corruption) the batch comes from.
+        domain: name of the domain (e.g. the corruption) the batch comes from; ``"mixed"`` for a
+            batch of a mixed-domains stream.
         round: 0-based index of the pass over all domains.
+        sample_domains: the domain of each sample, where the batch mixes domains (``None``
+            otherwise: every sample is from ``domain``).
     """
 
     x: torch.Tensor
     y: torch.Tensor
     domain: str
     round: int
+    sample_domains: tuple[str, ...] | None = None
 
 
 def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -79,7 +97,7 @@ def _dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator)
 class ContinualStream:
     """Iterable of :class:`Batch` over a sequence of domains, repeated for ``rounds`` rounds.
 
-    Domains are visited in the given order (never mixed); each round visits all of them.  Within
+    Domains are visited in the given order (unless ``mixed``); each round visits all of them.  Within
     a domain, the samples are ordered by a permutation seeded from ``(seed, round, domain
     index)`` -- so it differs between rounds and domains but is identical on every iteration --
     and cut into batches of ``batch_size`` (the last batch of a domain may be smaller).
@@ -96,10 +114,19 @@ class ContinualStream:
       slots, i.e. batches are dominated by one or two classes; large values approach i.i.d.
       Every domain still contains exactly the same samples as with ``"iid"``.
 
+    ``mixed=True`` pools the samples of all domains in each round and orders the pool as above
+    (a permutation seeded from ``(seed, round)``): every batch then draws from several domains,
+    its ``domain`` is ``"mixed"`` and its ``sample_domains`` name each sample's own.
+
+    ``reset_on_shift=True`` is a policy the stream carries for the adaptation that runs on it:
+    :func:`qtta_plugins.adapt` (and :meth:`~qtta_plugins.Adaptation.run`) put the model and the
+    method back at their start whenever the batch's domain changes (the reset-each-shift setting).
+    The batches themselves are the same.
+
     Attributes:
         sets: the per-domain :class:`ImageSet` objects.
-        domains: domain names (``Batch.domain``).
-        batch_size, rounds, order, dirichlet_delta, seed: as given.
+        domains: domain names (``Batch.domain``; with ``mixed``, ``Batch.sample_domains``).
+        batch_size, rounds, order, dirichlet_delta, seed, channels, mixed, reset_on_shift: as given.
     """
 
     def __init__(
@@ -113,6 +140,8 @@ class ContinualStream:
         dirichlet_delta: float = 0.1,
         seed: int = 0,
         channels: int = 1,
+        mixed: bool = False,
+        reset_on_shift: bool = False,
     ) -> None:
         sets = list(sets)
         if not sets:
@@ -129,6 +158,9 @@ class ContinualStream:
         _check_seed(seed)
         if isinstance(channels, bool) or channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        for flag, value in (("mixed", mixed), ("reset_on_shift", reset_on_shift)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         self.sets: list[ImageSet] = sets
         self.domains: list[str] = names
         self.batch_size = int(batch_size)
@@ -137,20 +169,35 @@ class ContinualStream:
         self.dirichlet_delta = float(dirichlet_delta)
         self.seed = int(seed)
         self.channels = int(channels)
+        self.mixed = mixed
+        self.reset_on_shift = reset_on_shift
 
     def __len__(self) -> int:
-        per_round = sum(math.ceil(len(s) / self.batch_size) for s in self.sets)
+        if self.mixed:
+            per_round = math.ceil(sum(len(s) for s in self.sets) / self.batch_size)
+        else:
+            per_round = sum(math.ceil(len(s) / self.batch_size) for s in self.sets)
         return self.rounds * per_round
 
-    def permutation(self, round_index: int, domain_index: int) -> np.ndarray:
-        """The within-domain sample order used for ``(round_index, domain_index)``."""
-        labels = self.sets[domain_index].y.detach().cpu().numpy()
-        rng = np.random.default_rng([self.seed, round_index, domain_index])
+    def permutation(self, round_index: int, domain_index: int | None) -> np.ndarray:
+        """The within-domain sample order used for ``(round_index, domain_index)``; with
+        ``domain_index=None``, the order of the pool of all domains' samples (``mixed``: indices
+        into the concatenation of :attr:`sets`)."""
+        if domain_index is None:
+            labels = torch.cat([s.y for s in self.sets]).detach().cpu().numpy()
+            # a 4-word key: never the key of one domain's order
+            rng = np.random.default_rng([self.seed, round_index, len(self.sets), 1])
+        else:
+            labels = self.sets[domain_index].y.detach().cpu().numpy()
+            rng = np.random.default_rng([self.seed, round_index, domain_index])
         if self.order == "dirichlet":
             return _dirichlet_order(labels, self.dirichlet_delta, rng)
         return rng.permutation(len(labels))
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.mixed:
+            yield from self._mixed_batches()
+            return
         for r in range(self.rounds):
             for d, (images, name) in enumerate(zip(self.sets, self.domains, strict=True)):
                 perm = torch.from_numpy(self.permutation(r, d))
@@ -159,10 +206,29 @@ class ContinualStream:
                     x = to_channels(images.x[idx], self.channels)
                     yield Batch(x=x, y=images.y[idx], domain=name, round=r)
 
+    def _mixed_batches(self) -> Iterator[Batch]:
+        x_all = torch.cat([s.x for s in self.sets])
+        y_all = torch.cat([s.y for s in self.sets])
+        which = np.concatenate([np.full(len(s), d) for d, s in enumerate(self.sets)])
+        for r in range(self.rounds):
+            perm = torch.from_numpy(self.permutation(r, None))
+            for start in range(0, len(perm), self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                yield Batch(
+                    x=to_channels(x_all[idx], self.channels),
+                    y=y_all[idx],
+                    domain=MIXED,
+                    round=r,
+                    sample_domains=tuple(self.domains[d] for d in which[idx.numpy()]),
+                )
+
     def __repr__(self) -> str:
+        extra = (", mixed=True" if self.mixed else "") + (
+            ", reset_on_shift=True" if self.reset_on_shift else ""
+        )
         return (
             f"ContinualStream(domains={self.domains}, batch_size={self.batch_size}, "
-            f"rounds={self.rounds}, order={self.order!r}, batches={len(self)})"
+            f"rounds={self.rounds}, order={self.order!r}{extra}, batches={len(self)})"
         )
 
 
@@ -217,18 +283,16 @@ def continual_stream(
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
     _check_seed(seed)
-    test = _load_test(source, root, size, n_test, seed)
-    if per_domain is not None and (
-        isinstance(per_domain, bool)
-        or not isinstance(per_domain, (int, np.integer))
-        or not 1 <= per_domain <= len(test)
-    ):
-        raise ValueError(f"per_domain must be an int in [1, {len(test)}], got {per_domain!r}")
-    sets = [corrupt_set(test, c, severity, seed=seed, progress=progress) for c in corruptions]
-    if per_domain is not None and per_domain < len(test):
-        _, keep = _stratified_subset(test.y.numpy(), int(per_domain), seed)
-        index = torch.from_numpy(keep)
-        sets = [ImageSet(s.x[index], s.y[index], f"{s.name}-{per_domain}") for s in sets]
+    sets = _corrupted_sets(
+        source,
+        [(c, int(severity)) for c in corruptions],
+        n_test=n_test,
+        size=size,
+        root=root,
+        seed=seed,
+        progress=progress,
+        per_domain=per_domain,
+    )
     return ContinualStream(
         sets,
         domains=corruptions,
@@ -238,4 +302,158 @@ def continual_stream(
         dirichlet_delta=dirichlet_delta,
         seed=seed,
         channels=channels,
+    )
+
+
+def _corrupted_sets(
+    source: str,
+    domains: Sequence[tuple[str, int]],
+    *,
+    n_test: int | None,
+    size: int,
+    root: str | None,
+    seed: int,
+    progress: bool | None,
+    per_domain: int | None,
+) -> list[ImageSet]:
+    """The test split of ``source`` under each ``(corruption, severity)`` of ``domains`` (a pair
+    that comes back is corrupted once), cut to the same ``per_domain`` images in every domain."""
+    test = _load_test(source, root, size, n_test, seed)
+    if per_domain is not None and (
+        isinstance(per_domain, bool)
+        or not isinstance(per_domain, (int, np.integer))
+        or not 1 <= per_domain <= len(test)
+    ):
+        raise ValueError(f"per_domain must be an int in [1, {len(test)}], got {per_domain!r}")
+    done: dict[tuple[str, int], ImageSet] = {}
+    for pair in domains:
+        if pair not in done:
+            done[pair] = corrupt_set(test, pair[0], pair[1], seed=seed, progress=progress)
+    sets = [done[pair] for pair in domains]
+    if per_domain is not None and per_domain < len(test):
+        _, keep = _stratified_subset(test.y.numpy(), int(per_domain), seed)
+        index = torch.from_numpy(keep)
+        cut = {
+            pair: ImageSet(s.x[index], s.y[index], f"{s.name}-{per_domain}")
+            for pair, s in done.items()
+        }
+        sets = [cut[pair] for pair in domains]
+    return sets
+
+
+def make_stream(
+    setting: str = "continual",
+    source: str = "digits",
+    *,
+    severity: int | None = None,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    batch_size: int = 50,
+    rounds: int | None = None,
+    order: str | None = None,
+    dirichlet_delta: float = 0.1,
+    n_test: int | None = None,
+    size: int = 32,
+    root: str | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    channels: int = 1,
+    per_domain: int | None = None,
+) -> ContinualStream:
+    """The stream of a named test-time-adaptation setting (one of :data:`SETTINGS`).
+
+    The settings of the continual-TTA benchmarks (the five of Marsden and Döbler's
+    test-time-adaptation library, and the long streams of the collapse studies), all over the
+    corrupted test split of ``source`` and built on :func:`continual_stream`'s machinery:
+
+    * ``"continual"``: the corruptions one after another at ``severity`` (default 5), no reset;
+      exactly :func:`continual_stream` (CoTTA, Wang et al., CVPR 2022).
+    * ``"reset"``: the same batches, carrying ``reset_on_shift=True``: the core puts the model and
+      the method back at their start at every domain boundary, so each domain is adapted from the
+      source model (the reset-each-shift setting).
+    * ``"gradual"``: for every corruption in turn, the severities 1, 2, 3, 4, 5, 4, 3, 2, 1
+      (:data:`GRADUAL_SEVERITIES`), so the shift grows and shrinks slowly and the next corruption
+      starts again at severity 1 (the gradual setting of CoTTA and of RMT, Döbler et al., CVPR
+      2023). The domains are named ``"<corruption>-<severity>"`` (``"fog-3"``); ``severity`` is not
+      taken. Nine domains per corruption: nine times the batches of ``"continual"``.
+    * ``"mixed"``: all corruptions' samples pooled and shuffled in each round: every batch mixes
+      domains (``Batch.domain == "mixed"``, ``Batch.sample_domains`` per sample).
+    * ``"dirichlet"``: ``"continual"`` with the class-imbalanced label-Dirichlet order within each
+      domain (RoTTA, Yuan et al., CVPR 2023; ``dirichlet_delta``, default 0.1).
+    * ``"long"``: ``"continual"`` repeated for ``rounds`` rounds (default :data:`LONG_ROUNDS`), the
+      long streams on which continual methods collapse (RDumb, Press et al., NeurIPS 2023; CCC).
+
+    ``order`` (``"iid"`` or ``"dirichlet"``) is the within-domain order of the other settings
+    (``"gradual"`` with ``order="dirichlet"`` is the library's gradual-correlated setting); the
+    ``"dirichlet"`` setting takes only ``"dirichlet"``. ``rounds`` defaults to 1, and to
+    :data:`LONG_ROUNDS` for ``"long"`` (which needs at least 2). The other arguments are those of
+    :func:`continual_stream`. Streams are deterministic under ``seed``.
+
+    Raises:
+        ValueError: an unknown ``setting`` (the message lists :data:`SETTINGS`), an argument the
+            setting does not take, or any :func:`continual_stream` error; before anything is
+            corrupted.
+    """
+    if not isinstance(setting, str) or setting not in SETTINGS:
+        raise ValueError(f"unknown stream setting {setting!r}; settings: {', '.join(SETTINGS)}")
+    if setting == "gradual" and severity is not None:
+        raise ValueError(
+            "the gradual setting walks the severities "
+            f"{', '.join(map(str, GRADUAL_SEVERITIES))} for each corruption: do not pass severity"
+        )
+    severity = 5 if severity is None else severity
+    if order is None:
+        order = "dirichlet" if setting == "dirichlet" else "iid"
+    elif setting == "dirichlet" and order != "dirichlet":
+        raise ValueError(
+            f"the dirichlet setting is the label-Dirichlet order; got order={order!r} (leave it "
+            "out, or use setting 'continual' for another order)"
+        )
+    if rounds is None:
+        rounds = LONG_ROUNDS if setting == "long" else 1
+    _check_positive_int("rounds", rounds)
+    if setting == "long" and rounds < 2:
+        raise ValueError(f"the long setting is several rounds of the stream; got rounds={rounds}")
+    if isinstance(corruptions, str):
+        corruptions = [corruptions]
+    corruptions = list(corruptions)
+    if not corruptions:
+        raise ValueError("corruptions must not be empty")
+    for c in corruptions:
+        _check_corruption(c)
+    _check_severity(severity)
+    _check_positive_int("batch_size", batch_size)
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
+    _check_seed(seed)
+    if not (isinstance(dirichlet_delta, (int, float)) and dirichlet_delta > 0):
+        raise ValueError(f"dirichlet_delta must be > 0, got {dirichlet_delta!r}")
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if setting == "gradual":
+        pairs = [(c, s) for c in corruptions for s in GRADUAL_SEVERITIES]
+        names = [f"{c}-{s}" for c, s in pairs]
+    else:
+        pairs = [(c, int(severity)) for c in corruptions]
+        names = corruptions
+    sets = _corrupted_sets(
+        source,
+        pairs,
+        n_test=n_test,
+        size=size,
+        root=root,
+        seed=seed,
+        progress=progress,
+        per_domain=per_domain,
+    )
+    return ContinualStream(
+        sets,
+        domains=names,
+        batch_size=batch_size,
+        rounds=rounds,
+        order=order,
+        dirichlet_delta=dirichlet_delta,
+        seed=seed,
+        channels=channels,
+        mixed=setting == "mixed",
+        reset_on_shift=setting == "reset",
     )
