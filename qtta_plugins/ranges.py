@@ -48,3 +48,17 @@ def symmetric_weight_error(w: torch.Tensor, qmax: int) -> Callable[[torch.Tensor
         return ((torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale - flat) ** 2).sum(1)
 
     return error
+
+
+def mse_symmetric_thresholds(w: torch.Tensor, qmax: int, steps: int = 100) -> torch.Tensor:
+    """Per output channel of ``w`` (``(C, ...)``), the symmetric clipping threshold among ``steps``
+    fractions of the channel's absolute maximum whose round-to-nearest error on ``[-qmax, qmax]``
+    is least (``(C,)``). What Brevitas' and torchao's weight ranges use."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    absmax = flat.abs().amax(1).clamp_min(1e-8)
+    error = symmetric_weight_error(flat, qmax)
+    fractions = torch.linspace(1.0 / steps, 1.0, steps)
+    ratio = least_error_ratio(fractions, lambda r: error(r * absmax))
+    return ratio * absmax

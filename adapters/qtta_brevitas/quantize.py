@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from qtta_plugins.config import QuantConfig
-from qtta_plugins.ranges import least_error_ratio, symmetric_weight_error
+from qtta_plugins.ranges import mse_symmetric_thresholds
 
 from ._backend import brevitas_module
 
@@ -178,7 +178,6 @@ def mse_weight_thresholds(model: nn.Module, steps: int = 100) -> None:
     brevitas_module()
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 
-    fractions = torch.linspace(1.0 / steps, 1.0, steps)
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, QuantWBIOL) or not module.weight_quant.is_quant_enabled:
@@ -188,11 +187,8 @@ def mse_weight_thresholds(model: nn.Module, steps: int = 100) -> None:
             if not isinstance(value, nn.Parameter) or value.numel() != module.weight.shape[0]:
                 continue
             bits = float(tensor_quant.msb_clamp_bit_width_impl())
-            error = symmetric_weight_error(module.weight, int(2 ** (bits - 1) - 1))
-            absmax = module.weight.detach().reshape(module.weight.shape[0], -1).abs().amax(1)
-            absmax = absmax.clamp_min(1e-8)
-            ratio = least_error_ratio(fractions, lambda r, a=absmax, e=error: e(r * a))
-            value.copy_((ratio * absmax).reshape(value.shape))
+            threshold = mse_symmetric_thresholds(module.weight, int(2 ** (bits - 1) - 1), steps)
+            value.copy_(threshold.reshape(value.shape).to(value.dtype))
 
 
 def _quant_proxies(model: nn.Module) -> list[nn.Module]:

@@ -40,8 +40,12 @@ def is_compute_node(node: torch.fx.Node) -> str | None:
 
 
 def weight_spec(bits: int):
-    """Per-output-channel symmetric weight fake-quant on the restricted range ``[-(2^(b-1)-1), 2^(b-1)-1]``."""
+    """Per-output-channel symmetric weight fake-quant on the restricted range ``[-(2^(b-1)-1), 2^(b-1)-1]``,
+    with MSE ranges (:class:`~qtta_torchao.observers.PerChannelMSEObserver`, torchao's per-channel
+    observer with the least-error clipping threshold instead of min-max)."""
     pt2e = torchao_module("torchao.quantization.pt2e")
+    from .observers import PerChannelMSEObserver
+
     qz = torchao_module("torchao.quantization.pt2e.quantizer")
     qmax = 2 ** (bits - 1) - 1
     return qz.QuantizationSpec(
@@ -52,7 +56,7 @@ def weight_spec(bits: int):
         ch_axis=0,
         is_dynamic=False,
         observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
-            observer=pt2e.PerChannelMinMaxObserver,
+            observer=PerChannelMSEObserver,
             quant_min=-qmax,
             quant_max=qmax,
             dtype=torch.int8,
@@ -262,6 +266,8 @@ def quantize_pt2e(
 ) -> torch.fx.GraphModule:
     quantize_pt2e_mod = torchao_module("torchao.quantization.pt2e.quantize_pt2e")
     pt2e = torchao_module("torchao.quantization.pt2e")
+    from .observers import PerChannelMSEObserver
+
     model = copy.deepcopy(model).train()
     example = calib[0]
     dynamic = ({0: torch.export.Dim.DYNAMIC},)
@@ -278,6 +284,9 @@ def quantize_pt2e(
         for batch in calib[: config.calib_batches]:
             prepared(batch)
     prepared.apply(pt2e.disable_observer)
+    for module in prepared.modules():
+        if isinstance(module, PerChannelMSEObserver):
+            module.release()
     prepared.meta["qtta"] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
     return prepared
 

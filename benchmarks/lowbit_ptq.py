@@ -1,0 +1,202 @@
+"""Low-bit PTQ on every backend: clean accuracy after min-max ranges, ``qdrop`` and ``ttaq`` (issue 14, part 1).
+
+    python benchmarks/lowbit_ptq.py                                   # ResNet-18 on Fashion-MNIST, 3 seeds
+    python benchmarks/lowbit_ptq.py --model bncnn --source digits    # the small BN CNN of the issue
+    python benchmarks/lowbit_ptq.py --render benchmarks/results/lowbit_ptq_resnet18.json
+
+For each backend, bit-width and seed: ``qtta_plugins.quantize`` (the backend's ranges: min-max
+activations, MSE weight thresholds) and then the reconstructions asked for (``--ptq``). A seed
+draws the calibration images (``--calib`` clean training images) and seeds the reconstruction; the
+source model is the same for every seed (its training seed is 0), so the spread is that of PTQ.
+Accuracy is on ``--n-test`` clean test images. Rows are cached in the results JSON: a rerun
+computes only the (backend, bits, ptq, seed) cells it lacks, so a long grid can be run piecewise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("QTTA_QUIET", "1")
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+import qtta_plugins  # noqa: E402
+from qtta_plugins.data import load_source, to_channels  # noqa: E402
+from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
+
+#: PTQ variant -> (reconstruction method or None for the backend's own ranges, options)
+PTQ = {
+    "min-max": (None, {}),
+    "qdrop": ("qdrop", {}),
+    "ttaq": ("ttaq", {}),
+    "ttaq -pem": ("ttaq", {"pem": False}),
+    "ttaq -pcr": ("ttaq", {"pcr": False}),
+    "ttaq -logits": ("ttaq", {"logits": False}),
+}
+
+#: model -> how the source model is trained (the architectures issue's settings)
+MODELS = {
+    "resnet18": {"epochs": 3, "max_train": 20000},
+    "bncnn": {"epochs": 12},
+}
+
+
+def calibration(images: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` of ``images`` drawn under ``seed``, in batches of 64."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=gen)[:n]
+    x = images[idx]
+    return [x[i : i + 64] for i in range(0, len(x), 64)]
+
+
+def summarize(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(backend, bits, ptq) -> (mean, sd, n) of clean accuracy over seeds."""
+    cells: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        cells.setdefault((r["backend"], r["bits"], r["ptq"]), []).append(r["clean_accuracy"])
+    return {
+        k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+        for k, v in cells.items()
+    }
+
+
+def markdown(results: dict) -> str:
+    stats = summarize(results["rows"])
+    backends = sorted({k[0] for k in stats})
+    bits = sorted({k[1] for k in stats}, key=lambda b: (-int(b[1 : b.index("A")]), b))
+    ptqs = [p for p in PTQ if any(k[2] == p for k in stats)]
+    lines = [
+        f"{results['setup']}; float clean accuracy {results['float_clean_accuracy']:.1f}%",
+        "",
+        "| bits | PTQ | " + " | ".join(backends) + " | best - worst |",
+        "|---|---|" + "---|" * (len(backends) + 1),
+    ]
+    for b in bits:
+        for p in ptqs:
+            cells, means = [], []
+            for backend in backends:
+                s = stats.get((backend, b, p))
+                if s is None:
+                    cells.append("")
+                    continue
+                cells.append(f"{s[0]:.1f} ± {s[1]:.1f}" + (f" (n={s[2]})" if s[2] < 3 else ""))
+                means.append(s[0])
+            if not means:
+                continue
+            gap = f"{max(means) - min(means):.1f}" if len(means) > 1 else ""
+            lines.append(f"| {b} | {p} | " + " | ".join(cells) + f" | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="resnet18", choices=sorted(MODELS))
+    parser.add_argument("--source", default="fashion-mnist")
+    parser.add_argument("--backends", nargs="+", default=["torchao", "brevitas", "nncf"])
+    parser.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a4", "w2a4"])
+    parser.add_argument("--ptq", nargs="+", default=["min-max", "qdrop"], choices=list(PTQ))
+    parser.add_argument(
+        "--ptq-bits",
+        nargs="+",
+        default=["w4a4", "w2a4"],
+        help="bit-widths that get the reconstructions (the others: min-max only)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--calib", type=int, default=1024, help="calibration images")
+    parser.add_argument("--iters", type=int, default=200, help="reconstruction iterations/block")
+    parser.add_argument("--n-test", type=int, default=2000, help="clean test images (digits: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results JSON (cache of computed cells)")
+    parser.add_argument("--render", default=None, help="print the table of a results file")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        return
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or f"benchmarks/results/lowbit_ptq_{args.model}.json")
+    model = train_source_model(args.model, args.source, seed=0, **MODELS[args.model])
+    # digits' whole test split is smaller than the default: take all of it
+    n_test = None if args.source == "digits" else args.n_test
+    train, test = load_source(args.source, n_test=n_test, seed=0)
+    channels = input_channels(args.model)  # RGB architectures take the gray images replicated
+    test_x, train_x = to_channels(test.x, channels), to_channels(train.x, channels)
+    setup = (
+        f"{args.model} on {args.source} (32 px), {len(test_x)} clean test images; "
+        f"calibration {args.calib} images per seed, {args.iters} iterations per block"
+    )
+    results = {"setup": setup, "float_clean_accuracy": None, "rows": []}
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if previous["setup"] != setup:
+            sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
+        results = previous
+    if results["float_clean_accuracy"] is None:
+        results["float_clean_accuracy"] = accuracy(model, test_x, test.y)
+    print(setup, f"| float {results['float_clean_accuracy']:.1f}%", flush=True)
+    done = {(r["backend"], r["bits"], r["ptq"], r["seed"]) for r in results["rows"]}
+    for backend in [b for b in args.backends if importlib.util.find_spec(b) is not None]:
+        for bits in args.bits:
+            tag = bits.upper()
+            variants = args.ptq if bits.lower() in [b.lower() for b in args.ptq_bits] else []
+            variants = ["min-max", *[v for v in variants if v != "min-max"]]
+            for seed in args.seeds:
+                todo = [v for v in variants if (backend, tag, v, seed) not in done]
+                if not todo:
+                    continue
+                calib = calibration(train_x, args.calib, seed)
+                base = qtta_plugins.quantize(model, backend, bits, calib)
+                for name in todo:
+                    method, options = PTQ[name]
+                    start = time.perf_counter()
+                    qm = (
+                        base
+                        if method is None
+                        else qtta_plugins.reconstruct(
+                            base,
+                            model,
+                            calib,
+                            method,
+                            iters=args.iters,
+                            seed=seed,
+                            progress=False,
+                            **options,
+                        )
+                    )
+                    seconds = time.perf_counter() - start
+                    row = {
+                        "backend": backend,
+                        "bits": tag,
+                        "ptq": name,
+                        "seed": seed,
+                        "clean_accuracy": accuracy(qm, test_x, test.y),
+                        "seconds": seconds if method else 0.0,
+                    }
+                    results["rows"].append(row)
+                    done.add((backend, tag, name, seed))
+                    print(
+                        f"{backend:8s} {tag:5s} {name:13s} seed {seed}  clean "
+                        f"{row['clean_accuracy']:5.1f}%  ({seconds:5.1f} s)",
+                        flush=True,
+                    )
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(results, indent=1))
+    print(markdown(results), end="")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Low-bit PTQ on every backend (issue 14, part 1), at the small CNN's scale.
+
+torchao's weight ranges come from the shared MSE search (as Brevitas' and NNCF's do), W6A6 is a
+setting every backend takes, and the backends' clean accuracies agree: the same targets as the
+ResNet-18 benchmark (``benchmarks/lowbit_ptq.py``), checked on the digits CNN (W2A4 needs a long
+reconstruction, so its check is marked slow).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import qtta_plugins
+from qtta_plugins.models import accuracy
+from qtta_plugins.ranges import mse_symmetric_thresholds
+
+BACKENDS = [b for b in ("torchao", "brevitas", "nncf") if importlib.util.find_spec(b) is not None]
+
+
+@pytest.fixture(scope="module")
+def held_out(digits):
+    _, test = digits
+    return test.x[:400], test.y[:400]
+
+
+def test_torchao_weight_ranges_are_the_least_error_thresholds(float_cnn, calib) -> None:
+    qmodel = qtta_plugins.quantize(float_cnn, "torchao", "w2a4", calib)
+    view = qtta_plugins.quant_view(qmodel)
+    checked = 0
+    for layer in view.layers():
+        handle = layer.weight_quantizer
+        assert handle is not None
+        _, qmax = handle.qrange
+        if handle.bits != 2:
+            continue  # first and last layers keep 8 bit
+        w = view.weight_quantizer_input(layer)
+        expected = mse_symmetric_thresholds(w, qmax) / qmax
+        torch.testing.assert_close(handle.grid().scale.flatten(), expected, rtol=1e-5, atol=1e-8)
+        # min-max would be absmax / qmax: the search clips at 2 bit, in every channel but a few
+        absmax = w.reshape(w.shape[0], -1).abs().amax(1) / qmax
+        assert (handle.grid().scale.flatten() < absmax - 1e-8).float().mean() > 0.5
+        checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_w6a6_quantizes_on_every_backend(backend, float_cnn, calib, held_out) -> None:
+    qmodel = qtta_plugins.quantize(float_cnn, backend, "w6a6", calib)
+    view = qtta_plugins.quant_view(qmodel)
+    bits = sorted({layer.weight_quantizer.bits for layer in view.layers()})
+    assert bits == [6, 8]  # first and last layers at 8 bit, as configured
+    x, y = held_out
+    assert accuracy(qmodel, x, y) >= accuracy(float_cnn, x, y) - 1.5
+
+
+def test_backends_agree_at_w4a4(float_cnn, calib, held_out) -> None:
+    """W4A4 after ``quantize``: each backend within 2 points of the best (measured: torchao
+    98.5, Brevitas 98.0, NNCF 99.0 on these 400 images)."""
+    if len(BACKENDS) < 2:
+        pytest.skip("needs two backends")
+    x, y = held_out
+    w4 = {b: accuracy(qtta_plugins.quantize(float_cnn, b, "w4a4", calib), x, y) for b in BACKENDS}
+    assert max(w4.values()) - min(w4.values()) <= 2.0, w4
+    assert min(w4.values()) >= 96.0, w4
+
+
+@pytest.mark.slow
+def test_torchao_w2a4_reconstructs_far_above_chance(float_cnn, calib, held_out) -> None:
+    """With min-max weight ranges torchao's W2A4 stayed at chance after any reconstruction (9%
+    after ``qdrop``, 200 iterations per block); with the MSE ranges it reaches 45-47% (Brevitas
+    51%, NNCF 29% in the same run: benchmarks/lowbit_ptq.py --model bncnn --source digits)."""
+    x, y = held_out
+    base = qtta_plugins.quantize(float_cnn, "torchao", "w2a4", calib)
+    rec = qtta_plugins.reconstruct(base, float_cnn, calib, "qdrop", iters=200, seed=0)
+    assert accuracy(rec, x, y) >= 35.0
