@@ -190,23 +190,6 @@ def _check_positive(config: object, *fields: str) -> None:
             raise ValueError(f"{name}.{field} must be a positive finite number, got {value!r}")
 
 
-def _check_unit(config: object, *fields: str) -> None:
-    """Each field in [0, 1): an SGD momentum or the weight of the old value in an EMA."""
-    name = type(config).__name__
-    for field in fields:
-        value = getattr(config, field)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
-
-
-def _check_flags(config: object, *fields: str) -> None:
-    name = type(config).__name__
-    for field in fields:
-        value = getattr(config, field)
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}.{field} must be True or False, got {value!r}")
-
-
 @dataclass
 class EATAConfig(AdaptConfig):
     """EATA (Niu et al., ICML 2022, "Efficient Test-Time Model Adaptation without Forgetting"):
@@ -272,7 +255,8 @@ class EATAConfig(AdaptConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "lr", "e_margin", "d_margin", "fisher_alpha")
-        _check_unit(self, "momentum", "probs_momentum")
+        _check_unit(self, "momentum", low_open=False, high_open=True)
+        _check_unit(self, "probs_momentum", low_open=False, high_open=True)
         if (
             isinstance(self.weight_decay, bool)
             or not isinstance(self.weight_decay, int | float)
@@ -339,7 +323,8 @@ class SARConfig(AdaptConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "lr", "e_margin", "rho", "reset_constant")
-        _check_unit(self, "momentum", "ema_momentum")
+        _check_unit(self, "momentum", low_open=False, high_open=True)
+        _check_unit(self, "ema_momentum", low_open=False, high_open=True)
         if (
             isinstance(self.weight_decay, bool)
             or not isinstance(self.weight_decay, int | float)

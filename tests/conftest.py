@@ -54,6 +54,17 @@ def qcnn(float_cnn, calib):
 
 
 @pytest.fixture(scope="session")
+def converted_qcnn(qcnn):
+    """``convert_pt2e`` of the W8A8 model: torchao's integer graph, forward-only (converted once:
+    it takes ~13 s here). Do not mutate."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    return convert_pt2e(copy.deepcopy(qcnn["w8a8"]))
+
+
+@pytest.fixture(scope="session")
 def digits_stream():
     from qtta_plugins.data import continual_stream
 

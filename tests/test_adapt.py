@@ -77,17 +77,24 @@ def test_tent_runs_on_a_linear_only_qat_model():
     assert any(not torch.equal(a, b) for a, b in zip(ln_before, ln_after, strict=True))
 
 
-def test_default_method_for_a_model_that_cannot_backpropagate(qcnn, short_stream):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    qm = copy.deepcopy(qcnn["w8a8"])
-    converted = convert_pt2e(qm)
+def test_default_method_for_a_model_that_cannot_backpropagate(converted_qcnn, short_stream):
+    converted = converted_qcnn
     with pytest.raises(ValueError, match=r"needs gradients"):
         qtta_plugins.adapt(converted, short_stream, "tent")
     with pytest.warns(UserWarning, match=r"running 'source'"):
         run = qtta_plugins.adapt(converted, short_stream)
     assert run.config.method in {"zoa", "source"}
     assert len(run.predictions) == sum(len(b.x) for b in short_stream)
+
+
+@pytest.mark.parametrize("method", ["tent", "eata", "sar", "cotta", "rotta"])
+def test_gradient_methods_refuse_a_model_that_cannot_backpropagate(converted_qcnn, method):
+    """torchao's integer graph (``convert_pt2e``) has no gradient path: every method that needs
+    one says so, naming the method, and the model is left as it was."""
+    before = qtta_plugins.view.state_fingerprint(qtta_plugins.quant_view(converted_qcnn))
+    with pytest.raises(ValueError, match=rf"'{method}' needs gradients.*cannot backpropagate"):
+        qtta_plugins.adapt(converted_qcnn, [torch.rand(4, 1, 32, 32)], method)
+    assert qtta_plugins.view.state_fingerprint(qtta_plugins.quant_view(converted_qcnn)) == before
 
 
 # --- the user's model and the adaptation state are safe ---------------------------------------

@@ -334,15 +334,6 @@ def test_a_bad_batch_or_state_changes_nothing(qcnn, short_stream):
     assert after["selected_samples"] == state["selected_samples"]
 
 
-def test_eata_refuses_a_model_that_cannot_backpropagate(qcnn):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    converted = convert_pt2e(copy.deepcopy(qcnn["w8a8"]))
-    assert not qtta_plugins.quant_view(converted).can_backprop
-    with pytest.raises(ValueError, match=r"method 'eata' needs gradients.*cannot backpropagate"):
-        qtta_plugins.adapt(converted, None, "eata", fisher=False)
-
-
 # --- configuration -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),

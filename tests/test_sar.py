@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -218,14 +217,6 @@ def test_a_bad_batch_or_state_changes_nothing(qcnn, short_stream):
             run.method.load_state_dict(bad)
     assert equal(params_of(run), params)
     assert run.method.ema == state["ema"] and run.method.resets == state["resets"]
-
-
-def test_sar_refuses_a_model_that_cannot_backpropagate(qcnn):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    converted = convert_pt2e(copy.deepcopy(qcnn["w8a8"]))
-    with pytest.raises(ValueError, match=r"method 'sar' needs gradients.*cannot backpropagate"):
-        qtta_plugins.adapt(converted, None, "sar")
 
 
 # --- configuration -------------------------------------------------------------------------------
