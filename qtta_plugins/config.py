@@ -257,28 +257,14 @@ class EATAConfig(AdaptConfig):
         _check_positive(self, "lr", "e_margin", "d_margin", "fisher_alpha")
         _check_unit(self, "momentum", low_open=False, high_open=True)
         _check_unit(self, "probs_momentum", low_open=False, high_open=True)
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, int | float)
-            or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0)
-        ):
-            raise ValueError(
-                f"EATAConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
-            )
+        _check_nonnegative(self, "weight_decay")
         _check_flags(self, "reliable_filter", "redundancy_filter", "reweight")
         if self.fisher is not None and not isinstance(self.fisher, bool):
             raise ValueError(
                 f"EATAConfig.fisher must be None (on when source images are at hand), True or "
                 f"False, got {self.fisher!r}"
             )
-        if (
-            isinstance(self.source_batch_size, bool)
-            or not isinstance(self.source_batch_size, int)
-            or self.source_batch_size < 1
-        ):
-            raise ValueError(
-                f"EATAConfig.source_batch_size must be an int >= 1, got {self.source_batch_size!r}"
-            )
+        _check_int(self, "source_batch_size", 1)
         check_abl_options(self)
 
 
@@ -325,14 +311,7 @@ class SARConfig(AdaptConfig):
         _check_positive(self, "lr", "e_margin", "rho", "reset_constant")
         _check_unit(self, "momentum", low_open=False, high_open=True)
         _check_unit(self, "ema_momentum", low_open=False, high_open=True)
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, int | float)
-            or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0)
-        ):
-            raise ValueError(
-                f"SARConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
-            )
+        _check_nonnegative(self, "weight_decay")
         _check_flags(self, "reliable_filter", "sam", "recovery")
 
 
@@ -345,6 +324,19 @@ class ReconstructConfig:
 
     method: str = "ttaq"
     seed: int = 0
+
+
+def _check_nonnegative(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(
+                f"{type(config).__name__}.{field} must be a finite number >= 0, got {value!r}"
+            )
 
 
 def _check_unit(config: object, field: str, *, low_open: bool, high_open: bool) -> None:
@@ -384,21 +376,9 @@ def _check_optimizer(config: object) -> None:
     name = type(config).__name__
     if config.optimizer not in ("adam", "sgd"):  # type: ignore[attr-defined]
         raise ValueError(f"{name}.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")  # type: ignore[attr-defined]
-    lr = config.lr  # type: ignore[attr-defined]
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, int | float)
-        or not (math.isfinite(lr) and lr > 0)
-    ):
-        raise ValueError(f"{name}.lr must be a positive finite number, got {lr!r}")
+    _check_positive(config, "lr")
     _check_unit(config, "momentum", low_open=False, high_open=True)
-    wd = config.weight_decay  # type: ignore[attr-defined]
-    if (
-        isinstance(wd, bool)
-        or not isinstance(wd, int | float)
-        or not (math.isfinite(wd) and wd >= 0)
-    ):
-        raise ValueError(f"{name}.weight_decay must be a finite number >= 0, got {wd!r}")
+    _check_nonnegative(config, "weight_decay")
 
 
 @dataclass
@@ -506,11 +486,4 @@ class RoTTAConfig(AdaptConfig):
         _check_int(self, "memory_capacity", 1)
         _check_int(self, "update_frequency", 1)
         _check_unit(self, "ema_nu", low_open=False, high_open=False)
-        for field in ("lambda_t", "lambda_u"):
-            value = getattr(self, field)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(f"RoTTAConfig.{field} must be a finite number >= 0, got {value!r}")
+        _check_nonnegative(self, "lambda_t", "lambda_u")

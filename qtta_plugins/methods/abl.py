@@ -102,3 +102,18 @@ class BalancedLoss:
             raise ValueError("ABL state: class_freq and grad_mag must both be set, same shape")
         self.class_freq = None if freq is None else freq.detach().clone()
         self.grad_mag = None if grad is None else grad.detach().clone()
+
+
+class ExposesBalancedLoss:
+    """ABL's statistics as attributes of the method (``method.class_freq``, ``method.grad_mag``),
+    for a method that keeps its :class:`BalancedLoss` (or ``None``) in ``self.abl``."""
+
+    abl: BalancedLoss | None
+
+    @property
+    def class_freq(self) -> torch.Tensor | None:
+        return self.abl.class_freq if self.abl is not None else None
+
+    @property
+    def grad_mag(self) -> torch.Tensor | None:
+        return self.abl.grad_mag if self.abl is not None else None

@@ -66,3 +66,12 @@ class TestTimeMethod(ABC):
 
     def _copy_state(self) -> dict[str, Any]:
         return copy.deepcopy(self.state_dict())
+
+
+def refuse_forward_only(view: QuantView, method: str) -> None:
+    """Raise for a method that needs gradients on a model that has none (an integer graph)."""
+    if not view.can_backprop:
+        raise ValueError(
+            f"method {method!r} needs gradients, and this {view.backend} model cannot backpropagate "
+            "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
+        )

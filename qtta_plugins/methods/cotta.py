@@ -63,8 +63,8 @@ from torch import nn
 from ..config import AdaptConfig, CoTTAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import BalancedLoss
-from .base import MethodInfo, TestTimeMethod
+from .abl import BalancedLoss, ExposesBalancedLoss
+from .base import MethodInfo, TestTimeMethod, refuse_forward_only
 
 __all__ = [
     "CoTTA",
@@ -200,14 +200,6 @@ def ema_update(
         t.mul_(keep).add_(s.detach().to(t.dtype), alpha=1 - keep)
 
 
-def refuse_forward_only(view: QuantView, method: str) -> None:
-    if not view.can_backprop:
-        raise ValueError(
-            f"method {method!r} needs gradients, and this {view.backend} model cannot backpropagate "
-            "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
-        )
-
-
 def check_named_tensors(
     saved: object, names: Sequence[str], current: Sequence[torch.Tensor], what: str
 ) -> None:
@@ -231,7 +223,7 @@ def check_generator_state(state: object, generator: torch.Generator) -> None:
 
 
 # --- CoTTA --------------------------------------------------------------------------------------
-class CoTTA(TestTimeMethod):
+class CoTTA(ExposesBalancedLoss, TestTimeMethod):
     """CoTTA on a view: the view's model is the teacher, :attr:`student` a view of its copy.
 
     State (:meth:`state_dict`): the student's adapted tensors, its optimizer, the random
@@ -325,15 +317,6 @@ class CoTTA(TestTimeMethod):
         for p, source in zip(self.student_params, self.source, strict=True):
             mask = torch.rand(p.shape, generator=self.generator).to(p.device) < prob
             p.copy_(torch.where(mask, source.to(p.dtype), p))
-
-    # --- ABL (as Tent exposes it) ----------------------------------------------------------------
-    @property
-    def class_freq(self) -> torch.Tensor | None:
-        return self.abl.class_freq if self.abl is not None else None
-
-    @property
-    def grad_mag(self) -> torch.Tensor | None:
-        return self.abl.grad_mag if self.abl is not None else None
 
     # --- state -----------------------------------------------------------------------------------
     def adapted_parameters(self) -> list[nn.Parameter]:

@@ -48,10 +48,10 @@ from torch import nn
 from ..config import AdaptConfig, EATAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import BalancedLoss, softmax_entropy
+from .abl import BalancedLoss, ExposesBalancedLoss, softmax_entropy
 from .base import MethodInfo, TestTimeMethod
 from .features import source_batches
-from .tent import tent_parameters
+from .tent import collect_norm_affines, train_norm_affines
 
 __all__ = ["EATA", "diagonal_fisher", "eata_loss", "eata_selection"]
 
@@ -129,7 +129,7 @@ def diagonal_fisher(
     return [f / len(batches) for f in fisher]
 
 
-class EATA(TestTimeMethod):
+class EATA(ExposesBalancedLoss, TestTimeMethod):
     """EATA, with ABL when ``config.abl``.
 
     State (all in :meth:`state_dict`, so the core's rollback, reset and save / load cover it): the
@@ -143,16 +143,7 @@ class EATA(TestTimeMethod):
 
     def __init__(self, view: QuantView, config: EATAConfig) -> None:
         super().__init__(view, config)
-        if not view.can_backprop:
-            raise ValueError(
-                f"method 'eata' needs gradients, and this {view.backend} model cannot backpropagate "
-                "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
-            )
-        self.params = tent_parameters(view)
-        if not self.params:
-            raise ValueError(
-                f"method 'eata' found no norm affine parameters in this {view.backend} model"
-            )
+        self.params = collect_norm_affines(view, "eata")
         batches = source_batches(view, config.source_data, config.source_batch_size)
         if config.fisher is True and not batches:
             raise ValueError(
@@ -160,10 +151,7 @@ class EATA(TestTimeMethod):
                 "source_data=clean_batches, or quantize with keep_calibration_sample=True "
                 "(fisher=False runs without the anti-forgetting term)"
             )
-        view.freeze()
-        for p in self.params:
-            p.requires_grad_(True)
-        view.set_norm_mode("batch")
+        train_norm_affines(view, self.params)
         self.optimizer = torch.optim.SGD(
             self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -246,15 +234,6 @@ class EATA(TestTimeMethod):
         m = self.config.probs_momentum
         # replaced, never updated in place: a shallow copy of the state is a snapshot
         self.probs = mean if self.probs is None else m * self.probs + (1 - m) * mean
-
-    # --- ABL, as Tent exposes it -------------------------------------------------------------
-    @property
-    def class_freq(self) -> torch.Tensor | None:
-        return self.abl.class_freq if self.abl is not None else None
-
-    @property
-    def grad_mag(self) -> torch.Tensor | None:
-        return self.abl.grad_mag if self.abl is not None else None
 
     # --- state -------------------------------------------------------------------------------
     def adapted_parameters(self) -> list[nn.Parameter]:

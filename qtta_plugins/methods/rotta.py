@@ -55,7 +55,7 @@ from torch import nn
 from ..config import AdaptConfig, RoTTAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView, RobustBatchNorm
-from .base import MethodInfo, TestTimeMethod
+from .base import MethodInfo, TestTimeMethod, refuse_forward_only
 from .cotta import (
     _import_v2,
     augment,
@@ -64,7 +64,6 @@ from .cotta import (
     ema_update,
     make_optimizer,
     paired,
-    refuse_forward_only,
     soft_cross_entropy,
 )
 

@@ -45,7 +45,7 @@ from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import softmax_entropy
 from .base import MethodInfo, TestTimeMethod
-from .tent import tent_parameters
+from .tent import collect_norm_affines, train_norm_affines
 
 __all__ = ["SAR"]
 
@@ -60,20 +60,8 @@ class SAR(TestTimeMethod):
 
     def __init__(self, view: QuantView, config: SARConfig) -> None:
         super().__init__(view, config)
-        if not view.can_backprop:
-            raise ValueError(
-                f"method 'sar' needs gradients, and this {view.backend} model cannot backpropagate "
-                "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
-            )
-        self.params = tent_parameters(view)
-        if not self.params:
-            raise ValueError(
-                f"method 'sar' found no norm affine parameters in this {view.backend} model"
-            )
-        view.freeze()
-        for p in self.params:
-            p.requires_grad_(True)
-        view.set_norm_mode("batch")
+        self.params = collect_norm_affines(view, "sar")
+        train_norm_affines(view, self.params)
         self.optimizer = torch.optim.SGD(
             self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )

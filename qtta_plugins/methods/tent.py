@@ -49,10 +49,18 @@ from torch import nn
 from ..config import AdaptConfig, TentConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import ABL_EPS, BalancedLoss, abl_adjusted_logits, softmax_entropy
-from .base import MethodInfo, TestTimeMethod
+from .abl import ABL_EPS, BalancedLoss, ExposesBalancedLoss, abl_adjusted_logits, softmax_entropy
+from .base import MethodInfo, TestTimeMethod, refuse_forward_only
 
-__all__ = ["ABL_EPS", "Tent", "abl_adjusted_logits", "softmax_entropy", "tent_parameters"]
+__all__ = [
+    "ABL_EPS",
+    "Tent",
+    "abl_adjusted_logits",
+    "collect_norm_affines",
+    "softmax_entropy",
+    "tent_parameters",
+    "train_norm_affines",
+]
 
 
 def tent_parameters(view: QuantView) -> list[nn.Parameter]:
@@ -66,7 +74,27 @@ def tent_parameters(view: QuantView) -> list[nn.Parameter]:
     return list(params.values())
 
 
-class Tent(TestTimeMethod):
+def collect_norm_affines(view: QuantView, method: str) -> list[nn.Parameter]:
+    """What Tent-style methods adapt (:func:`tent_parameters`), after checking the model can
+    backpropagate and has some; errors name ``method``."""
+    refuse_forward_only(view, method)
+    params = tent_parameters(view)
+    if not params:
+        raise ValueError(
+            f"method {method!r} found no norm affine parameters in this {view.backend} model"
+        )
+    return params
+
+
+def train_norm_affines(view: QuantView, params: list[nn.Parameter]) -> None:
+    """Tent's configuration: only ``params`` require grad; batch norms use test-batch statistics."""
+    view.freeze()
+    for p in params:
+        p.requires_grad_(True)
+    view.set_norm_mode("batch")
+
+
+class Tent(ExposesBalancedLoss, TestTimeMethod):
     """Tent, with ABL when ``config.abl``.
 
     ABL's statistics are ``class_freq`` (``pi``, shape ``(K,)``, sums to 1) and ``grad_mag``
@@ -78,20 +106,8 @@ class Tent(TestTimeMethod):
 
     def __init__(self, view: QuantView, config: TentConfig) -> None:
         super().__init__(view, config)
-        if not view.can_backprop:
-            raise ValueError(
-                f"method 'tent' needs gradients, and this {view.backend} model cannot backpropagate "
-                "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
-            )
-        self.params = tent_parameters(view)
-        if not self.params:
-            raise ValueError(
-                f"method 'tent' found no norm affine parameters in this {view.backend} model"
-            )
-        view.freeze()
-        for p in self.params:
-            p.requires_grad_(True)
-        view.set_norm_mode("batch")
+        self.params = collect_norm_affines(view, "tent")
+        train_norm_affines(view, self.params)
         self.optimizer = torch.optim.SGD(
             self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -118,13 +134,6 @@ class Tent(TestTimeMethod):
         return prediction
 
     # --- ABL (qtta_plugins.methods.abl) ----------------------------------------------------------
-    @property
-    def class_freq(self) -> torch.Tensor | None:
-        return self.abl.class_freq if self.abl is not None else None
-
-    @property
-    def grad_mag(self) -> torch.Tensor | None:
-        return self.abl.grad_mag if self.abl is not None else None
 
     def _abl_loss(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean entropy of the adjusted logits, and a list the backward fills with dL/dz~."""
