@@ -65,6 +65,15 @@ def converted_qcnn(qcnn):
 
 
 @pytest.fixture(scope="session")
+def converted_w4a4(qcnn):
+    """``qtta_torchao.export.convert`` of the W4A4 model (with the folded norms' stand-ins), once
+    per session. Do not mutate (adapt works on copies)."""
+    from qtta_torchao.export import convert
+
+    return convert(qcnn["w4a4"])
+
+
+@pytest.fixture(scope="session")
 def digits_stream():
     from qtta_plugins.data import continual_stream
 

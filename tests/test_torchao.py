@@ -176,14 +176,12 @@ def test_linear_only_model_goes_through_qat(qvit):
         assert rel_error(qm(x), model(x)) < 1e-5
 
 
-def test_convert_pt2e_model_is_recognised_as_forward_only(qcnn, clean_batch):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
+def test_convert_pt2e_model_is_recognised_as_forward_only(qcnn, converted_qcnn, clean_batch):
     qm = copy.deepcopy(qcnn["w8a8"])
     qtta_plugins.quant_view(qm).set_norm_mode("source")
     with torch.no_grad():
         ref = qm(clean_batch)
-    converted = convert_pt2e(qm)
+    converted = converted_qcnn  # convert_pt2e of qcnn["w8a8"]
     view = qtta_plugins.quant_view(converted)
     assert type(view).__name__ == "ConvertedView" and not view.can_backprop
     assert view.norms() == []  # folded by convert_pt2e

@@ -96,10 +96,8 @@ def test_zoa_adapts_only_the_middle_norm_affines(qcnn, short_stream):
     ]
 
 
-def test_zoa_runs_on_the_converted_integer_model_and_is_its_default(qcnn, digits_stream):
-    from qtta_torchao.export import convert
-
-    converted = convert(qcnn["w4a4"])
+def test_zoa_runs_on_the_converted_integer_model_and_is_its_default(converted_w4a4, digits_stream):
+    converted = converted_w4a4
     view = qtta_plugins.quant_view(converted)
     assert not view.can_backprop
     assert [n.folded for n in view.norms()] == [True] * 9
@@ -111,11 +109,11 @@ def test_zoa_runs_on_the_converted_integer_model_and_is_its_default(qcnn, digits
     assert all(torch.equal(before[k], v) for k, v in converted.state_dict().items())
 
 
-def test_folded_norm_stand_ins_are_the_identity_on_source_statistics(qcnn, digits):
+def test_folded_norm_stand_ins_are_the_identity_on_source_statistics(qcnn, converted_w4a4, digits):
     from qtta_torchao.export import convert
 
     _, test = digits
-    with_norms, plain = convert(qcnn["w4a4"]), convert(qcnn["w4a4"], folded_norms=False)
+    with_norms, plain = converted_w4a4, convert(qcnn["w4a4"], folded_norms=False)
     x = test.x[:64]
     with torch.no_grad():
         assert torch.allclose(with_norms(x), plain(x), atol=1e-5)
