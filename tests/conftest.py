@@ -81,6 +81,31 @@ def digits_stream():
 
 
 @pytest.fixture(scope="session")
+def stream_excerpt(digits_stream):
+    """``stream_excerpt(n)``: the first ``n`` batches of three domains (0, 3, 11) of the digits-C
+    stream, in stream order: a short continual stream with two domain shifts."""
+    batches = list(digits_stream)
+    per_domain = len(batches) // len(digits_stream.domains)
+
+    def excerpt(n: int) -> list:
+        return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + n]]
+
+    return excerpt
+
+
+@pytest.fixture(scope="session")
+def short_stream(stream_excerpt):
+    """Three batches each from three domains of the digits-C stream."""
+    return stream_excerpt(3)
+
+
+@pytest.fixture(scope="session")
+def domain_batches(stream_excerpt):
+    """Three input batches of 16, one from each of three domains of the digits-C stream."""
+    return [b.x[:16] for b in stream_excerpt(1)]
+
+
+@pytest.fixture(scope="session")
 def demo_result(tmp_path_factory):
     """The full ``qtta demo`` run (torchao W4A4, source / norm / tent), computed once."""
     from qtta_plugins.demo import run_demo

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _state import model_state
 
 import qtta_plugins
 from qtta_plugins import BadBatchError
@@ -18,20 +19,8 @@ pytest.importorskip("torchao")
 ABL = TentConfig(abl=True)
 
 
-@pytest.fixture(scope="module")
-def short_stream(digits_stream):
-    """Three batches each from three domains of the digits-C stream."""
-    batches = list(digits_stream)
-    per_domain = len(batches) // len(digits_stream.domains)
-    return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + 3]]
-
-
 def abl_state(run: qtta_plugins.Adaptation) -> tuple[torch.Tensor, torch.Tensor]:
     return run.method.class_freq.clone(), run.method.grad_mag.clone()
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # --- the shift and its sign ----------------------------------------------------------------------

@@ -6,27 +6,12 @@ import copy
 
 import pytest
 import torch
+from _state import model_state, same_state
 
 import qtta_plugins
 from qtta_plugins import BadBatchError, UnknownMethodError
 
 pytest.importorskip("torchao")
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def short_stream(digits_stream):
-    """Three batches each from three domains of the digits-C stream."""
-    batches = list(digits_stream)
-    per_domain = len(batches) // len(digits_stream.domains)
-    return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + 3]]
 
 
 # --- the methods do what they claim ------------------------------------------------------------

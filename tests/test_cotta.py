@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _state import model_state, same_state
 
 import qtta_plugins
 from qtta_plugins import BadBatchError, CoTTAConfig
@@ -20,42 +21,25 @@ BACKENDS = ["torchao", "brevitas", "nncf"]
 FAST = {"n_augmentations": 2}
 
 
-@pytest.fixture(scope="module")
-def batches(digits_stream):
-    """Three batches of 16 from three domains of the digits-C stream."""
-    items = list(digits_stream)
-    per_domain = len(items) // len(digits_stream.domains)
-    return [items[d * per_domain].x[:16] for d in (0, 3, 11)]
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # a torchao QAT graph counts forwards in num_batches_tracked; they feed nothing
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if not k.endswith("num_batches_tracked")
-    }
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def student(run: qtta_plugins.Adaptation) -> list[torch.Tensor]:
     return [p.detach().clone() for p in run.method.student_params]
 
 
 # --- it adapts, everywhere -----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cotta_adapts_on_every_backend(qcnn_on, batches, backend):
+def test_cotta_adapts_on_every_backend(qcnn_on, domain_batches, backend):
     qm = qcnn_on(backend)
-    before = model_state(qm)
-    run = qtta_plugins.adapt(qm, batches[:2], "cotta", confidence_threshold=1.0, **FAST)
+    before = model_state(qm, batch_counts=False)
+    run = qtta_plugins.adapt(qm, domain_batches[:2], "cotta", confidence_threshold=1.0, **FAST)
     method = run.method
     assert isinstance(method, CoTTA) and method.augmented  # threshold 1: always averaged
     assert run.model is not method.student.model and run.model is not qm
-    assert same_state(before, model_state(qm))  # the user's model is untouched
-    changed = [k for k, v in model_state(run.model).items() if not torch.equal(v, before[k])]
+    assert same_state(before, model_state(qm, batch_counts=False))  # the user's model is untouched
+    changed = [
+        k
+        for k, v in model_state(run.model, batch_counts=False).items()
+        if not torch.equal(v, before[k])
+    ]
     assert changed, "the teacher (run.model) did not move"
     # weights adapt too (params="all"), through the fake quantizers' straight-through gradient
     weights = {layer.name + ".weight" for layer in run.view.layers()}
@@ -63,17 +47,17 @@ def test_cotta_adapts_on_every_backend(qcnn_on, batches, backend):
     assert any(not torch.equal(s, t) for s, t in zip(student(run), method.params, strict=True))
     assert len(run.predictions) == 32
     with torch.no_grad():
-        assert torch.isfinite(run.model(batches[2])).all()
+        assert torch.isfinite(run.model(domain_batches[2])).all()
 
 
 # --- the defining mechanisms ---------------------------------------------------------------------
-def test_the_teacher_is_an_ema_of_the_student(qcnn_on, batches):
+def test_the_teacher_is_an_ema_of_the_student(qcnn_on, domain_batches):
     alpha = 0.9  # far from 1, so the EMA's share of the student is well above float rounding
     run = qtta_plugins.adapt(
         qcnn_on("torchao"), None, "cotta", ema_alpha=alpha, restore=False, augment=False
     )
     old = [p.detach().clone() for p in run.method.params]
-    run.step(batches[0])
+    run.step(domain_batches[0])
     new_student = student(run)
     assert any(not torch.equal(s, t) for s, t in zip(new_student, old, strict=True))
     for t, t0, s in zip(run.method.params, old, new_student, strict=True):
@@ -82,7 +66,7 @@ def test_the_teacher_is_an_ema_of_the_student(qcnn_on, batches):
     run = qtta_plugins.adapt(
         qcnn_on("torchao"), None, "cotta", mean_teacher=False, restore=False, augment=False
     )
-    run.step(batches[0])
+    run.step(domain_batches[0])
     assert all(torch.equal(t, s) for t, s in zip(run.method.params, student(run), strict=True))
 
 
@@ -106,14 +90,16 @@ def test_stochastic_restore_puts_back_about_p_of_the_elements(qcnn_on):
     assert all(torch.equal(p, s) for p, s in zip(method.student_params, method.source, strict=True))
 
 
-def test_restore_after_a_step_resets_about_p_of_what_moved(qcnn_on, batches):
+def test_restore_after_a_step_resets_about_p_of_what_moved(qcnn_on, domain_batches):
     """One large Adam step moves almost every element; restore then puts back about p of them
     (the step itself draws no randomness, so the runs with and without restore share it)."""
     options = {"augment": False, "lr": 0.05}
     moved_run = qtta_plugins.adapt(
-        qcnn_on("torchao"), [batches[0]], "cotta", restore=False, **options
+        qcnn_on("torchao"), [domain_batches[0]], "cotta", restore=False, **options
     )
-    run = qtta_plugins.adapt(qcnn_on("torchao"), [batches[0]], "cotta", restore_prob=0.2, **options)
+    run = qtta_plugins.adapt(
+        qcnn_on("torchao"), [domain_batches[0]], "cotta", restore_prob=0.2, **options
+    )
     source = run.method.source
     moved = [a != s for a, s in zip(moved_run.method.student_params, source, strict=True)]
     restored = [
@@ -131,8 +117,8 @@ def test_restore_after_a_step_resets_about_p_of_what_moved(qcnn_on, batches):
         assert torch.equal(a[keep], b[keep])
 
 
-def test_augmentation_averaging_runs_only_below_the_confidence_threshold(qcnn_on, batches):
-    x = batches[1]
+def test_augmentation_averaging_runs_only_below_the_confidence_threshold(qcnn_on, domain_batches):
+    x = domain_batches[1]
     run = qtta_plugins.adapt(qcnn_on("torchao"), None, "cotta", **FAST)
     with torch.no_grad():
         confidence = float(run.method.anchor.model(x).softmax(1).amax(1).mean())
@@ -161,15 +147,23 @@ def test_augmentation_averaging_runs_only_below_the_confidence_threshold(qcnn_on
     assert run.method.anchor is None
 
 
-def test_abl_changes_the_loss_and_off_is_cotta_exactly(qcnn_on, batches):
+def test_abl_changes_the_loss_and_off_is_cotta_exactly(qcnn_on, domain_batches):
     options = {"augment": False, "seed": 1}
-    plain = qtta_plugins.adapt(qcnn_on("torchao"), batches, "cotta", **options)
+    plain = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches, "cotta", **options)
     neutral = qtta_plugins.adapt(
-        qcnn_on("torchao"), batches, "cotta", abl=True, abl_tau_f=0.0, abl_tau_g=0.0, **options
+        qcnn_on("torchao"),
+        domain_batches,
+        "cotta",
+        abl=True,
+        abl_tau_f=0.0,
+        abl_tau_g=0.0,
+        **options,
     )
-    balanced = qtta_plugins.adapt(qcnn_on("torchao"), batches, "cotta", abl=True, **options)
+    balanced = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches, "cotta", abl=True, **options)
     assert torch.equal(plain.predictions, neutral.predictions)
-    assert same_state(model_state(plain.model), model_state(neutral.model))
+    assert same_state(
+        model_state(plain.model, batch_counts=False), model_state(neutral.model, batch_counts=False)
+    )
     assert all(torch.equal(a, b) for a, b in zip(student(plain), student(neutral), strict=True))
     # on the first batch pi is uniform and g is ones (a constant shift): the loss differs from
     # the second batch on
@@ -199,9 +193,9 @@ def test_augment_is_seeded_by_its_generator_and_leaves_the_global_rng_alone():
 
 
 # --- the user's model and the adaptation state are safe ------------------------------------------
-def test_a_failing_step_rolls_back_teacher_student_and_state(qcnn_on, batches):
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "cotta", abl=True, **FAST)
-    teacher, students = model_state(run.model), student(run)
+def test_a_failing_step_rolls_back_teacher_student_and_state(qcnn_on, domain_batches):
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "cotta", abl=True, **FAST)
+    teacher, students = model_state(run.model, batch_counts=False), student(run)
     method_state = copy.deepcopy(run.method.state_dict())
     original = run.method.forward_and_adapt
 
@@ -211,35 +205,37 @@ def test_a_failing_step_rolls_back_teacher_student_and_state(qcnn_on, batches):
 
     run.method.forward_and_adapt = explode
     with pytest.raises(RuntimeError, match=r"boom"):
-        run.step(batches[1])
-    assert same_state(teacher, model_state(run.model))
+        run.step(domain_batches[1])
+    assert same_state(teacher, model_state(run.model, batch_counts=False))
     assert all(torch.equal(a, b) for a, b in zip(students, student(run), strict=True))
     after = run.method.state_dict()
     assert torch.equal(after["generator"], method_state["generator"])
     assert torch.equal(after["abl"]["class_freq"], method_state["abl"]["class_freq"])
     assert after["optimizer"]["state"][0]["step"] == method_state["optimizer"]["state"][0]["step"]
     with pytest.raises(BadBatchError, match=r"NaN"):
-        run.step(torch.full_like(batches[1], float("nan")))
-    assert same_state(teacher, model_state(run.model))
+        run.step(torch.full_like(domain_batches[1], float("nan")))
+    assert same_state(teacher, model_state(run.model, batch_counts=False))
 
 
-def test_reset_save_and_load_continue_exactly(qcnn_on, batches, tmp_path):
+def test_reset_save_and_load_continue_exactly(qcnn_on, domain_batches, tmp_path):
     options = {"confidence_threshold": 1.0, **FAST}  # augmentations draw from the generator
     run = qtta_plugins.adapt(qcnn_on("torchao"), None, "cotta", **options)
-    initial = model_state(run.model)
-    first = run.run(batches).clone()
+    initial = model_state(run.model, batch_counts=False)
+    first = run.run(domain_batches).clone()
     run.reset()
-    assert same_state(initial, model_state(run.model)) and run.batches == 0
+    assert same_state(initial, model_state(run.model, batch_counts=False)) and run.batches == 0
     assert all(torch.equal(s, p) for s, p in zip(student(run), run.method.source, strict=True))
-    assert torch.equal(run.run(batches), first)
+    assert torch.equal(run.run(domain_batches), first)
 
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:2], "cotta", **options)
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:2], "cotta", **options)
     run.save(tmp_path / "cotta.pt")
-    rest = run.run(batches[2:])
+    rest = run.run(domain_batches[2:])
     fresh = qtta_plugins.adapt(qcnn_on("torchao"), None, "cotta", **options)
     fresh.load(tmp_path / "cotta.pt")  # weights_only: the state is tensors and containers
-    assert torch.equal(fresh.run(batches[2:]), rest)
-    assert same_state(model_state(fresh.model), model_state(run.model))
+    assert torch.equal(fresh.run(domain_batches[2:]), rest)
+    assert same_state(
+        model_state(fresh.model, batch_counts=False), model_state(run.model, batch_counts=False)
+    )
     assert all(torch.equal(a, b) for a, b in zip(student(fresh), student(run), strict=True))
     # a state saved without ABL does not load into a run with it, and changes nothing
     other = qtta_plugins.adapt(qcnn_on("torchao"), None, "cotta", abl=True, **FAST)
@@ -249,8 +245,8 @@ def test_reset_save_and_load_continue_exactly(qcnn_on, batches, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, student(other), strict=True))
 
 
-def test_a_malformed_state_is_refused_before_anything_changes(qcnn_on, batches):
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "cotta", augment=False)
+def test_a_malformed_state_is_refused_before_anything_changes(qcnn_on, domain_batches):
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "cotta", augment=False)
     good = run.method.state_dict()
     before = student(run)
     bad = {**good, "student": {k: v[..., :1] for k, v in good["student"].items()}}
@@ -258,17 +254,19 @@ def test_a_malformed_state_is_refused_before_anything_changes(qcnn_on, batches):
         run.method.load_state_dict(bad)
     with pytest.raises(ValueError, match=r"generator state"):
         run.method.load_state_dict({**good, "generator": torch.zeros(3)})
-    with pytest.raises(ValueError, match=r"'optimizer', 'student' and 'generator'"):
+    with pytest.raises(ValueError, match=r"not a CoTTA state: it lacks \['generator', 'student'\]"):
         run.method.load_state_dict({"optimizer": good["optimizer"]})
     assert all(torch.equal(a, b) for a, b in zip(before, student(run), strict=True))
 
 
-def test_deterministic_under_a_seed(qcnn_on, batches):
+def test_deterministic_under_a_seed(qcnn_on, domain_batches):
     options = {"confidence_threshold": 1.0, **FAST}
-    a = qtta_plugins.adapt(qcnn_on("torchao"), batches[:2], "cotta", seed=3, **options)
-    b = qtta_plugins.adapt(qcnn_on("torchao"), batches[:2], "cotta", seed=3, **options)
+    a = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:2], "cotta", seed=3, **options)
+    b = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:2], "cotta", seed=3, **options)
     assert torch.equal(a.predictions, b.predictions)
-    assert same_state(model_state(a.model), model_state(b.model))
+    assert same_state(
+        model_state(a.model, batch_counts=False), model_state(b.model, batch_counts=False)
+    )
 
 
 @pytest.mark.parametrize(
@@ -290,7 +288,7 @@ def test_config_validation(qcnn_on, options, message):
     with pytest.raises(ValueError, match=message):
         CoTTAConfig(**options)
     qm = qcnn_on("torchao")
-    before = model_state(qm)
+    before = model_state(qm, batch_counts=False)
     with pytest.raises(ValueError, match=message):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "cotta", **options)
-    assert same_state(before, model_state(qm))
+    assert same_state(before, model_state(qm, batch_counts=False))

@@ -17,8 +17,12 @@ from qtta_plugins.errors import BadBatchError
 
 pytest.importorskip("torchao")
 
-METHODS = ["norm", "tent", "eata", "sar", "zoa", "foa"]
-OPTIONS = {"foa": {"population": 4}}
+METHODS = ["norm", "tent", "eata", "sar", "cotta", "rotta", "zoa", "foa"]
+OPTIONS = {
+    "foa": {"population": 4},
+    "cotta": {"n_augmentations": 2},
+    "rotta": {"update_frequency": 16},  # a student step within the three batches
+}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 

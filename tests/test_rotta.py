@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _state import model_state, same_state
 from torch import nn
 
 import qtta_plugins
@@ -20,26 +21,6 @@ pytest.importorskip("torchao")
 BACKENDS = ["torchao", "brevitas", "nncf"]
 #: one student step per batch of 16
 FAST = {"update_frequency": 16}
-
-
-@pytest.fixture(scope="module")
-def batches(digits_stream):
-    """Three batches of 16 from three domains of the digits-C stream."""
-    items = list(digits_stream)
-    per_domain = len(items) // len(digits_stream.domains)
-    return [items[d * per_domain].x[:16] for d in (0, 3, 11)]
-
-
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if not k.endswith("num_batches_tracked")
-    }
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def student_state(run: qtta_plugins.Adaptation) -> dict[str, torch.Tensor]:
@@ -185,13 +166,13 @@ def test_rbn_normalises_with_the_ema_of_batch_statistics_and_its_gradient():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rbn_statistics_follow_the_ema_on_every_backend(qcnn_on, batches, backend):
+def test_rbn_statistics_follow_the_ema_on_every_backend(qcnn_on, domain_batches, backend):
     run = qtta_plugins.adapt(qcnn_on(backend), None, "rotta", update_frequency=1000)
     rbn = run.method.rbn
     assert rbn is not None and len(rbn.norms) == 9 and run.view.norm_mode == "source"
     norm = rbn.norms[1]
     old = (norm.running_mean.clone(), norm.running_var.clone())
-    run.step(batches[0])  # predicting only (no update due): the statistics stay
+    run.step(domain_batches[0])  # predicting only (no update due): the statistics stay
     assert torch.equal(norm.running_mean, old[0]) and torch.equal(norm.running_var, old[1])
     seen = []
     tap = run.view.norm_input_module(norm).register_forward_pre_hook(
@@ -199,7 +180,7 @@ def test_rbn_statistics_follow_the_ema_on_every_backend(qcnn_on, batches, backen
     )
     rbn.updating = True
     with torch.no_grad():
-        run.model(batches[1])
+        run.model(domain_batches[1])
     rbn.updating = False
     tap.remove()
     batch_var, batch_mean = torch.var_mean(seen[0], dim=(0, 2, 3), unbiased=False)
@@ -209,21 +190,21 @@ def test_rbn_statistics_follow_the_ema_on_every_backend(qcnn_on, batches, backen
 
 # --- it adapts, everywhere -----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rotta_adapts_on_every_backend(qcnn_on, batches, backend):
+def test_rotta_adapts_on_every_backend(qcnn_on, domain_batches, backend):
     qm = qcnn_on(backend)
-    before = model_state(qm)
-    run = qtta_plugins.adapt(qm, batches[:2], "rotta", **FAST)
+    before = model_state(qm, batch_counts=False)
+    run = qtta_plugins.adapt(qm, domain_batches[:2], "rotta", **FAST)
     method = run.method
     assert isinstance(method, RoTTA) and method.updates == 2 and method.seen == 32
-    assert same_state(before, model_state(qm))  # the user's model is untouched
-    after = model_state(run.model)
+    assert same_state(before, model_state(qm, batch_counts=False))  # the user's model is untouched
+    after = model_state(run.model, batch_counts=False)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert any(k.endswith("running_mean") for k in changed), "RBN statistics did not move"
     assert any(k.endswith(("bn1.weight", "bn1.bias")) for k in changed), "affines did not move"
     assert len(method.memory) <= 64 and max(method.memory.class_counts()) <= math.ceil(64 / 10)
     assert len(run.predictions) == 32
     with torch.no_grad():
-        assert torch.isfinite(run.model(batches[2])).all()
+        assert torch.isfinite(run.model(domain_batches[2])).all()
 
 
 def test_refuses_a_model_that_cannot_backpropagate():
@@ -238,13 +219,13 @@ def test_refuses_a_model_that_cannot_backpropagate():
         qtta_plugins.adapt(model, [torch.rand(4, 1, 32, 32)], "rotta")
 
 
-def test_the_student_steps_at_the_update_frequency_and_the_teacher_follows(qcnn_on, batches):
+def test_the_student_steps_at_the_update_frequency_and_the_teacher_follows(qcnn_on, domain_batches):
     run = qtta_plugins.adapt(qcnn_on("torchao"), None, "rotta", update_frequency=24, ema_nu=0.5)
     teacher0 = [p.detach().clone() for p in run.method.params]
-    run.step(batches[0])  # 16 samples: no step yet
+    run.step(domain_batches[0])  # 16 samples: no step yet
     assert run.method.updates == 0 and len(run.method.memory) > 0
     assert all(torch.equal(a, b) for a, b in zip(teacher0, run.method.params, strict=True))
-    run.step(batches[1])  # the 24th sample: one step
+    run.step(domain_batches[1])  # the 24th sample: one step
     assert run.method.updates == 1 and run.method.seen == 32
     student = run.method.student_params
     for t, t0, s in zip(run.method.params, teacher0, student, strict=True):
@@ -266,25 +247,27 @@ def test_the_student_steps_at_the_update_frequency_and_the_teacher_follows(qcnn_
         ),
     ],
 )
-def test_each_part_switches_off(qcnn_on, batches, off, check):
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "rotta", **FAST, **off)
+def test_each_part_switches_off(qcnn_on, domain_batches, off, check):
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "rotta", **FAST, **off)
     assert check(run)
-    default = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "rotta", **FAST)
+    default = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "rotta", **FAST)
     assert not check(default)
 
 
 @pytest.mark.parametrize("off", ["timeliness", "strong_augment"])
-def test_the_loss_parts_switch_off(qcnn_on, batches, off):
-    default = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "rotta", **FAST)
-    without = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "rotta", **FAST, **{off: False})
+def test_the_loss_parts_switch_off(qcnn_on, domain_batches, off):
+    default = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "rotta", **FAST)
+    without = qtta_plugins.adapt(
+        qcnn_on("torchao"), domain_batches[:1], "rotta", **FAST, **{off: False}
+    )
     a, b = student_state(default), student_state(without)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # --- the user's model and the adaptation state are safe ------------------------------------------
-def test_a_failing_step_rolls_back_teacher_student_memory_and_statistics(qcnn_on, batches):
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:1], "rotta", **FAST)
-    teacher, student = model_state(run.model), student_state(run)
+def test_a_failing_step_rolls_back_teacher_student_memory_and_statistics(qcnn_on, domain_batches):
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:1], "rotta", **FAST)
+    teacher, student = model_state(run.model, batch_counts=False), student_state(run)
     memory = run.method.memory.state_dict()
     original = run.method.forward_and_adapt
 
@@ -294,33 +277,39 @@ def test_a_failing_step_rolls_back_teacher_student_memory_and_statistics(qcnn_on
 
     run.method.forward_and_adapt = explode
     with pytest.raises(RuntimeError, match=r"boom"):
-        run.step(batches[1])
-    assert same_state(teacher, model_state(run.model))  # affines and RBN statistics
+        run.step(domain_batches[1])
+    assert same_state(
+        teacher, model_state(run.model, batch_counts=False)
+    )  # affines and RBN statistics
     assert same_state(student, student_state(run))
     assert run.method.seen == 16 and run.method.updates == 1
     after = run.method.memory.state_dict()
     assert torch.equal(after["x"], memory["x"]) and torch.equal(after["age"], memory["age"])
     with pytest.raises(BadBatchError, match=r"NaN"):
-        run.step(torch.full_like(batches[1], float("nan")))
-    assert same_state(teacher, model_state(run.model))
+        run.step(torch.full_like(domain_batches[1], float("nan")))
+    assert same_state(teacher, model_state(run.model, batch_counts=False))
 
 
-def test_reset_save_and_load_continue_exactly(qcnn_on, batches, tmp_path):
+def test_reset_save_and_load_continue_exactly(qcnn_on, domain_batches, tmp_path):
     run = qtta_plugins.adapt(qcnn_on("torchao"), None, "rotta", **FAST)
-    initial, student0 = model_state(run.model), student_state(run)
-    first = run.run(batches).clone()
+    initial, student0 = model_state(run.model, batch_counts=False), student_state(run)
+    first = run.run(domain_batches).clone()
     run.reset()
-    assert same_state(initial, model_state(run.model)) and same_state(student0, student_state(run))
+    assert same_state(initial, model_state(run.model, batch_counts=False)) and same_state(
+        student0, student_state(run)
+    )
     assert run.method.memory is None and run.method.seen == 0
-    assert torch.equal(run.run(batches), first)
+    assert torch.equal(run.run(domain_batches), first)
 
-    run = qtta_plugins.adapt(qcnn_on("torchao"), batches[:2], "rotta", **FAST)
+    run = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches[:2], "rotta", **FAST)
     run.save(tmp_path / "rotta.pt")
-    rest = run.run(batches[2:])
+    rest = run.run(domain_batches[2:])
     fresh = qtta_plugins.adapt(qcnn_on("torchao"), None, "rotta", **FAST)
     fresh.load(tmp_path / "rotta.pt")  # weights_only: the memory is tensors too
-    assert torch.equal(fresh.run(batches[2:]), rest)
-    assert same_state(model_state(fresh.model), model_state(run.model))
+    assert torch.equal(fresh.run(domain_batches[2:]), rest)
+    assert same_state(
+        model_state(fresh.model, batch_counts=False), model_state(run.model, batch_counts=False)
+    )
     assert same_state(student_state(fresh), student_state(run))
     # a malformed state is refused before anything changes
     good = fresh.method.state_dict()
@@ -350,7 +339,7 @@ def test_config_validation(qcnn_on, options, message):
     with pytest.raises(ValueError, match=message):
         RoTTAConfig(**options)
     qm = qcnn_on("torchao")
-    before = model_state(qm)
+    before = model_state(qm, batch_counts=False)
     with pytest.raises(ValueError, match=message):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "rotta", **options)
-    assert same_state(before, model_state(qm))
+    assert same_state(before, model_state(qm, batch_counts=False))

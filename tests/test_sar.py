@@ -18,11 +18,9 @@ BACKENDS = ["torchao", "brevitas", "nncf"]
 
 
 @pytest.fixture(scope="module")
-def short_stream(digits_stream):
+def short_stream(stream_excerpt):
     """Two batches each from three domains of the digits-C stream."""
-    batches = list(digits_stream)
-    per_domain = len(batches) // len(digits_stream.domains)
-    return [b for d in (0, 3, 11) for b in batches[d * per_domain : d * per_domain + 2]]
+    return stream_excerpt(2)
 
 
 def params_of(run: qtta_plugins.Adaptation) -> list[torch.Tensor]:

@@ -270,38 +270,23 @@ def continual_stream(
             ``rounds < 1``, unknown ``order``/``source``, ``per_domain`` not in
             ``1..len(test split)``.
     """
-    if isinstance(corruptions, str):
-        corruptions = [corruptions]
-    corruptions = list(corruptions)
-    if not corruptions:
-        raise ValueError("corruptions must not be empty")
-    for c in corruptions:
-        _check_corruption(c)
-    _check_severity(severity)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("rounds", rounds)
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
-    _check_seed(seed)
-    sets = _corrupted_sets(
+    _check_severity(severity)  # make_stream reads None as its default; here it is an error
+    return make_stream(
+        "continual",
         source,
-        [(c, int(severity)) for c in corruptions],
+        severity=severity,
+        corruptions=corruptions,
+        batch_size=batch_size,
+        rounds=rounds,
+        order=order,
+        dirichlet_delta=dirichlet_delta,
         n_test=n_test,
         size=size,
         root=root,
         seed=seed,
         progress=progress,
-        per_domain=per_domain,
-    )
-    return ContinualStream(
-        sets,
-        domains=corruptions,
-        batch_size=batch_size,
-        rounds=rounds,
-        order=order,
-        dirichlet_delta=dirichlet_delta,
-        seed=seed,
         channels=channels,
+        per_domain=per_domain,
     )
 
 

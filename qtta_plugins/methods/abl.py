@@ -117,3 +117,18 @@ class ExposesBalancedLoss:
     @property
     def grad_mag(self) -> torch.Tensor | None:
         return self.abl.grad_mag if self.abl is not None else None
+
+
+def check_abl_state(state: dict[str, Any], abl: BalancedLoss | None, what: str) -> None:
+    """Raise ``ValueError`` unless ``state`` carries ABL statistics exactly when the method runs
+    with ABL (``abl`` not ``None``), and they are valid; loads nothing."""
+    if (abl is not None) != ("abl" in state):
+        raise ValueError(
+            f"this {what} state was saved "
+            + ("without" if abl is not None else "with")
+            + " ABL, and this adaptation runs "
+            + ("with" if abl is not None else "without")
+            + f" it ({what}Config.abl must match)"
+        )
+    if abl is not None:
+        BalancedLoss(abl.tau_f, abl.tau_g, abl.momentum).load_state_dict(state["abl"])

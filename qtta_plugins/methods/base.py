@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,3 +76,42 @@ def refuse_forward_only(view: QuantView, method: str) -> None:
             f"method {method!r} needs gradients, and this {view.backend} model cannot backpropagate "
             "(an integer-kernel model?); use the forward-only method 'zoa' or 'norm'"
         )
+
+
+# --- checks a method's load_state_dict runs before it loads anything (a bad state changes nothing)
+def check_state_keys(state: object, keys: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` unless ``state`` is a dict holding every one of ``keys``."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a {what} state is a dict, not a {type(state).__name__}")
+    missing = sorted(k for k in keys if k not in state)
+    if missing:
+        raise ValueError(f"this is not a {what} state: it lacks {missing}")
+
+
+def check_count(value: object, name: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 0 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} state: {name} must be an int >= 0, got {value!r}")
+
+
+def check_named_tensors(
+    saved: object, names: Sequence[str], current: Sequence[torch.Tensor], what: str
+) -> None:
+    """Raise ``ValueError`` unless ``saved`` maps exactly ``names`` to tensors of the shapes of
+    ``current``."""
+    if not isinstance(saved, dict) or set(saved) != set(names):
+        raise ValueError(f"{what} does not match this model: it must name {len(names)} tensors")
+    for name, t in zip(names, current, strict=True):
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or value.shape != t.shape:
+            raise ValueError(f"{what} does not match this model: {name!r} has the wrong shape")
+
+
+def check_generator_state(state: object, generator: torch.Generator) -> None:
+    """Raise ``ValueError`` unless ``state`` is a state of ``generator``'s kind."""
+    if (
+        not isinstance(state, torch.Tensor)
+        or state.dtype != torch.uint8
+        or state.shape != generator.get_state().shape
+    ):
+        raise ValueError("the random generator state must be a torch.Generator state (uint8)")

@@ -63,8 +63,15 @@ from torch import nn
 from ..config import AdaptConfig, CoTTAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import BalancedLoss, ExposesBalancedLoss
-from .base import MethodInfo, TestTimeMethod, refuse_forward_only
+from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state
+from .base import (
+    MethodInfo,
+    TestTimeMethod,
+    check_generator_state,
+    check_named_tensors,
+    check_state_keys,
+    refuse_forward_only,
+)
 
 __all__ = [
     "CoTTA",
@@ -200,28 +207,6 @@ def ema_update(
         t.mul_(keep).add_(s.detach().to(t.dtype), alpha=1 - keep)
 
 
-def check_named_tensors(
-    saved: object, names: Sequence[str], current: Sequence[torch.Tensor], what: str
-) -> None:
-    """Raise ``ValueError`` unless ``saved`` maps exactly ``names`` to tensors of the shapes of
-    ``current``."""
-    if not isinstance(saved, dict) or set(saved) != set(names):
-        raise ValueError(f"{what} does not match this model: it must name {len(names)} tensors")
-    for name, t in zip(names, current, strict=True):
-        value = saved[name]
-        if not isinstance(value, torch.Tensor) or value.shape != t.shape:
-            raise ValueError(f"{what} does not match this model: {name!r} has the wrong shape")
-
-
-def check_generator_state(state: object, generator: torch.Generator) -> None:
-    if (
-        not isinstance(state, torch.Tensor)
-        or state.dtype != torch.uint8
-        or state.shape != generator.get_state().shape
-    ):
-        raise ValueError("the random generator state must be a torch.Generator state (uint8)")
-
-
 # --- CoTTA --------------------------------------------------------------------------------------
 class CoTTA(ExposesBalancedLoss, TestTimeMethod):
     """CoTTA on a view: the view's model is the teacher, :attr:`student` a view of its copy.
@@ -336,26 +321,11 @@ class CoTTA(ExposesBalancedLoss, TestTimeMethod):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or not {"optimizer", "student", "generator"} <= set(state):
-            raise ValueError(
-                "a CoTTA state is a dict with 'optimizer', 'student' and 'generator' "
-                "(CoTTA.state_dict)"
-            )
-        if self.config.abl != ("abl" in state):
-            raise ValueError(
-                "this CoTTA state was saved "
-                + ("without" if self.config.abl else "with")
-                + " ABL, and this adaptation runs "
-                + ("with" if self.config.abl else "without")
-                + " it (CoTTAConfig.abl must match)"
-            )
         # everything is checked before anything is loaded: a bad state changes nothing
+        check_state_keys(state, ("optimizer", "student", "generator"), "CoTTA")
+        check_abl_state(state, self.abl, "CoTTA")
         check_named_tensors(state["student"], self.names, self.student_params, "CoTTA state")
         check_generator_state(state["generator"], self.generator)
-        if self.abl is not None:
-            BalancedLoss(self.abl.tau_f, self.abl.tau_g, self.abl.momentum).load_state_dict(
-                state["abl"]
-            )
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for name, p in zip(self.names, self.student_params, strict=True):

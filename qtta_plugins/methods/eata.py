@@ -48,8 +48,8 @@ from torch import nn
 from ..config import AdaptConfig, EATAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import BalancedLoss, ExposesBalancedLoss, softmax_entropy
-from .base import MethodInfo, TestTimeMethod
+from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state, softmax_entropy
+from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
 from .features import source_batches
 from .tent import collect_norm_affines, train_norm_affines
 
@@ -252,35 +252,17 @@ class EATA(ExposesBalancedLoss, TestTimeMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # everything is checked before anything is loaded: a bad state changes nothing
-        if not isinstance(state, dict):
-            raise ValueError(f"an EATA state is a dict, not a {type(state).__name__}")
-        missing = [
-            k
-            for k in ("optimizer", "probs", "reliable_samples", "selected_samples")
-            if k not in state
-        ]
-        if missing:
-            raise ValueError(f"this is not an EATA state: it lacks {missing}")
-        if self.config.abl != ("abl" in state):
-            raise ValueError(
-                "this EATA state was saved "
-                + ("without" if self.config.abl else "with")
-                + " ABL, and this adaptation runs "
-                + ("with" if self.config.abl else "without")
-                + " it (EATAConfig.abl must match)"
-            )
+        check_state_keys(
+            state, ("optimizer", "probs", "reliable_samples", "selected_samples"), "EATA"
+        )
+        check_abl_state(state, self.abl, "EATA")
         probs = state["probs"]
         if probs is not None and not (
             isinstance(probs, torch.Tensor) and probs.ndim == 1 and probs.is_floating_point()
         ):
             raise ValueError("EATA state: probs must be None or a 1-D float tensor (K,)")
         for key in ("reliable_samples", "selected_samples"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"EATA state: {key} must be an int >= 0, got {value!r}")
-        if self.abl is not None:
-            probe = BalancedLoss(self.abl.tau_f, self.abl.tau_g, self.abl.momentum)
-            probe.load_state_dict(state["abl"])
+            check_count(state[key], key, "EATA")
         self.optimizer.load_state_dict(state["optimizer"])  # checks the groups before it loads
         if self.abl is not None:
             self.abl.load_state_dict(state["abl"])

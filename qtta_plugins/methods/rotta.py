@@ -55,12 +55,17 @@ from torch import nn
 from ..config import AdaptConfig, RoTTAConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView, RobustBatchNorm
-from .base import MethodInfo, TestTimeMethod, refuse_forward_only
+from .base import (
+    MethodInfo,
+    TestTimeMethod,
+    check_count,
+    check_generator_state,
+    check_named_tensors,
+    refuse_forward_only,
+)
 from .cotta import (
     _import_v2,
     augment,
-    check_generator_state,
-    check_named_tensors,
     ema_update,
     make_optimizer,
     paired,
@@ -358,8 +363,7 @@ class RoTTA(TestTimeMethod):
         )
         check_generator_state(state["generator"], self.generator)
         for key in ("seen", "updates"):
-            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
-                raise ValueError(f"RoTTA state: {key!r} must be an int >= 0")
+            check_count(state[key], key, "RoTTA")
         memory = None
         if state["memory"] is not None:
             BalancedMemory.check_state(state["memory"], self.config.memory_capacity)

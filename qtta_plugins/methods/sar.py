@@ -44,7 +44,7 @@ from ..config import AdaptConfig, SARConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import softmax_entropy
-from .base import MethodInfo, TestTimeMethod
+from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
 from .tent import collect_norm_affines, train_norm_affines
 
 __all__ = ["SAR"]
@@ -158,18 +158,13 @@ class SAR(TestTimeMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # everything is checked before anything is loaded: a bad state changes nothing
-        if not isinstance(state, dict):
-            raise ValueError(f"a SAR state is a dict, not a {type(state).__name__}")
-        missing = [k for k in ("optimizer", "ema", "resets") if k not in state]
-        if missing:
-            raise ValueError(f"this is not a SAR state: it lacks {missing}")
+        check_state_keys(state, ("optimizer", "ema", "resets"), "SAR")
         ema, resets = state["ema"], state["resets"]
         if ema is not None and (
             isinstance(ema, bool) or not isinstance(ema, int | float) or not math.isfinite(ema)
         ):
             raise ValueError(f"SAR state: ema must be None or a finite number, got {ema!r}")
-        if isinstance(resets, bool) or not isinstance(resets, int) or resets < 0:
-            raise ValueError(f"SAR state: resets must be an int >= 0, got {resets!r}")
+        check_count(resets, "resets", "SAR")
         self.optimizer.load_state_dict(state["optimizer"])  # checks the groups before it loads
         self.ema = None if ema is None else float(ema)
         self.resets = resets

@@ -49,7 +49,14 @@ from torch import nn
 from ..config import AdaptConfig, TentConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
-from .abl import ABL_EPS, BalancedLoss, ExposesBalancedLoss, abl_adjusted_logits, softmax_entropy
+from .abl import (
+    ABL_EPS,
+    BalancedLoss,
+    ExposesBalancedLoss,
+    abl_adjusted_logits,
+    check_abl_state,
+    softmax_entropy,
+)
 from .base import MethodInfo, TestTimeMethod, refuse_forward_only
 
 __all__ = [
@@ -156,18 +163,9 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.config.abl != ("abl" in state):
-            raise ValueError(
-                "this Tent state was saved "
-                + ("without" if self.config.abl else "with")
-                + " ABL, and this adaptation runs "
-                + ("with" if self.config.abl else "without")
-                + " it (TentConfig.abl must match)"
-            )
-        if self.abl is not None:
-            # checked before anything is loaded: a bad state changes nothing
-            probe = BalancedLoss(self.abl.tau_f, self.abl.tau_g, self.abl.momentum)
-            probe.load_state_dict(state["abl"])
+        check_abl_state(
+            state, self.abl, "Tent"
+        )  # before anything loads: a bad state changes nothing
         self.optimizer.load_state_dict(state["optimizer"])
         if self.abl is not None:
             self.abl.load_state_dict(state["abl"])
