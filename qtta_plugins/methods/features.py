@@ -142,6 +142,9 @@ class FeatureRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._input_shift_handle: torch.utils.hooks.RemovableHandle | None = None
         self._depth = 0
+        # token positions the statistics leave out (FOA's prompt tokens: the source statistics
+        # were measured without them); None: every token
+        self.skip_tokens: slice | None = None
 
     # --- hooks: on the model only during a step ----------------------------------------------
     @contextlib.contextmanager
@@ -201,6 +204,12 @@ class FeatureRecorder:
         # Broadcast over everything but the channel axis: (C,1,1) for maps, (C,) for tokens / vectors.
         return (x + shift.view(-1, *([1] * (x.ndim - 2))) if x.ndim == 4 else x + shift, *args[1:])
 
+    def _without_skipped(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_tokens
+        if skip is None or x.ndim != 3:
+            return x
+        return torch.cat([x[:, : skip.start], x[:, skip.stop :]], 1)
+
     def _detector_hook(self, module: nn.Module, args: tuple) -> None:
         if self.record and self.update_ema:  # once per batch: pass 1 only
             self.detector_stats = map_stats(args[0])
@@ -211,7 +220,7 @@ class FeatureRecorder:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
             if self.record:
-                self.stats[index] = channel_stats(x)
+                self.stats[index] = channel_stats(self._without_skipped(x))
             if index != last or self.shift_target is None:
                 return None
             if not self.shift_enabled:

@@ -1,23 +1,35 @@
 """``foa``: Forward-Optimization Adaptation (Niu et al., ICML 2024), the forward-only baseline.
 
 FOA learns a small input-side parameter set with CMA-ES (the ``cma`` package), using forward passes
-only. For ViTs the paper learns three prompt tokens; our models are image models of any backend
-(including integer graphs whose token stream we cannot reach), so the parameters live on the input
-image, which every model has: a low-resolution additive prompt per channel (``prompt_grid`` x
-``prompt_grid``, upsampled bilinearly to the image) plus a per-channel gain and bias. That is our
-"equivalent small input-side parameter set" for CNNs (DESIGN §4), and it is a parameter.
+only. Two forms of that set (``prompt``):
+
+- ``"tokens"``, the paper's: ``prompt_tokens`` (3) learned tokens of the model's width, inserted
+  after the class token of a timm ``VisionTransformer`` (after the position embedding, before the
+  first block) and taken out again before the final norm, so every block attends to them and the
+  pooled feature keeps its meaning whatever the pooling. CMA-ES starts from the VPT initialisation
+  (uniform in +-sqrt(6 / (3 * patch^2 + width))) with step size ``sigma0`` (1.0, as the authors'
+  code). Any backend whose quantized model is the eager timm model has the token sequence.
+- ``"image"``, our stand-in for models without a token sequence (CNNs, integer graphs whose tokens
+  we cannot reach): a low-resolution additive prompt per channel (``prompt_grid`` x
+  ``prompt_grid``, upsampled bilinearly to the image) plus a per-channel gain and bias, from zero
+  with step size ``sigma0`` (0.1, in input units) - the "equivalent small input-side parameter set"
+  of DESIGN section 4.
+
+``"auto"`` (default) takes the tokens where the model has them, else the image prompt.
 
 Per batch: one pass with the incumbent (the previous best), whose output is the prediction and which
 feeds the output shift; then ``population`` candidates from ``es.ask()``, one pass each; fitness
 ``sum_i H(p_i) + lambda * sum_f (||mean_f - mean_f^src||_2 + ||std_f - std_f^src||_2)`` with
 ``lambda = 0.4 * batch / 64`` (the paper's); ``es.tell``; the best candidate becomes the incumbent.
-``1 + population`` = 28 forward passes per batch by default. Batch norms use test-batch statistics
-(``batch_stats``), as ZOA's do, so the two are compared on the same footing.
+The feature statistics leave the prompt tokens out (the source statistics were measured without
+them). ``1 + population`` = 28 forward passes per batch by default. Batch norms use test-batch
+statistics (``batch_stats``), as ZOA's do, so the two are compared on the same footing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..config import AdaptConfig
 from ..hookspecs import hookimpl
@@ -47,9 +60,13 @@ class FOAConfig(AdaptConfig):
 
     method: str = "foa"
     population: int = 27  # CMA-ES candidates per batch (+1 pass with the incumbent)
-    sigma0: float = 0.1  # CMA-ES initial step size, in input units (images in [0, 1])
-    prompt_grid: int = 4  # side of the low-resolution additive prompt; 0: none
-    affine: bool = True  # per-channel input gain and bias
+    prompt: str = "auto"  # "tokens" (ViTs, the paper's), "image" (any model), "auto"
+    prompt_tokens: int = 3  # the paper's number of prompt tokens
+    # CMA-ES initial step size; None: 1.0 for tokens (the authors' code), 0.1 for the image
+    # prompt (input units, images in [0, 1])
+    sigma0: float | None = None
+    prompt_grid: int = 4  # image prompt: side of the low-resolution additive prompt; 0: none
+    affine: bool = True  # image prompt: per-channel input gain and bias
     align_weight: float | None = None  # lambda; None: 0.4 * batch / 64
     shift: bool = True
     shift_momentum: float = 0.9
@@ -62,8 +79,20 @@ class FOAConfig(AdaptConfig):
         super().__post_init__()
         if not isinstance(self.population, int) or self.population < 2:
             raise ValueError(f"FOAConfig.population must be an int >= 2, got {self.population!r}")
-        if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
-            raise ValueError(f"FOAConfig.sigma0 must be positive, got {self.sigma0!r}")
+        if self.sigma0 is not None and not (
+            isinstance(self.sigma0, int | float) and math.isfinite(self.sigma0) and self.sigma0 > 0
+        ):
+            raise ValueError(f"FOAConfig.sigma0 must be positive or None, got {self.sigma0!r}")
+        if self.prompt not in ("auto", "tokens", "image"):
+            raise ValueError(
+                f"FOAConfig.prompt must be 'auto', 'tokens' or 'image', got {self.prompt!r}"
+            )
+        if isinstance(self.prompt_tokens, bool) or not (
+            isinstance(self.prompt_tokens, int) and self.prompt_tokens >= 1
+        ):
+            raise ValueError(
+                f"FOAConfig.prompt_tokens must be an int >= 1, got {self.prompt_tokens!r}"
+            )
         if self.prompt_grid < 0 or (self.prompt_grid == 0 and not self.affine):
             raise ValueError("FOAConfig: needs a prompt (prompt_grid >= 1) or affine=True")
         if not 0 <= self.shift_momentum < 1:
@@ -86,9 +115,25 @@ class _RandN:
 class InputPrompt:
     """``x * (1 + gain) + bias + upsample(prompt)``, per channel, from one flat parameter vector."""
 
+    kind = "image"
+    skip_tokens = None
+
     def __init__(self, channels: int, size: tuple[int, int], grid: int, affine: bool) -> None:
         self.channels, self.size, self.grid, self.affine = channels, size, grid, affine
         self.dim = channels * grid * grid + (2 * channels if affine else 0)
+
+    def initial(self, seed: int) -> np.ndarray:
+        return np.zeros(self.dim)
+
+    def sync(self, theta: torch.Tensor) -> None:
+        """Nothing to do: the hook reads the current prompt on every pass."""
+
+    def attach(self, model: nn.Module, theta: Callable[[], torch.Tensor]) -> list[RemovableHandle]:
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]  # theta stays on the CPU with CMA-ES; the prompt follows the batch
+            return (self(x, theta().to(device=x.device, dtype=x.dtype)), *args[1:])
+
+        return [model.register_forward_pre_hook(hook)]
 
     def __call__(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         c = self.channels
@@ -101,6 +146,169 @@ class InputPrompt:
             prompt = theta[offset:].view(1, c, self.grid, self.grid)
             x = x + F.interpolate(prompt, size=self.size, mode="bilinear", align_corners=False)
         return x
+
+
+def token_model(model: nn.Module) -> nn.Module | None:
+    """The timm ``VisionTransformer`` inside ``model`` whose token sequence prompt tokens can join
+    (found by what FOA uses of it), or None."""
+    for module in model.modules():
+        if all(
+            hasattr(module, a)
+            for a in ("patch_embed", "norm_pre", "blocks", "norm", "num_prefix_tokens", "embed_dim")
+        ):
+            return module
+    return None
+
+
+class TokenPrompt:
+    """FOA's prompt tokens: ``n`` tokens of the ViT's width after its prefix (class) tokens, from
+    the position-embedded sequence to the final norm, which sees the sequence without them."""
+
+    kind = "tokens"
+
+    def __init__(self, vit: nn.Module, n: int) -> None:
+        self.vit, self.n = vit, n
+        self.width, self.prefix = int(vit.embed_dim), int(vit.num_prefix_tokens)
+        self.dim = n * self.width
+        # where the tokens sit in the sequence; the feature statistics leave them out
+        self.skip_tokens = slice(self.prefix, self.prefix + n)
+        patch = getattr(vit.patch_embed, "patch_size", (16, 16))
+        area = int(np.prod(patch)) if isinstance(patch, tuple | list) else int(patch) ** 2
+        self.init_range = math.sqrt(6.0 / (3 * area + self.width))  # VPT's initialisation
+
+    def initial(self, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).uniform(-self.init_range, self.init_range, self.dim)
+
+    def sync(self, theta: torch.Tensor) -> None:
+        """Nothing to do: the hooks read the current prompt on every pass."""
+
+    def attach(self, model: nn.Module, theta: Callable[[], torch.Tensor]) -> list[RemovableHandle]:
+        p, n = self.prefix, self.n
+
+        def insert(module: nn.Module, args: tuple, x: torch.Tensor) -> torch.Tensor:
+            t = theta().to(device=x.device, dtype=x.dtype).view(1, n, self.width)
+            return torch.cat([x[:, :p], t.expand(x.shape[0], -1, -1), x[:, p:]], 1)
+
+        def remove(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (torch.cat([x[:, :p], x[:, p + n :]], 1), *args[1:])
+
+        return [
+            self.vit.norm_pre.register_forward_hook(insert),
+            self.vit.norm.register_forward_pre_hook(remove),
+        ]
+
+
+class _InsertTokens(nn.Module):
+    """Graph form of the token insertion: the tokens are this module's buffer, so the adapted
+    graph holds its incumbent prompt in its own state (and copies and exports with it)."""
+
+    def __init__(self, n: int, width: int, prefix: int) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.register_buffer("tokens", torch.zeros(n, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, : self.prefix], t, x[:, self.prefix :]], 1)
+
+
+class _DropTokens(nn.Module):
+    def __init__(self, n: int, prefix: int) -> None:
+        super().__init__()
+        self.n, self.prefix = n, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, : self.prefix], x[:, self.prefix + self.n :]], 1)
+
+
+class GraphTokenPrompt(TokenPrompt):
+    """FOA's prompt tokens in an exported graph of a timm ViT (torchao's pt2e route).
+
+    The graph has no ``norm_pre`` module to hook, and it was traced at one sequence length, which
+    its attention reshapes hold as literals. So the tokens go in as two modules the graph calls - one
+    on the input of the first block's first norm (the position-embedded sequence), one on the
+    input of the final norm - and the reshapes between them are told about the ``n`` extra tokens.
+    Found from the graph's ``nn_module_stack`` (``blocks.0.norm1``, ``norm``); None when absent.
+    """
+
+    @classmethod
+    def find(cls, model: nn.Module, n: int) -> GraphTokenPrompt | None:
+        graph = getattr(model, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            return None
+        first = last = None
+        for node in graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if node.op != "call_function" or not stack or "layer_norm" not in str(node.target):
+                continue
+            path = list(stack.values())[-1][0]
+            if path == "blocks.0.norm1" and first is None:
+                first = node
+            elif path == "norm":
+                last = node
+        val = last.args[0].meta.get("val") if last is not None else None
+        if first is None or val is None or val.ndim != 3:
+            return None
+        prefix = sum(1 for a in ("cls_token", "reg_token") if hasattr(model, a))
+        return cls(model, first, last, int(val.shape[1]), int(val.shape[2]), prefix, n)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first: torch.fx.Node,
+        last: torch.fx.Node,
+        tokens: int,
+        width: int,
+        prefix: int,
+        n: int,
+    ) -> None:
+        self.model, self.first, self.last, self.tokens = model, first, last, tokens
+        self.width, self.prefix, self.n, self.dim = width, prefix, n, n * width
+        self.skip_tokens = slice(prefix, prefix + n)
+        self.inserted: _InsertTokens | None = None
+        self.init_range = math.sqrt(6.0 / (3 * 16 + width))  # VPT's, for a patch of 4 x 4
+        for node in model.graph.nodes:  # the patch size, from the patch embedding's weight
+            if node.op == "get_attr" and node.target == "patch_embed.proj.weight":
+                k = model.get_parameter(node.target).shape[-2:]
+                self.init_range = math.sqrt(6.0 / (3 * int(k[0]) * int(k[1]) + width))
+
+    def sync(self, theta: torch.Tensor) -> None:
+        """The tokens the graph runs with: ``theta`` (FOA calls this before every pass)."""
+        if self.inserted is not None:
+            self.inserted.tokens.copy_(theta.view(self.n, self.width))
+
+    def attach(self, model: nn.Module, theta: Callable[[], torch.Tensor]) -> list[RemovableHandle]:
+        graph = model.graph
+        self.inserted = _InsertTokens(self.n, self.width, self.prefix).to(
+            device=self.first.args[0].meta["val"].device
+            if "val" in self.first.args[0].meta
+            else None
+        )
+        model.add_module("qtta_foa_insert_tokens", self.inserted)
+        model.add_module("qtta_foa_drop_tokens", _DropTokens(self.n, self.prefix))
+        self.sync(theta())
+        stream = self.first.args[0]
+        with graph.inserting_before(self.first):
+            inserted = graph.call_module("qtta_foa_insert_tokens", (stream,))
+        stream.replace_all_uses_with(inserted, delete_user_cb=lambda user: user is not inserted)
+        with graph.inserting_before(self.last):
+            dropped = graph.call_module("qtta_foa_drop_tokens", (self.last.args[0],))
+        self.last.replace_input_with(self.last.args[0], dropped)
+        # the reshapes between the two were traced at ``tokens`` tokens: now there are n more
+        inside, longer = False, self.tokens + self.n
+        for node in graph.nodes:
+            if node is inserted:
+                inside = True
+            elif node is dropped:
+                break
+            elif inside and node.op == "call_function" and "reshape" in str(node.target):
+                shape = list(node.args[1])
+                if len(shape) > 1 and shape[1] == self.tokens:
+                    shape[1] = longer
+                    node.args = (node.args[0], shape, *node.args[2:])
+        model.recompile()
+        return []
 
 
 class FOA(TestTimeMethod):
@@ -121,7 +329,8 @@ class FOA(TestTimeMethod):
                 "method 'foa' needs image inputs (C, H, W) and a known input shape: pass "
                 "source_data=..., or use a model quantized by qtta_plugins.quantize"
             )
-        self.prompt = InputPrompt(shape[0], (shape[1], shape[2]), config.prompt_grid, config.affine)
+        self.prompt: InputPrompt | TokenPrompt = self._choose_prompt(view, config, shape)
+        self.sigma0 = config.sigma0 or (1.0 if self.prompt.kind == "tokens" else 0.1)
         view.freeze()
         if config.batch_stats and any(n.has_statistics for n in view.norms()):
             view.set_norm_mode("batch")
@@ -138,26 +347,55 @@ class FOA(TestTimeMethod):
         if self.source_stats is not None and config.shift:
             self.recorder.shift_target = self.source_stats[-1].mean
         self._cma = cma
-        self.theta = torch.zeros(self.prompt.dim)  # the incumbent
-        self._hook = view.model.register_forward_pre_hook(self._apply_prompt)
+        self.recorder.skip_tokens = self.prompt.skip_tokens
         self._init_state()
+        # the prompt stays on the model between steps: the incumbent is the adapted model
+        self._hooks = self.prompt.attach(view.model, self._theta_now)
+
+    @staticmethod
+    def _choose_prompt(
+        view: QuantView, config: FOAConfig, shape: tuple[int, ...]
+    ) -> InputPrompt | TokenPrompt:
+        if config.prompt != "image":
+            vit = token_model(view.model)
+            if vit is not None:
+                return TokenPrompt(vit, config.prompt_tokens)
+            found = GraphTokenPrompt.find(view.model, config.prompt_tokens)
+            if found is not None:
+                return found
+            if config.prompt == "tokens":
+                raise ValueError(
+                    "FOAConfig(prompt='tokens') needs a model with a token sequence (a timm "
+                    f"VisionTransformer, eager or exported); this {view.backend} model has none: "
+                    "use prompt='image'"
+                )
+        return InputPrompt(shape[0], (shape[1], shape[2]), config.prompt_grid, config.affine)
 
     def _init_state(self) -> None:
         cfg = self.config
         self.randn = _RandN(cfg.seed)
+        start = self.prompt.initial(cfg.seed)
         self.es = self._cma.CMAEvolutionStrategy(
-            np.zeros(self.prompt.dim),
-            cfg.sigma0,
+            start,
+            self.sigma0,
             {"popsize": cfg.population, "randn": self.randn, "verbose": -9, "seed": cfg.seed + 1},
         )
-        self.theta = torch.zeros(self.prompt.dim)
         self._current: torch.Tensor | None = None
+        self._set_incumbent(torch.as_tensor(start, dtype=torch.float32))
         self.recorder.reset_shift()
 
-    def _apply_prompt(self, module: nn.Module, args: tuple) -> tuple:
-        theta = self._current if self._current is not None else self.theta
-        x = args[0]  # theta stays on the CPU with CMA-ES; the prompt follows the batch
-        return (self.prompt(x, theta.to(device=x.device, dtype=x.dtype)), *args[1:])
+    def _theta_now(self) -> torch.Tensor:
+        """The prompt the model runs with: the candidate under test, else the incumbent."""
+        return self._current if self._current is not None else self.theta
+
+    def _try(self, candidate: torch.Tensor | None) -> None:
+        """Run the next passes with ``candidate`` (None: the incumbent)."""
+        self._current = candidate
+        self.prompt.sync(self._theta_now())
+
+    def _set_incumbent(self, theta: torch.Tensor) -> None:
+        self.theta = theta
+        self.prompt.sync(self._theta_now())
 
     def _fitness(self, logits: torch.Tensor) -> float:
         fitness = softmax_entropy(logits).sum()
@@ -169,7 +407,8 @@ class FOA(TestTimeMethod):
         return float(fitness)
 
     def adapted_parameters(self) -> list[nn.Parameter]:
-        return self.recorder.tensors()  # the output shift's head bias (the prompt is a hook)
+        # the output shift's head bias (the prompt is a hook, or a buffer of the graph)
+        return self.recorder.tensors()
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +418,7 @@ class FOA(TestTimeMethod):
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         recorder = self.recorder
         # The prediction: the incumbent, with the output shift (its EMA sees this batch once).
-        self._current = None
+        self._try(None)
         recorder.shift_enabled, recorder.update_ema = True, True
         logits = self.view.model(x)
         # The population: no shift, the fitness judges the prompt alone.
@@ -188,15 +427,17 @@ class FOA(TestTimeMethod):
         fitnesses = []
         try:
             for candidate in candidates:
-                self._current = torch.as_tensor(candidate, dtype=torch.float32)
+                self._try(torch.as_tensor(candidate, dtype=torch.float32))
                 recorder.clear()
                 fitnesses.append(self._fitness(self.view.model(x)))
         finally:
-            self._current = None
+            self._try(None)
             recorder.shift_enabled = True
             recorder.apply_shift()  # the population ran without it: the prediction's shift back
         self.es.tell(candidates, fitnesses)
-        self.theta = torch.as_tensor(candidates[int(np.argmin(fitnesses))], dtype=torch.float32)
+        self._set_incumbent(
+            torch.as_tensor(candidates[int(np.argmin(fitnesses))], dtype=torch.float32)
+        )
         return logits
 
     def reset(self) -> None:
@@ -220,10 +461,10 @@ class FOA(TestTimeMethod):
         import copy
 
         if state["theta"].shape != self.theta.shape:
-            raise ValueError("FOA state does not match this model's input prompt")
+            raise ValueError("FOA state does not match this model's prompt")
         self.es = copy.deepcopy(state["es"])
         self.randn = self.es.opts["randn"]
-        self.theta = state["theta"].clone()
+        self._set_incumbent(state["theta"].clone())
         self.recorder.load_shift_state(state)
 
 
@@ -233,7 +474,7 @@ def qtta_methods() -> list[MethodInfo]:
         MethodInfo(
             "foa",
             "adapt",
-            "forward-only: CMA-ES on an input prompt (28 passes)",
+            "forward-only: CMA-ES on prompt tokens (ViT) or an input prompt (28 passes)",
             config_cls=FOAConfig,
         )
     ]

@@ -1,0 +1,245 @@
+"""ZOA's headline on a ViT: ZOA against FOA's prompt tokens, per backend and bit-width (issue 14, part 2).
+
+    python benchmarks/zoa_vit.py                  # the plan below, cached cell by cell
+    python benchmarks/zoa_vit.py --render benchmarks/results/zoa_vit.json
+
+Model: the timm ViT of the architectures page (patch 4 on 32 px, 4 blocks of width 192, class
+token), trained on Fashion-MNIST (``train_source_model("timm-vit", "fashion-mnist", epochs=3,
+max_train=20000, lr=1e-3)``, cached), quantized by our ``quantize`` on ``--calib`` clean training
+images (calibration sample kept: ZOA's and FOA's source statistics come from it). FOA learns the
+paper's three prompt tokens on every backend (inserted in torchao's exported graph, hooked into
+Brevitas' and NNCF's eager models); "foa (image prompt)" is the input-side prompt we use on CNNs,
+for comparison.
+
+Stream (``qtta_plugins.data.make_stream``): Fashion-MNIST-C, the 15 corruptions at severity 5,
+``--n-per-domain`` test images per corruption, batch ``--batch-size``; continual (one pass, no
+reset) and long (the 10-round protocol). A seed draws the images, the corruptions' noise, the order
+within domains and the methods' randomness; model and quantization are fixed, so the spread is that
+of the stream and the methods. Every method runs with its defaults (chosen on the digits dev stream
+or taken from its paper, never on this stream).
+
+Per cell: mean error over domains (%) and time per batch as a ratio to plain inference of the same
+quantized model, paired batch by batch (``zoa_benchmark.run_row``). The long setting keeps the error
+of each round. Cells are cached in the results JSON; ``--configs`` / ``--settings`` /
+``--methods`` / ``--seeds`` narrow a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("QTTA_QUIET", "1")
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+import qtta_plugins  # noqa: E402
+from qtta_plugins.data import load_source, make_stream, to_channels  # noqa: E402
+from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import _fmt, _signed, paired, summarize  # noqa: E402
+from zoa_benchmark import round_errors, run_row  # noqa: E402
+
+BACKENDS = ("torchao", "brevitas", "nncf")
+BITS = ("W8A8", "W6A6", "W4A4")
+#: configuration -> (backend, bits)
+CONFIGS = {f"{b} {w}": (b, w.lower()) for w in BITS for b in BACKENDS}
+METHODS = {
+    "source": ("source", {}),
+    "tent": ("tent", {}),
+    "foa": ("foa", {}),
+    "zoa": ("zoa", {}),
+    "foa (image prompt)": ("foa", {"prompt": "image"}),
+    "zoa -bank": ("zoa", {"bank": False}),
+    "zoa -shift": ("zoa", {"shift": False}),
+    "zoa -detector": ("zoa", {"detector": False}),
+}
+HEADLINE = ["source", "tent", "foa", "zoa"]
+W6A6 = [f"{b} W6A6" for b in BACKENDS]
+#: the plan, in the order it runs (the headline first): (configurations, settings, methods, seeds)
+PLAN = [
+    (W6A6, ["continual"], HEADLINE, [0, 1, 2]),
+    (W6A6, ["long"], ["source", "zoa"], [0]),
+    (["torchao W6A6"], ["continual"], list(METHODS)[4:], [0, 1, 2]),
+    ([c for c in CONFIGS if c not in W6A6], ["continual"], HEADLINE, [0]),
+]
+SETTINGS = ["continual", "long"]
+
+
+def markdown(results: dict) -> str:
+    cells = results["cells"]
+    err, ratio = summarize(cells), summarize(cells, "time_ratio")
+    lines = [results["setup"], ""]
+    configs = [k for k in CONFIGS if any(c["config"] == k for c in cells)]
+    methods = [m for m in METHODS if any(c["method"] == m for c in cells)]
+    cont = [c for c in cells if c["setting"] == "continual"]
+    if cont:
+        lines += [
+            "**continual**: error % (mean ± sd over seeds) · time per batch as a ratio to plain "
+            "inference",
+            "",
+            "| method | " + " | ".join(configs) + " |",
+            "|---|" + "---|" * len(configs),
+        ]
+        for m in methods:
+            row = [
+                f"{_fmt(err[(k, 'continual', m)])} · {ratio[(k, 'continual', m)][0]:.1f}x"
+                if (k, "continual", m) in err
+                else ""
+                for k in configs
+            ]
+            if any(row):
+                lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines.append("")
+        checks = [
+            ("foa", "source", "FOA beats source (< 0)"),
+            ("zoa", "source", "ZOA beats source (< 0)"),
+            ("tent", "source", "Tent beats source (< 0)"),
+            ("zoa", "foa", "ZOA at least 2 points below FOA (<= -2)"),
+            ("foa", "foa (image prompt)", "prompt tokens against the image prompt"),
+        ]
+        rows = []
+        for a, b, what in checks:
+            d = [paired(cells, k, "continual", a, b) for k in configs]
+            if any(x is not None for x in d):
+                cols = " | ".join(_signed(x) if x is not None else "" for x in d)
+                rows.append(f"| {a} - {b} | {what} | {cols} |")
+        if rows:
+            lines += [
+                "**targets**: error difference in points, paired seed by seed (mean ± sd)",
+                "",
+                "| difference | target | " + " | ".join(configs) + " |",
+                "|---|---|" + "---|" * len(configs),
+                *rows,
+                "",
+            ]
+    long = [c for c in cells if c["setting"] == "long"]
+    if long:
+        rounds = len(long[0]["round_errors"])
+        lines += [
+            f"**long** (10 rounds), error % in each round, seed {long[0]['seed']}",
+            "",
+            "| configuration | method | "
+            + " | ".join(str(r + 1) for r in range(rounds))
+            + " | last - first |",
+            "|---|---|" + "---|" * (rounds + 1),
+        ]
+        for c in long:
+            e = c["round_errors"]
+            lines.append(
+                f"| {c['config']} | {c['method']} | "
+                + " | ".join(f"{x:.1f}" for x in e)
+                + f" | {e[-1] - e[0]:+.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
+    parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--n-per-domain", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/zoa_vit.json")
+    parser.add_argument("--render", default=None, help="print the tables of a results file")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        return
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    model = train_source_model(
+        "timm-vit", "fashion-mnist", epochs=3, max_train=20000, lr=1e-3, progress=False
+    )
+    train, test = load_source("fashion-mnist", n_test=2000, seed=0)
+    calib = [to_channels(train.x[i : i + 64], 3) for i in range(0, args.calib, 64)]
+    setup = (
+        "timm ViT (patch 4, 4 blocks of width 192) on Fashion-MNIST-C (32 px, RGB-replicated), "
+        f"15 corruptions at severity 5, {args.n_per_domain} images per corruption, batch "
+        f"{args.batch_size}; calibration {args.calib} clean training images; float clean "
+        f"accuracy {accuracy(model, to_channels(test.x, 3), test.y):.1f}% ({len(test.x)} images)"
+    )
+    results = {"setup": setup, "cells": []}
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if previous["setup"] != setup:
+            sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
+        results = previous
+    print(setup, flush=True)
+    done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
+    models: dict[str, torch.nn.Module] = {}
+    for configs, settings, methods, seeds in PLAN:
+        for config in [c for c in configs if args.configs is None or c in args.configs]:
+            for setting in [s for s in settings if args.settings is None or s in args.settings]:
+                for seed in [s for s in seeds if args.seeds is None or s in args.seeds]:
+                    todo = [
+                        m
+                        for m in methods
+                        if (args.methods is None or m in args.methods)
+                        and (config, setting, m, seed) not in done
+                    ]
+                    if not todo:
+                        continue
+                    if config not in models:
+                        backend, bits = CONFIGS[config]
+                        models[config] = qtta_plugins.quantize(
+                            model, backend, bits, calib, keep_calibration_sample=True
+                        )
+                    stream = make_stream(
+                        setting,
+                        "fashion-mnist",
+                        batch_size=args.batch_size,
+                        n_test=args.n_per_domain,
+                        seed=seed,
+                        channels=3,
+                        progress=False,
+                    )
+                    for name in todo:
+                        method, options = METHODS[name]
+                        torch.manual_seed(seed)
+                        start = time.perf_counter()
+                        r, _ = run_row(models[config], stream, method, options)
+                        cell = {
+                            "config": config,
+                            "setting": setting,
+                            "method": name,
+                            "seed": seed,
+                            "error": r["errors"]["mean"],
+                            "time_ratio": r["time_ratio"],
+                            "seconds": time.perf_counter() - start,
+                        }
+                        if setting == "long":
+                            cell["round_errors"] = round_errors(r["per_batch"], stream.rounds)
+                        results["cells"].append(cell)
+                        done.add((config, setting, name, seed))
+                        print(
+                            f"{config:14s} {setting:9s} {name:18s} seed {seed}  error "
+                            f"{cell['error']:5.1f}%  time x{cell['time_ratio']:5.2f}  "
+                            f"({cell['seconds']:5.1f} s)",
+                            flush=True,
+                        )
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        out.write_text(json.dumps(results, indent=1))
+    print(markdown(results), end="")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
