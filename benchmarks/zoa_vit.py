@@ -1,7 +1,7 @@
 """ZOA's headline on a ViT: ZOA against FOA's prompt tokens, per backend and bit-width (issue 14, part 2).
 
     python benchmarks/zoa_vit.py                  # the plan below, cached cell by cell
-    python benchmarks/zoa_vit.py --render benchmarks/results/zoa_vit.json
+    python benchmarks/zoa_vit.py --render benchmarks/results/zoa_vit*.json   # the tables
 
 Model: the timm ViT of the architectures page (patch 4 on 32 px, 4 blocks of width 192, class
 token), trained on Fashion-MNIST (``train_source_model("timm-vit", "fashion-mnist", epochs=3,
@@ -106,6 +106,10 @@ def markdown(results: dict) -> str:
             ("tent", "source", "Tent beats source (< 0)"),
             ("zoa", "foa", "ZOA at least 2 points below FOA (<= -2)"),
             ("foa", "foa (image prompt)", "prompt tokens against the image prompt"),
+            ("zoa", "foa (image prompt)", "ZOA against FOA on the image prompt"),
+            ("zoa -bank", "zoa", "what the bank brings (> 0: it helps)"),
+            ("zoa -shift", "zoa", "what the output shift brings"),
+            ("zoa -detector", "zoa", "what the detector brings"),
         ]
         rows = []
         for a, b, what in checks:
@@ -144,6 +148,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(results: list[dict]) -> dict:
+    """One results dict from several files of the same setup (parts of the plan run side by side
+    with ``--out``)."""
+    setups = {r["setup"] for r in results}
+    if len(setups) != 1:
+        sys.exit(f"these files hold different setups: {sorted(setups)}")
+    return {"setup": results[0]["setup"], "cells": [c for r in results for c in r["cells"]]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,10 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/zoa_vit.json")
-    parser.add_argument("--render", default=None, help="print the tables of a results file")
+    parser.add_argument(
+        "--render", nargs="+", default=None, help="print the tables of results files (merged)"
+    )
     args = parser.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        print(markdown(merged([json.loads(Path(f).read_text()) for f in args.render])), end="")
         return
 
     torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import baselines
+import pytest
 
 
 def cell(method: str, seed: int, error: float, setting: str = "continual", **extra) -> dict:
@@ -59,3 +60,22 @@ def test_the_tables_show_seeds_and_the_targets():
     assert "| tent | 31.0 ± 1.0 · 2.0x |" in text
     assert "| norm | 31.0 (1 seed) · 2.0x |" in text
     assert "| continual | tent - source | beats source (< 0) | -20.0 ± 0.0 |" in text
+
+
+def test_the_vit_report_merges_parts_and_pairs_zoa_with_foa():
+    import zoa_vit
+
+    setup = "vit setup"
+    part = [
+        dict(cell(m, s, e), config="torchao W6A6")
+        for m, e in (("foa", 71.0), ("zoa", 67.0))
+        for s in range(3)
+    ]
+    other = [dict(cell("source", s, 70.0), config="torchao W6A6") for s in range(3)]
+    results = zoa_vit.merged([{"setup": setup, "cells": part}, {"setup": setup, "cells": other}])
+    assert len(results["cells"]) == 9
+    text = zoa_vit.markdown(results)
+    assert "| zoa - foa | ZOA at least 2 points below FOA (<= -2) | -4.0 ± 0.0 |" in text
+    assert "| foa - source | FOA beats source (< 0) | +1.0 ± 0.0 |" in text
+    with pytest.raises(SystemExit, match="different setups"):
+        zoa_vit.merged([{"setup": "a", "cells": []}, {"setup": "b", "cells": []}])
