@@ -79,3 +79,13 @@ def test_the_vit_report_merges_parts_and_pairs_zoa_with_foa():
     assert "| foa - source | FOA beats source (< 0) | +1.0 ± 0.0 |" in text
     with pytest.raises(SystemExit, match="different setups"):
         zoa_vit.merged([{"setup": "a", "cells": []}, {"setup": "b", "cells": []}])
+
+
+def test_the_vit_report_keeps_the_dev_seed_out_of_the_means():
+    import zoa_vit
+
+    cells = [dict(cell("source", s, 70.0), config="torchao W6A6") for s in range(3)]
+    cells.append(dict(cell("source", 3, 10.0), config="torchao W6A6"))
+    text = zoa_vit.markdown({"setup": "s", "cells": cells})
+    assert "| source | 70.0 ± 0.0 · 2.0x |" in text  # seed 3's 10.0 is not in the mean
+    assert "| torchao W6A6 | source | 10.0 | 2.0x |" in text  # but reported apart

@@ -145,3 +145,18 @@ def test_the_adapted_prompt_tokens_export_with_the_model(qvit, vit, backend, exp
         adapted = run.model(x)
     exported = export_logits(backend, run.model, x)
     torch.testing.assert_close(exported, adapted, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torchao", "nncf"])
+def test_a_model_that_carries_prompt_tokens_is_not_given_a_second_set(qvit, vit, backend):
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    run = qtta_plugins.adapt(qvit(backend), None, "foa", population=4, source_data=vit[1])
+    run.step(x)
+    with torch.no_grad():
+        before = run.model(x)
+    with pytest.raises(ValueError, match="already carries FOA's prompt tokens"):
+        qtta_plugins.adapt(run.model, None, "foa", population=4, source_data=vit[1])
+    with torch.no_grad():
+        assert torch.equal(run.model(x), before)  # the refused call changed nothing
+    # other methods adapt it as any model (the tokens stay what the foa run left)
+    qtta_plugins.adapt(run.model, None, "zoa", source_data=vit[1]).step(x)

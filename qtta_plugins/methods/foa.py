@@ -160,6 +160,16 @@ def token_model(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def carries_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` already carries FOA's prompt tokens (an earlier ``foa`` run's result, or a
+    copy of it): inserted into its graph, or hooked into its ViT."""
+    if isinstance(getattr(model, "qtta_foa_insert_tokens", None), nn.Module):
+        return True
+    vit = token_model(model)
+    hooks = vit.norm_pre._forward_hooks.values() if vit is not None else ()
+    return any(getattr(h, "qtta_foa_tokens", False) for h in hooks)
+
+
 class TokenPrompt:
     """FOA's prompt tokens: ``n`` tokens of the ViT's width after its prefix (class) tokens, from
     the position-embedded sequence to the final norm, which sees the sequence without them."""
@@ -193,6 +203,7 @@ class TokenPrompt:
             x = args[0]
             return (torch.cat([x[:, :p], x[:, p + n :]], 1), *args[1:])
 
+        insert.qtta_foa_tokens = True  # type: ignore[attr-defined]  # see carries_tokens
         return [
             self.vit.norm_pre.register_forward_hook(insert),
             self.vit.norm.register_forward_pre_hook(remove),
@@ -280,10 +291,9 @@ class GraphTokenPrompt(TokenPrompt):
 
     def attach(self, model: nn.Module, theta: Callable[[], torch.Tensor]) -> list[RemovableHandle]:
         graph = model.graph
+        param = next(model.parameters(), None)
         self.inserted = _InsertTokens(self.n, self.width, self.prefix).to(
-            device=self.first.args[0].meta["val"].device
-            if "val" in self.first.args[0].meta
-            else None
+            device=param.device if param is not None else None
         )
         model.add_module("qtta_foa_insert_tokens", self.inserted)
         model.add_module("qtta_foa_drop_tokens", _DropTokens(self.n, self.prefix))
@@ -357,6 +367,13 @@ class FOA(TestTimeMethod):
         view: QuantView, config: FOAConfig, shape: tuple[int, ...]
     ) -> InputPrompt | TokenPrompt:
         if config.prompt != "image":
+            if carries_tokens(view.model):
+                # a second set would stack on the first, which stays frozen in the sequence
+                raise ValueError(
+                    f"this {view.backend} model already carries FOA's prompt tokens (it is an "
+                    "earlier foa run's model): continue that run, or adapt the model it started "
+                    "from"
+                )
             vit = token_model(view.model)
             if vit is not None:
                 return TokenPrompt(vit, config.prompt_tokens)
