@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,29 +45,17 @@ import torch  # noqa: E402
 import qtta_plugins  # noqa: E402
 from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.methods.ttaq import Simulation, TTAQConfig, reconstruct_view  # noqa: E402
-from qtta_plugins.models import input_channels, train_source_model  # noqa: E402
+from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
-MODELS = {"bncnn": {"epochs": 12}, "resnet18": {"epochs": 3, "max_train": 20000}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lowbit_ptq import MODELS, calibration  # noqa: E402
 
 
 @torch.no_grad()
 def sim_accuracy(sim: Simulation, x: torch.Tensor, y: torch.Tensor) -> float:
-    layers = [s for s, _ in sim.layers.values()]
-    hard = [s.hard for s in layers]
-    for s in layers:
-        s.hard = True
-    try:
-        pred = torch.cat([sim.model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
-    finally:
-        for s, h in zip(layers, hard, strict=True):
-            s.hard = h
-    return 100.0 * float((pred == y).float().mean())
-
-
-@torch.no_grad()
-def model_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    pred = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
-    return 100.0 * float((pred == y).float().mean())
+    """Clean accuracy (%) of the simulation, its weights rounded as they are written back."""
+    with sim.hard_rounding():
+        return accuracy(sim.model, x, y)
 
 
 def act_steps(view) -> dict[str, float]:
@@ -116,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     test_x, train_x = to_channels(test.x, ch), to_channels(train.x, ch)
     rows, steps = [], {}
     for seed in args.seeds:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(train_x), generator=gen)[: args.calib]
-        calib = [train_x[idx][i : i + 64] for i in range(0, args.calib, 64)]
+        calib = calibration(train_x, args.calib, seed)  # the images lowbit_ptq.py draws
         reference = None
         if args.act_steps_from:
             ref_model = qtta_plugins.quantize(model, args.act_steps_from, args.bits, calib)
@@ -136,14 +123,14 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": seed,
                 "act_steps_from": args.act_steps_from or backend,
                 "shared_inputs": not args.no_shared_inputs,
-                "quantized": model_accuracy(qm, test_x, test.y),
+                "quantized": accuracy(qm, test_x, test.y),
                 "start": sim_accuracy(start, test_x, test.y),
                 "unsimulated_quantizers": len(start.unsimulated),
             }
             config = TTAQConfig(method=args.method, iters=args.iters, seed=seed, progress=False)
             sim = reconstruct_view(view, model, calib, config)
             row["simulated"] = sim_accuracy(sim, test_x, test.y)
-            row["backend_after"] = model_accuracy(qm, test_x, test.y)
+            row["backend_after"] = accuracy(qm, test_x, test.y)
             rows.append(row)
             print(json.dumps(row), flush=True)
     names = list(next(iter(steps.values())))

@@ -55,9 +55,10 @@ from the weights (Brevitas' default) stays where it was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,6 +360,19 @@ class Simulation:
                 act = self.acts[handle.name][0]
                 block_module.register_forward_pre_hook(lambda m, a, act=act: (act(a[0]), *a[1:]))
 
+    @contextlib.contextmanager
+    def hard_rounding(self) -> Iterator[Simulation]:
+        """Every layer's weight rounded as it will be written back (hard), for the block only."""
+        layers = [s for s, _ in self.layers.values()]
+        hard = [s.hard for s in layers]
+        for s in layers:
+            s.hard = True
+        try:
+            yield self
+        finally:
+            for s, h in zip(layers, hard, strict=True):
+                s.hard = h
+
     def block_layers(self, names: Iterable[str]) -> list[SimLayer]:
         return [self.layers[n][0] for n in names]
 
@@ -376,15 +390,8 @@ class Simulation:
 @torch.no_grad()
 def simulation_gap(sim: Simulation, qmodel: nn.Module, x: torch.Tensor) -> float:
     """Relative output difference ``||sim(x) - qmodel(x)|| / ||qmodel(x)||`` (eval mode)."""
-    layers = [s for s, _ in sim.layers.values()]
-    hard = [s.hard for s in layers]
-    for s in layers:
-        s.hard = True
-    try:
+    with sim.hard_rounding():
         a, b = sim.model(x), qmodel(x)
-    finally:
-        for s, h in zip(layers, hard, strict=True):
-            s.hard = h
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
