@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
@@ -49,6 +50,7 @@ from qtta_plugins.data import load_source, make_stream, to_channels  # noqa: E40
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import load_or_start, save  # noqa: E402
 from zoa_benchmark import round_errors, run_row  # noqa: E402
 
 #: configuration -> (backend, bits)
@@ -293,6 +295,68 @@ def plot(results: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def run_plan(
+    plan: list,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    calib: list[torch.Tensor],
+    quantize: Callable[[torch.nn.Module, str, list[torch.Tensor]], torch.nn.Module],
+    methods: dict[str, tuple[str, dict]],
+    results: dict,
+    out: Path,
+    keep_per_batch: bool = False,
+) -> None:
+    """Every (configuration, setting, method, seed) cell of ``plan`` that ``results`` lacks and
+    ``args`` (``configs`` / ``settings`` / ``methods`` / ``seeds``) selects: run, append, save.
+
+    ``quantize(model, config, calib)`` makes a configuration's model (once); the long setting also
+    keeps each round's error (and, with ``keep_per_batch``, every batch's, for the plot)."""
+    done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
+    models: dict[str, torch.nn.Module] = {}
+    for configs, settings, names, seeds in plan:
+        for config in [c for c in configs if args.configs is None or c in args.configs]:
+            for setting in [s for s in settings if args.settings is None or s in args.settings]:
+                for seed in [s for s in seeds if args.seeds is None or s in args.seeds]:
+                    todo = [
+                        m
+                        for m in names
+                        if (args.methods is None or m in args.methods)
+                        and (config, setting, m, seed) not in done
+                    ]
+                    if not todo:
+                        continue
+                    if config not in models:
+                        models[config] = quantize(model, config, calib)
+                    stream = stream_for(setting, seed, args.n_per_domain, args.batch_size)
+                    for name in todo:
+                        method, options = methods[name]
+                        torch.manual_seed(seed)
+                        start = time.perf_counter()
+                        r, _ = run_row(models[config], stream, method, options)
+                        cell = {
+                            "config": config,
+                            "setting": setting,
+                            "method": name,
+                            "seed": seed,
+                            "error": r["errors"]["mean"],
+                            "time_ratio": r["time_ratio"],
+                            "seconds": time.perf_counter() - start,
+                        }
+                        if setting == "long":
+                            cell["round_errors"] = round_errors(r["per_batch"], stream.rounds)
+                            if keep_per_batch:
+                                cell["per_batch"] = r["per_batch"]
+                        results["cells"].append(cell)
+                        done.add((config, setting, name, seed))
+                        print(
+                            f"{config:14s} {setting:9s} {name:18s} seed {seed}  error "
+                            f"{cell['error']:5.1f}%  time x{cell['time_ratio']:5.2f}  "
+                            f"({cell['seconds']:5.1f} s)",
+                            flush=True,
+                        )
+                        save(out, results)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,57 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         f"float clean accuracy {accuracy(model, to_channels(test.x, 3), test.y):.1f}% "
         f"({len(test.x)} test images)"
     )
-    results = {"setup": setup, "cells": []}
-    if out.exists():
-        previous = json.loads(out.read_text())
-        if previous["setup"] != setup:
-            sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
-        results = previous
+    results = load_or_start(out, setup, {"cells": []})
     print(setup, flush=True)
-    done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
-    models: dict[str, torch.nn.Module] = {}
-    for configs, settings, methods, seeds in PLAN:
-        for config in [c for c in configs if args.configs is None or c in args.configs]:
-            for setting in [s for s in settings if args.settings is None or s in args.settings]:
-                for seed in [s for s in seeds if args.seeds is None or s in args.seeds]:
-                    todo = [
-                        m
-                        for m in methods
-                        if (args.methods is None or m in args.methods)
-                        and (config, setting, m, seed) not in done
-                    ]
-                    if not todo:
-                        continue
-                    if config not in models:
-                        models[config] = quantized(model, config, calib)
-                    stream = stream_for(setting, seed, args.n_per_domain, args.batch_size)
-                    for name in todo:
-                        method, options = METHODS[name]
-                        torch.manual_seed(seed)
-                        start = time.perf_counter()
-                        r, _ = run_row(models[config], stream, method, options)
-                        cell = {
-                            "config": config,
-                            "setting": setting,
-                            "method": name,
-                            "seed": seed,
-                            "error": r["errors"]["mean"],
-                            "time_ratio": r["time_ratio"],
-                            "seconds": time.perf_counter() - start,
-                        }
-                        if setting == "long":
-                            cell["round_errors"] = round_errors(r["per_batch"], stream.rounds)
-                            cell["per_batch"] = r["per_batch"]
-                        results["cells"].append(cell)
-                        done.add((config, setting, name, seed))
-                        print(
-                            f"{config:14s} {setting:9s} {name:12s} seed {seed}  error "
-                            f"{cell['error']:5.1f}%  time x{cell['time_ratio']:5.2f}  "
-                            f"({cell['seconds']:5.1f} s)",
-                            flush=True,
-                        )
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        out.write_text(json.dumps(results, indent=1))
+    run_plan(PLAN, args, model, calib, quantized, METHODS, results, out, keep_per_batch=True)
     print(markdown(results), end="")
     print(f"wrote {out}")
 

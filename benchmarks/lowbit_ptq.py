@@ -35,6 +35,9 @@ import qtta_plugins  # noqa: E402
 from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import load_or_start, save  # noqa: E402
+
 #: PTQ variant -> (reconstruction method or None for the backend's own ranges, options)
 PTQ = {
     "min-max": (None, {}),
@@ -138,12 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.model} on {args.source} (32 px), {len(test_x)} clean test images; "
         f"calibration {args.calib} images per seed, {args.iters} iterations per block"
     )
-    results = {"setup": setup, "float_clean_accuracy": None, "rows": []}
-    if out.exists():
-        previous = json.loads(out.read_text())
-        if previous["setup"] != setup:
-            sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
-        results = previous
+    results = load_or_start(out, setup, {"float_clean_accuracy": None, "rows": []})
     if results["float_clean_accuracy"] is None:
         results["float_clean_accuracy"] = accuracy(model, test_x, test.y)
     print(setup, f"| float {results['float_clean_accuracy']:.1f}%", flush=True)
@@ -192,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{row['clean_accuracy']:5.1f}%  ({seconds:5.1f} s)",
                         flush=True,
                     )
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(results, indent=1))
+                    save(out, results)
     print(markdown(results), end="")
     print(f"wrote {out}")
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -42,12 +41,12 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.data import load_source, make_stream, to_channels  # noqa: E402
+from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import _fmt, _signed, paired, summarize  # noqa: E402
-from zoa_benchmark import round_errors, run_row  # noqa: E402
+from _results import load_or_start  # noqa: E402
+from baselines import _fmt, _signed, paired, run_plan, summarize  # noqa: E402
 
 BACKENDS = ("torchao", "brevitas", "nncf")
 BITS = ("W8A8", "W6A6", "W4A4")
@@ -169,6 +168,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def quantized(model: torch.nn.Module, config: str, calib: list[torch.Tensor]) -> torch.nn.Module:
+    backend, bits = CONFIGS[config]
+    return qtta_plugins.quantize(model, backend, bits, calib, keep_calibration_sample=True)
+
+
 def merged(results: list[dict]) -> dict:
     """One results dict from several files of the same setup (parts of the plan run side by side
     with ``--out``)."""
@@ -212,67 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch_size}; calibration {args.calib} clean training images; float clean "
         f"accuracy {accuracy(model, to_channels(test.x, 3), test.y):.1f}% ({len(test.x)} images)"
     )
-    results = {"setup": setup, "cells": []}
-    if out.exists():
-        previous = json.loads(out.read_text())
-        if previous["setup"] != setup:
-            sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
-        results = previous
+    results = load_or_start(out, setup, {"cells": []})
     print(setup, flush=True)
-    done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
-    models: dict[str, torch.nn.Module] = {}
-    for configs, settings, methods, seeds in PLAN:
-        for config in [c for c in configs if args.configs is None or c in args.configs]:
-            for setting in [s for s in settings if args.settings is None or s in args.settings]:
-                for seed in [s for s in seeds if args.seeds is None or s in args.seeds]:
-                    todo = [
-                        m
-                        for m in methods
-                        if (args.methods is None or m in args.methods)
-                        and (config, setting, m, seed) not in done
-                    ]
-                    if not todo:
-                        continue
-                    if config not in models:
-                        backend, bits = CONFIGS[config]
-                        models[config] = qtta_plugins.quantize(
-                            model, backend, bits, calib, keep_calibration_sample=True
-                        )
-                    stream = make_stream(
-                        setting,
-                        "fashion-mnist",
-                        batch_size=args.batch_size,
-                        n_test=args.n_per_domain,
-                        seed=seed,
-                        channels=3,
-                        progress=False,
-                    )
-                    for name in todo:
-                        method, options = METHODS[name]
-                        torch.manual_seed(seed)
-                        start = time.perf_counter()
-                        r, _ = run_row(models[config], stream, method, options)
-                        cell = {
-                            "config": config,
-                            "setting": setting,
-                            "method": name,
-                            "seed": seed,
-                            "error": r["errors"]["mean"],
-                            "time_ratio": r["time_ratio"],
-                            "seconds": time.perf_counter() - start,
-                        }
-                        if setting == "long":
-                            cell["round_errors"] = round_errors(r["per_batch"], stream.rounds)
-                        results["cells"].append(cell)
-                        done.add((config, setting, name, seed))
-                        print(
-                            f"{config:14s} {setting:9s} {name:18s} seed {seed}  error "
-                            f"{cell['error']:5.1f}%  time x{cell['time_ratio']:5.2f}  "
-                            f"({cell['seconds']:5.1f} s)",
-                            flush=True,
-                        )
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        out.write_text(json.dumps(results, indent=1))
+    run_plan(PLAN, args, model, calib, quantized, METHODS, results, out)
     print(markdown(results), end="")
     print(f"wrote {out}")
 
