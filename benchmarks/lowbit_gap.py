@@ -48,7 +48,8 @@ from qtta_plugins.methods.ttaq import Simulation, TTAQConfig, reconstruct_view  
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lowbit_ptq import MODELS, calibration  # noqa: E402
+from _ptq import calibration  # noqa: E402
+from lowbit_ptq import MODELS  # noqa: E402
 
 
 @torch.no_grad()

@@ -36,31 +36,14 @@ from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ptq import PTQ, calibration, ptq_model  # noqa: E402
 from _results import load_or_start, save  # noqa: E402
-
-#: PTQ variant -> (reconstruction method or None for the backend's own ranges, options)
-PTQ = {
-    "min-max": (None, {}),
-    "qdrop": ("qdrop", {}),
-    "ttaq": ("ttaq", {}),
-    "ttaq -pem": ("ttaq", {"pem": False}),
-    "ttaq -pcr": ("ttaq", {"pcr": False}),
-    "ttaq -logits": ("ttaq", {"logits": False}),
-}
 
 #: model -> how the source model is trained (the architectures issue's settings)
 MODELS = {
     "resnet18": {"epochs": 3, "max_train": 20000},
     "bncnn": {"epochs": 12},
 }
-
-
-def calibration(images: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
-    """``n`` of ``images`` drawn under ``seed``, in batches of 64."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(images), generator=gen)[:n]
-    x = images[idx]
-    return [x[i : i + 64] for i in range(0, len(x), 64)]
 
 
 def summarize(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
@@ -132,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/results/lowbit_ptq_{args.model}.json")
     model = train_source_model(args.model, args.source, seed=0, **MODELS[args.model])
+    model_key = f"{args.model}|{args.source}|" + ",".join(
+        f"{k}={v}" for k, v in MODELS[args.model].items()
+    )
     # digits' whole test split is smaller than the default: take all of it
     n_test = None if args.source == "digits" else args.n_test
     train, test = load_source(args.source, n_test=n_test, seed=0)
@@ -158,21 +144,17 @@ def main(argv: list[str] | None = None) -> None:
                 calib = calibration(train_x, args.calib, seed)
                 base = qtta_plugins.quantize(model, backend, bits, calib)
                 for name in todo:
-                    method, options = PTQ[name]
                     start = time.perf_counter()
-                    qm = (
-                        base
-                        if method is None
-                        else qtta_plugins.reconstruct(
-                            base,
-                            model,
-                            calib,
-                            method,
-                            iters=args.iters,
-                            seed=seed,
-                            progress=False,
-                            **options,
-                        )
+                    qm, cached = ptq_model(
+                        model,
+                        model_key,
+                        backend,
+                        bits,
+                        calib,
+                        name,
+                        seed=seed,
+                        iters=args.iters,
+                        base=base,
                     )
                     seconds = time.perf_counter() - start
                     row = {
@@ -181,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                         "ptq": name,
                         "seed": seed,
                         "clean_accuracy": accuracy(qm, test_x, test.y),
-                        "seconds": seconds if method else 0.0,
+                        "seconds": seconds if PTQ[name][0] and not cached else None,
                     }
                     results["rows"].append(row)
                     done.add((backend, tag, name, seed))
