@@ -7,6 +7,7 @@ the file is rewritten after every cell, so a long plan can be stopped and resume
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def load_or_start(out: Path, setup: str, empty: dict) -> dict:
 def save(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+
+
+def mean_sd(values: list[float]) -> str:
+    """``"mean ± sd"`` of a cell over seeds, ``(n=k)`` where fewer than 3; empty for none."""
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    n = "" if len(values) >= 3 else f" (n={len(values)})"
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}{n}"

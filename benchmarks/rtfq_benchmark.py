@@ -1,8 +1,11 @@
 """RTF-Q: one bank of quantized subnets trained once for a target domain, against training subnets
-separately (issue 6).
+separately (issues 6, 14).
 
-    python benchmarks/rtfq_benchmark.py --plot docs/rtfq_frontier.png     # the published tables
-    python benchmarks/rtfq_benchmark.py --quick                           # a smoke run
+    python benchmarks/rtfq_benchmark.py --plot docs/rtfq_frontier_resnet18.png   # ResNet-18, 3 seeds
+    python benchmarks/rtfq_benchmark.py --model bncnn --seeds 0 --distill-warmup 0 \
+        --out benchmarks/results/rtfq.json                                         # the first table
+    python benchmarks/rtfq_benchmark.py --quick                                    # a smoke run
+    python benchmarks/rtfq_benchmark.py --render benchmarks/results/rtfq_resnet18*.json
 
 Tasks (unsupervised domain adaptation: labelled source, unlabelled target, all offline):
 
@@ -11,19 +14,23 @@ Tasks (unsupervised domain adaptation: labelled source, unlabelled target, all o
 - ``fashion->fashion-fog``: Fashion-MNIST (10000 train images) to Fashion-MNIST under ImageNet-C fog
   at severity 3 (4000 corrupted train images unlabelled, 2000 corrupted test images held out).
 
-Each starts from a float BN ResNet pretrained on the source (``train_source_model``). Rows:
+Each starts from a float model pretrained on the source (``train_source_model``: ``--model``, the
+small BN ResNet or torchvision's ResNet-18, which takes the gray images replicated to RGB). A seed
+redraws the source model, the splits and every training run. Rows:
 
 - source only: the pretrained float model on the target test split;
 - float UDA: the float model trained ``--steps`` steps on the same UDA loss as the bank
   (source cross-entropy + target information maximisation);
 - separate: chosen subnets, each quantization-aware trained alone for ``--steps`` steps;
+- distilled: the same subnets trained alone on the same loss plus distillation from the float UDA
+  model (the stronger separate baseline: ``train_bank(..., teacher=float_uda_model)``);
 - the bank (SandwichQ + multi-bit + distillation), and its ablations (no SandwichQ; single-bit).
 
 Every bank row is a whole table (27 subnets: widths 0.5/0.75/1, 32/28/24 px, W8A8/W6A6/W4A4) with
-MACs, BitOPs, weight bytes and accuracy on the held-out target split; the separately trained subnets
-are compared with the bank's row of the same subnet. Wall times are measured in this run (2 torch
-threads); the ratio against training all 27 subnets separately extrapolates the measured per-subnet
-time. Results go to a JSON file; ``--render`` prints the markdown tables.
+MACs, BitOPs, weight bytes and accuracy on the held-out target split. Wall times are measured in
+this run. Results go to a JSON file, one piece at a time (a rerun computes only what it lacks);
+``--render`` merges files, prints the tables over seeds (mean ± sd) and the targets as paired
+differences.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import argparse
 import copy
 import json
 import os
+import re
+import statistics
 import sys
 import time
 import warnings
@@ -45,7 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.data import corrupt_set, load_source  # noqa: E402
+from qtta_plugins.data import corrupt_set, load_source, to_channels  # noqa: E402
 from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
     Subnet,
@@ -53,7 +62,10 @@ from qtta_plugins.methods.rtfq import (  # noqa: E402
     information_maximisation,
     train_bank,
 )
-from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
+from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import load_or_start, mean_sd, save  # noqa: E402
 
 SEPARATE = (Subnet(0.5, 24, 4), Subnet(0.5, 32, 6), Subnet(0.75, 28, 6), Subnet(1.0, 32, 8))
 BANKS = {
@@ -61,13 +73,20 @@ BANKS = {
     "ablation: no SandwichQ": {"sandwich": False},
     "ablation: single-bit": {"multi_bit": False},
 }
+MAIN = next(iter(BANKS))
+#: (model, task) -> source training settings (the BN CNN's: the first table's)
+SOURCE_TRAINING = {
+    ("bncnn", "mnist->digits"): ("mnist", {"epochs": 8}),
+    ("bncnn", "fashion->fashion-fog"): ("fashion-mnist", {"epochs": 4}),
+    ("resnet18", "mnist->digits"): ("mnist", {"epochs": 8}),
+    ("resnet18", "fashion->fashion-fog"): ("fashion-mnist", {"epochs": 3, "max_train": 20000}),
+}
 
 
-def task_data(task: str, seed: int, quick: bool) -> dict:
+def task_data(task: str, seed: int, quick: bool, model_name: str = "bncnn") -> dict:
     if task == "mnist->digits":
         source_train, _ = load_source("mnist", seed=seed)
         target_train, target_test = load_source("digits", seed=seed)
-        model = train_source_model("bncnn", "mnist", epochs=8, seed=seed)
     elif task == "fashion->fashion-fog":
         source_train, test = load_source("fashion-mnist", n_test=2000, seed=seed)
         gen = torch.Generator().manual_seed(seed)
@@ -83,13 +102,15 @@ def task_data(task: str, seed: int, quick: bool) -> dict:
         )
         target_train = corrupt_set(target_raw, "fog", 3, seed=seed)
         target_test = corrupt_set(test, "fog", 3, seed=seed)
-        model = train_source_model("bncnn", "fashion-mnist", epochs=4, seed=seed)
     else:
         raise ValueError(f"unknown task {task!r}")
+    source, settings = SOURCE_TRAINING[(model_name, task)]
+    model = train_source_model(model_name, source, seed=seed, **settings)
+    channels = input_channels(model_name)  # RGB models take the gray images replicated
     return {
-        "source": (source_train.x, source_train.y),
-        "target": target_train.x,
-        "test": (target_test.x, target_test.y),
+        "source": (to_channels(source_train.x, channels), source_train.y),
+        "target": to_channels(target_train.x, channels),
+        "test": (to_channels(target_test.x, channels), target_test.y),
         "model": model,
     }
 
@@ -125,19 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="resnet18", choices=["bncnn", "resnet18"])
     parser.add_argument("--tasks", nargs="+", default=["mnist->digits", "fashion->fashion-fog"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="20 steps, small splits")
-    parser.add_argument("--out", default="benchmarks/results/rtfq.json")
+    parser.add_argument("--out", default=None, help="results JSON (cache of computed pieces)")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-cost plot here")
-    parser.add_argument("--render", default=None, help="print the tables of a results file")
+    parser.add_argument("--render", nargs="+", default=None, help="print the tables of results")
     parser.add_argument(
         "--backends",
         nargs="*",
         default=["torchao", "brevitas", "nncf"],
-        help="select_subnet from the default bank into these backends (none: skip)",
+        help="select_subnet from the default bank into these backends, first seed (none: skip)",
     )
     parser.add_argument("--keep", default=None, help="save the default bank of each task here")
     parser.add_argument(
@@ -155,77 +177,118 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="skip the separately trained subnets",
     )
+    parser.add_argument(
+        "--no-distilled",
+        dest="distilled",
+        action="store_false",
+        help="skip the subnets distilled from float UDA",
+    )
     args = parser.parse_args(argv)
     if args.render:
-        results = json.loads(Path(args.render).read_text())
+        results = merge([json.loads(Path(f).read_text()) for f in args.render])
         if args.plot:
             plot(results, args.plot)
         print(markdown(results), end="")
         return
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
-    setup = f"{steps} steps, batch 64 + 64, seed {args.seed}"
+    setup = f"{args.model}, {steps} steps, batch 64 + 64"
     setup += f", distillation warm-up over {args.distill_warmup:.0%} of the steps"
-    results: dict = {"setup": setup, "tasks": {}}
-    for task in args.tasks:
-        data = task_data(task, args.seed, args.quick)
-        x_test, y_test = data["test"]
-        entry: dict = {"rows": [], "banks": {}}
-        results["tasks"][task] = entry
-        entry["source_only"] = accuracy(data["model"].eval(), x_test, y_test)
-        print(f"{task}: source only {entry['source_only']:.1f}", flush=True)
-        start = time.perf_counter()
-        base = RTFQConfig(steps=steps, seed=args.seed, progress=False)
-        fl = float_uda(data["model"], data["source"], data["target"], steps, 64, base.lr, args.seed)
-        entry["float_uda"] = accuracy(fl, x_test, y_test)
-        entry["float_uda_seconds"] = time.perf_counter() - start
-        print(f"{task}: float UDA {entry['float_uda']:.1f}", flush=True)
-        for subnet in SEPARATE if args.separate else ():
-            cfg = RTFQConfig(
-                widths=(subnet.width,),
-                resolutions=(subnet.resolution,),
-                bits=(subnet.bits,),
-                n_random=0,
-                distill=False,
-                steps=steps,
-                seed=args.seed,
-                progress=False,
+    if args.quick:
+        setup += ", quick splits"
+    out = Path(args.out or f"benchmarks/results/rtfq_{args.model}.json")
+    results = load_or_start(out, setup, {"runs": []})
+    for seed in args.seeds:
+        for task in args.tasks:
+            entry = next(
+                (r for r in results["runs"] if (r["task"], r["seed"]) == (task, seed)), None
             )
-            bank = SubnetBank(data["model"], data["target"], cfg)
-            took = train_bank(bank, data["source"], data["target"])["seconds"]
-            row = bank.evaluate(x_test, y_test)[0]
-            entry["rows"].append(
-                {"kind": "separate", "name": subnet.name, "seconds": took, **_plain(row)}
-            )
-            print(
-                f"{task}: separate {subnet.name} {row['accuracy']:.1f} ({took:.0f} s)", flush=True
-            )
-        for label, options in BANKS.items():
-            if args.banks is not None and label not in args.banks:
-                continue
-            cfg = RTFQConfig(
-                steps=steps,
-                seed=args.seed,
-                progress=False,
-                distill_warmup=args.distill_warmup,
-                **options,
-            )
-            bank = SubnetBank(data["model"], data["target"], cfg)
-            took = train_bank(bank, data["source"], data["target"])["seconds"]
-            rows = [_plain(r) for r in bank.evaluate(x_test, y_test)]
-            entry["banks"][label] = {"seconds": took, "rows": rows}
-            best = max(r["accuracy"] for r in rows)
-            print(f"{task}: {label} trained in {took:.0f} s, best subnet {best:.1f}", flush=True)
-            if label == next(iter(BANKS)):
-                entry["selected"] = selections(bank, x_test, y_test, args.backends)
-                if args.keep:
-                    Path(args.keep).mkdir(parents=True, exist_ok=True)
-                    torch.save(bank, Path(args.keep) / f"{task.replace('->', '_to_')}.pt")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+            if entry is None:
+                entry = {"task": task, "seed": seed, "rows": [], "distilled": [], "banks": {}}
+                results["runs"].append(entry)
+            run_task(entry, args, steps, seed, first_seed=seed == args.seeds[0])
+            save(out, results)
     if args.plot:
         plot(results, args.plot)
     print(markdown(results), end="")
+    print(f"wrote {out}")
+
+
+def run_task(
+    entry: dict, args: argparse.Namespace, steps: int, seed: int, first_seed: bool
+) -> None:
+    """Fill ``entry`` (one task, one seed) with what it lacks."""
+    task = entry["task"]
+    data = task_data(task, seed, args.quick, args.model)
+    x_test, y_test = data["test"]
+    entry["source_only"] = accuracy(data["model"].eval(), x_test, y_test)
+    print(f"{task} seed {seed}: source only {entry['source_only']:.1f}", flush=True)
+    base = RTFQConfig(steps=steps, seed=seed, progress=False)
+    fl = None
+    if "float_uda" not in entry or (args.distilled and len(entry["distilled"]) < len(SEPARATE)):
+        start = time.perf_counter()
+        fl = float_uda(data["model"], data["source"], data["target"], steps, 64, base.lr, seed)
+        entry["float_uda"] = accuracy(fl, x_test, y_test)
+        entry["float_uda_seconds"] = time.perf_counter() - start
+        print(f"{task} seed {seed}: float UDA {entry['float_uda']:.1f}", flush=True)
+
+    def one_subnet(subnet: Subnet, teacher: torch.nn.Module | None) -> dict:
+        cfg = RTFQConfig(
+            widths=(subnet.width,),
+            resolutions=(subnet.resolution,),
+            bits=(subnet.bits,),
+            n_random=0,
+            distill=teacher is not None,
+            distill_warmup=0.0,
+            steps=steps,
+            seed=seed,
+            progress=False,
+        )
+        bank = SubnetBank(data["model"], data["target"], cfg)
+        took = train_bank(bank, data["source"], data["target"], teacher=teacher)["seconds"]
+        row = bank.evaluate(x_test, y_test)[0]
+        return {"name": subnet.name, "seconds": took, **_plain(row)}
+
+    for kind, key, teacher, wanted in (
+        ("separate", "rows", None, args.separate),
+        ("distilled", "distilled", fl, args.distilled),
+    ):
+        for subnet in SEPARATE if wanted else ():
+            if any(r["name"] == subnet.name for r in entry[key]):
+                continue
+            row = one_subnet(subnet, teacher)
+            entry[key].append({"kind": kind, **row})
+            print(
+                f"{task} seed {seed}: {kind} {subnet.name} {row['accuracy']:.1f} "
+                f"({row['seconds']:.0f} s)",
+                flush=True,
+            )
+    for label, options in BANKS.items():
+        if (args.banks is not None and label not in args.banks) or label in entry["banks"]:
+            continue
+        cfg = RTFQConfig(
+            steps=steps,
+            seed=seed,
+            progress=False,
+            distill_warmup=args.distill_warmup,
+            **options,
+        )
+        bank = SubnetBank(data["model"], data["target"], cfg)
+        took = train_bank(bank, data["source"], data["target"])["seconds"]
+        rows = [_plain(r) for r in bank.evaluate(x_test, y_test)]
+        entry["banks"][label] = {"seconds": took, "rows": rows}
+        best = max(r["accuracy"] for r in rows)
+        print(
+            f"{task} seed {seed}: {label} trained in {took:.0f} s, best subnet {best:.1f}",
+            flush=True,
+        )
+        if label == MAIN:
+            if first_seed and args.backends:
+                entry["selected"] = selections(bank, x_test, y_test, args.backends)
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                name = f"{task.replace('->', '_to_')}_seed{seed}.pt"
+                torch.save(bank, Path(args.keep) / name)
 
 
 def selections(bank: SubnetBank, x_test, y_test, backends: list[str]) -> list[dict]:
@@ -259,63 +322,192 @@ def _plain(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "subnet"}
 
 
+def merge(files: list[dict]) -> dict:
+    """One results dict from several files of the same setup (the first file's runs win); files
+    of the first format (one seed, ``"tasks"``) are read as runs of the seed their setup names."""
+    setup, runs, seen = None, [], set()
+    for f in map(_as_runs, files):
+        if setup is None:
+            setup = f["setup"]
+        elif f["setup"] != setup:
+            sys.exit(f"cannot merge results of another setup: {f['setup']} (not {setup})")
+        for r in f["runs"]:
+            if (r["task"], r["seed"]) not in seen:
+                seen.add((r["task"], r["seed"]))
+                runs.append(r)
+    return {"setup": setup, "runs": runs}
+
+
+def _as_runs(results: dict) -> dict:
+    if "runs" in results:
+        return results
+    found = re.search(r", seed (\d+)", results["setup"])
+    seed = int(found.group(1)) if found else 0
+    return {
+        "setup": results["setup"].replace(found.group(0), "") if found else results["setup"],
+        "runs": [
+            {"task": t, "seed": seed, "distilled": [], **e} for t, e in results["tasks"].items()
+        ],
+    }
+
+
+def _tasks(results: dict) -> dict[str, list[dict]]:
+    """task -> its runs, by seed."""
+    out: dict[str, list[dict]] = {}
+    for r in sorted(results["runs"], key=lambda r: r["seed"]):
+        out.setdefault(r["task"], []).append(r)
+    return out
+
+
+def _accuracy(run: dict, key: str, name: str) -> float | None:
+    """The accuracy of subnet ``name`` in ``run``: ``key`` a bank label, "rows" or "distilled"."""
+    rows = run["banks"].get(key, {}).get("rows", []) if key in BANKS else run.get(key, [])
+    return next((r["accuracy"] for r in rows if r["name"] == name), None)
+
+
+def _bank_mean(run: dict, label: str) -> float | None:
+    rows = run["banks"].get(label, {}).get("rows")
+    return statistics.mean(r["accuracy"] for r in rows) if rows else None
+
+
+def _paired(runs: list[dict], first, second) -> list[float]:
+    """``first(run) - second(run)`` for each run (seed) where both exist."""
+    out = []
+    for run in runs:
+        a, b = first(run), second(run)
+        if a is not None and b is not None:
+            out.append(a - b)
+    return out
+
+
+def targets(runs: list[dict]) -> list[tuple[str, list[float]]]:
+    """Issue 14's RTF-Q targets for one task's runs: (what, paired differences over seeds)."""
+    main_rows = next((r["banks"][MAIN]["rows"] for r in runs if MAIN in r["banks"]), [])
+    full_macs = max((r["macs"] for r in main_rows), default=0)
+    full = max(main_rows, key=lambda r: (r["macs"], r["name"]))["name"] if main_rows else ""
+    out = [
+        (
+            "multi-bit: bank - single-bit, mean over subnets (target >= +1)",
+            _paired(
+                runs, lambda r: _bank_mean(r, MAIN), lambda r: _bank_mean(r, "ablation: single-bit")
+            ),
+        ),
+        (
+            "SandwichQ: bank - no SandwichQ, mean over subnets (target >= +1)",
+            _paired(
+                runs,
+                lambda r: _bank_mean(r, MAIN),
+                lambda r: _bank_mean(r, "ablation: no SandwichQ"),
+            ),
+        ),
+        (
+            f"full subnet {full} - float UDA (target >= -1)",
+            _paired(runs, lambda r: _accuracy(r, MAIN, full), lambda r: r.get("float_uda")),
+        ),
+    ]
+    for subnet in SEPARATE:
+        row = next((r for r in main_rows if r["name"] == subnet.name), None)
+        if row is None or row["macs"] > 0.25 * full_macs:
+            continue
+
+        def best_alone(run: dict, name: str = subnet.name) -> float | None:
+            found = [
+                a
+                for a in (_accuracy(run, "rows", name), _accuracy(run, "distilled", name))
+                if a is not None
+            ]
+            return max(found) if found else None
+
+        out.append(
+            (
+                f"{subnet.name} ({100 * row['macs'] / full_macs:.0f}% of the MACs): bank - best of "
+                "separate and distilled (target >= -2)",
+                _paired(runs, lambda r, n=subnet.name: _accuracy(r, MAIN, n), best_alone),
+            )
+        )
+    return out
+
+
 def markdown(results: dict) -> str:
-    out = [f"Setup: {results['setup']}.", ""]
-    for task, entry in results["tasks"].items():
-        banks = entry["banks"]
-        main_label = next(iter(banks))
-        bank_rows = {r["name"]: r for r in banks[main_label]["rows"]}
-        full_macs = max(r["macs"] for r in bank_rows.values())
+    """The tables of docs/rtfq.md, over seeds (mean ± sd), from (merged) results."""
+    out = [f"Setup: {results['setup']}. Mean ± sd over seeds (n shown where under 3).", ""]
+    for task, runs in _tasks(results).items():
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        labels = [b for b in BANKS if any(b in r["banks"] for r in runs)]
+        main_rows = next((r["banks"][MAIN]["rows"] for r in runs if MAIN in r["banks"]), [])
+        full_macs = max((r["macs"] for r in main_rows), default=1)
         out += [
             f"### {task}",
             "",
-            f"Source only (float): {entry['source_only']:.1f}%. "
-            f"Float UDA: {entry['float_uda']:.1f}%.",
+            f"Seeds {seeds}. Source only (float): "
+            f"{mean_sd([r['source_only'] for r in runs])}%. Float UDA: "
+            f"{mean_sd([r['float_uda'] for r in runs if 'float_uda' in r])}%.",
             "",
         ]
-        n = len(bank_rows)
-        if entry["rows"]:
-            out += [
-                "| subnet | MACs (% of full) | separate: accuracy (%) | bank: accuracy (%) |"
-                " separate training (s) |",
-                "|---|---|---|---|---|",
-            ]
-            for r in entry["rows"]:
-                b = bank_rows.get(r["name"], {})
-                out.append(
-                    f"| {r['name']} | {100 * r['macs'] / full_macs:.0f} | {r['accuracy']:.1f} | "
-                    f"{b.get('accuracy', float('nan')):.1f} | {r['seconds']:.0f} |"
-                )
-            sep_time = sum(r["seconds"] for r in entry["rows"]) / len(entry["rows"])
-            out += [
-                "",
-                f"Bank training: {banks[main_label]['seconds']:.0f} s for {n} subnets; separate "
-                f"training: {sep_time:.0f} s per subnet, {n * sep_time:.0f} s for {n} "
-                f"(ratio {banks[main_label]['seconds'] / (n * sep_time):.2f}).",
-                "",
-            ]
-        out += [
-            "| subnet | MACs | BitOPs | weight bytes | " + " | ".join(banks) + " |",
-            "|---|---|---|---|" + "---|" * len(banks),
-        ]
-        for name, r in bank_rows.items():
-            accs = []
-            for label in banks:
-                row = next(x for x in banks[label]["rows"] if x["name"] == name)
-                accs.append(f"{row['accuracy']:.1f}")
-            out.append(
-                f"| {name} | {r['macs'] / 1e6:.2f} M | {r['bitops'] / 1e9:.2f} G | "
-                f"{r['bytes'] / 1024:.1f} KiB | " + " | ".join(accs) + " |"
+        alone = [
+            s.name
+            for s in SEPARATE
+            if any(
+                _accuracy(r, "rows", s.name) is not None
+                or _accuracy(r, "distilled", s.name) is not None
+                for r in runs
             )
-        means = [
-            sum(r["accuracy"] for r in banks[label]["rows"]) / len(banks[label]["rows"])
-            for label in banks
         ]
-        out.append("| mean over subnets | | | | " + " | ".join(f"{m:.1f}" for m in means) + " |")
-        out.append("")
-        if entry.get("selected"):
+        if alone:
             out += [
-                "`select_subnet` from the default bank, materialized by each backend:",
+                "| subnet | MACs (% of full) | separate (%) | distilled from float UDA (%) | "
+                "bank (%) | separate training (s) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name in alone:
+                macs = next((r["macs"] for r in main_rows if r["name"] == name), None)
+                cells = [
+                    mean_sd([a for r in runs if (a := _accuracy(r, key, name)) is not None])
+                    for key in ("rows", "distilled", MAIN)
+                ]
+                secs = [x["seconds"] for r in runs for x in r.get("rows", []) if x["name"] == name]
+                out.append(
+                    f"| {name} | {'' if macs is None else f'{100 * macs / full_macs:.0f}'} | "
+                    + " | ".join(cells)
+                    + (f" | {statistics.mean(secs):.0f} |" if secs else " | |")
+                )
+            out.append("")
+        if main_rows:
+            times = {b: [r["banks"][b]["seconds"] for r in runs if b in r["banks"]] for b in labels}
+            out += [
+                "Training time per bank (s): "
+                + "; ".join(f"{b}: {statistics.mean(t):.0f}" for b, t in times.items() if t)
+                + ".",
+                "",
+                "| subnet | MACs | BitOPs | weight bytes | " + " | ".join(labels) + " |",
+                "|---|---|---|---|" + "---|" * len(labels),
+            ]
+            for r in main_rows:
+                accs = [
+                    mean_sd([a for run in runs if (a := _accuracy(run, b, r["name"])) is not None])
+                    for b in labels
+                ]
+                out.append(
+                    f"| {r['name']} | {r['macs'] / 1e6:.2f} M | {r['bitops'] / 1e9:.2f} G | "
+                    f"{r['bytes'] / 1024:.1f} KiB | " + " | ".join(accs) + " |"
+                )
+            means = [
+                mean_sd([m for run in runs if (m := _bank_mean(run, b)) is not None])
+                for b in labels
+            ]
+            out += ["| mean over subnets | | | | " + " | ".join(means) + " |", ""]
+        out += [
+            "Targets (paired differences over seeds, points):",
+            "",
+            "| target | difference |",
+            "|---|---|",
+        ]
+        out += [f"| {what} | {mean_sd(d)} |" for what, d in targets(runs)]
+        out.append("")
+        selected = next((r["selected"] for r in runs if r.get("selected")), None)
+        if selected:
+            out += [
+                "`select_subnet` from the default bank (first seed), materialized by each backend:",
                 "",
                 "| budget | backend | subnet | table accuracy (%) | materialized accuracy (%) |",
                 "|---|---|---|---|---|",
@@ -323,24 +515,31 @@ def markdown(results: dict) -> str:
             out += [
                 f"| {r['budget']} | {r['backend']} | {r['name']} | {r['table']:.1f} | "
                 f"{r['measured']:.1f} |"
-                for r in entry["selected"]
+                for r in selected
             ]
             out.append("")
     return "\n".join(out) + "\n"
 
 
 def plot(results: dict, path: str) -> None:
+    """Accuracy (mean over seeds) against MACs and BitOPs: the default bank's subnets, the
+    frontier ``select_subnet`` walks, the subnets trained alone, float UDA."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    tasks = results["tasks"]
+    tasks = _tasks(results)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 4 * len(tasks)), squeeze=False)
-    for row_axes, (task, entry) in zip(axes, tasks.items(), strict=True):
-        label = next(iter(entry["banks"]))
-        rows = entry["banks"][label]["rows"]
+    for row_axes, (task, runs) in zip(axes, tasks.items(), strict=True):
+        main_rows = next((r["banks"][MAIN]["rows"] for r in runs if MAIN in r["banks"]), [])
+
+        def mean_of(key: str, name: str, runs: list[dict] = runs) -> float | None:
+            found = [a for r in runs if (a := _accuracy(r, key, name)) is not None]
+            return statistics.mean(found) if found else None
+
+        rows = [{**r, "accuracy": mean_of(MAIN, r["name"])} for r in main_rows]
         for ax, key, unit in ((row_axes[0], "macs", 1e6), (row_axes[1], "bitops", 1e9)):
             for bits, marker in ((8, "o"), (6, "s"), (4, "^")):
                 pts = [r for r in rows if r["name"].endswith(f"W{bits}A{bits}")]
@@ -356,30 +555,35 @@ def plot(results: dict, path: str) -> None:
                 if r["accuracy"] > best:
                     best = r["accuracy"]
                     frontier.append((r[key] / unit, best))
-            ax.step(
-                *zip(*frontier, strict=True),
-                where="post",
-                color="C0",
-                lw=1,
-                alpha=0.6,
-                label="best within budget",
-            )
-            ax.scatter(
-                [r[key] / unit for r in entry["rows"]],
-                [r["accuracy"] for r in entry["rows"]],
-                marker="x",
-                color="k",
-                label="trained separately",
-            )
-            ax.axhline(entry["float_uda"], color="gray", ls="--", label="float UDA")
+            if frontier:
+                ax.step(
+                    *zip(*frontier, strict=True),
+                    where="post",
+                    color="C0",
+                    lw=1,
+                    alpha=0.6,
+                    label="best within budget",
+                )
+            for kind, marker, color, label in (
+                ("rows", "x", "k", "trained separately"),
+                ("distilled", "+", "C3", "distilled from float UDA"),
+            ):
+                pts = [
+                    (r[key] / unit, a) for r in rows if (a := mean_of(kind, r["name"])) is not None
+                ]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=label)
+            uda = [r["float_uda"] for r in runs if "float_uda" in r]
+            if uda:
+                ax.axhline(statistics.mean(uda), color="gray", ls="--", label="float UDA")
             ax.set_xscale("log")
             # plain numbers on the log axis: the default minor labels overlap on a 1-decade range
             ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.set_xlabel("MACs (M)" if key == "macs" else "BitOPs (G)")
-            ax.set_ylabel("target accuracy (%)")
-            ax.set_title(task)
+            ax.set_ylabel("target accuracy (%, mean over seeds)")
+            ax.set_title(f"{task} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

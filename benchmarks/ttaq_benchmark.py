@@ -48,7 +48,7 @@ from qtta_plugins.models import accuracy, input_channels, train_source_model  # 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ptq import PTQ, calibration, ptq_model  # noqa: E402
-from _results import load_or_start, save  # noqa: E402
+from _results import load_or_start, mean_sd, save  # noqa: E402
 
 #: model -> its training settings (the architectures issue's; the BN CNN: the first TTAQ table's)
 MODELS = {
@@ -284,14 +284,6 @@ def merge(files: list[dict]) -> dict:
     return results
 
 
-def _stat(values: list[float]) -> str:
-    if not values:
-        return ""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    n = "" if len(values) >= 3 else f" (n={len(values)})"
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}{n}"
-
-
 def _bits_key(bits: str) -> tuple:
     return (int(bits[1 : bits.index("A")]), bits)
 
@@ -347,7 +339,7 @@ def markdown(results: dict) -> str:
         clean.setdefault((p["backend"], p["bits"], p["ptq"]), []).append(p["clean_accuracy"])
     order = list(PTQ)
     for key in sorted(clean, key=lambda k: (k[0], _bits_key(k[1]), order.index(k[2]))):
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_stat(clean[key])} |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mean_sd(clean[key])} |")
     lines += [
         "",
         "| backend | bits | row | mean error, i.i.d. stream | mean error, Dirichlet stream |",
@@ -362,7 +354,7 @@ def markdown(results: dict) -> str:
     for backend, bits, row in keys:
         iid = list(cells.get((backend, bits, row, "iid"), {}).values())
         dirichlet = list(cells.get((backend, bits, row, "dirichlet"), {}).values())
-        lines.append(f"| {backend} | {bits} | {row} | {_stat(iid)} | {_stat(dirichlet)} |")
+        lines.append(f"| {backend} | {bits} | {row} | {mean_sd(iid)} | {mean_sd(dirichlet)} |")
     lines += [
         "",
         "Paired differences of mean error over seeds (points; negative: the first row is better):",
@@ -375,7 +367,9 @@ def markdown(results: dict) -> str:
         for backend, bits in sorted({k[:2] for k in diffs}, key=lambda k: (k[0], _bits_key(k[1]))):
             iid = diffs.get((backend, bits, "iid"), [])
             dirichlet = diffs.get((backend, bits, "dirichlet"), [])
-            lines.append(f"| {label} | {backend} | {bits} | {_stat(iid)} | {_stat(dirichlet)} |")
+            lines.append(
+                f"| {label} | {backend} | {bits} | {mean_sd(iid)} | {mean_sd(dirichlet)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -197,6 +197,53 @@ def test_selected_subnet_exports_the_backends_way(bank, digits, backend, bits, e
     assert float((exported - logits).abs().max()) < 0.05 * float(logits.abs().max())
 
 
+class _Always(torch.nn.Module):
+    """A teacher that puts all its probability on one class, whatever the image."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(x), 10), -20.0)
+        logits[:, self.label] = 20.0
+        return logits
+
+
+def test_a_fixed_teacher_distils_every_subnet_towards_it(float_cnn, digits) -> None:
+    """The distilled separate baseline: a one-subnet bank trained towards a fixed teacher. A
+    teacher that always says class 3 pulls the subnet's target predictions to 3; without it (the
+    same seed and batches) the subnet keeps the source's classes."""
+    train, test = digits
+    one = {"widths": (0.5,), "resolutions": (24,), "bits": (4,), "recalib_images": 128}
+    source, target = (train.x[:256], train.y[:256]), train.x[256:512]
+    share = {}
+    for name, teacher in (("alone", None), ("distilled", _Always(3))):
+        cfg = RTFQConfig(steps=20, progress=False, distill_weight=20.0, distill_warmup=0.0, **one)
+        bank = SubnetBank(float_cnn, target[:128], cfg)
+        if teacher is not None:
+            teacher.train()
+        train_bank(bank, source, target, teacher=teacher)
+        if teacher is not None:
+            assert teacher.training  # its mode is left as it was
+        bank.recalibrate(Subnet(0.5, 24, 4))
+        with torch.no_grad():
+            share[name] = float((bank(test.x[:200]).argmax(1) == 3).float().mean())
+    assert share["distilled"] > share["alone"] + 0.3, share
+
+
+def test_a_teacher_needs_distillation_and_a_module(float_cnn, digits) -> None:
+    train, _ = digits
+    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(steps=1, progress=False, **SMALL))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    source, target = (train.x[:128], train.y[:128]), train.x[128:256]
+    with pytest.raises(ValueError, match="distill=True"):
+        train_bank(bank, source, target, RTFQConfig(distill=False, **SMALL), teacher=float_cnn)
+    with pytest.raises(TypeError, match="teacher must be a torch"):
+        train_bank(bank, source, target, teacher=lambda x: x)  # type: ignore[arg-type]
+    assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
+
+
 def test_two_process_training_matches_one_process(float_cnn, digits, tmp_path) -> None:
     """``torchrun --nproc_per_node=2`` (gloo): both ranks end with the same weights, and their
     update points where the single-process one does (each rank normalises its half batch with

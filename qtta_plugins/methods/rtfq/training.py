@@ -59,16 +59,29 @@ def train_bank(
     source: tuple[torch.Tensor, torch.Tensor],
     target: torch.Tensor,
     config: RTFQConfig | None = None,
+    *,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """UDA training of every subnet at once (SandwichQ + multi-bit + distillation, as switched in
     ``config``, default the bank's). Single process, or one rank of an initialised
-    ``torch.distributed`` group. Returns the wall time and the last step's loss."""
+    ``torch.distributed`` group. Returns the wall time and the last step's loss.
+
+    ``teacher``: a fixed model (say the float model after UDA) whose predictions on each target
+    batch, at the images' own resolution, every subnet of the plan is distilled towards (with
+    ``config.distill``); the bank's largest subnet is then a student like the others. This is
+    the distilled separate baseline: a one-subnet bank trained this way is that subnet distilled
+    from the float UDA model. The teacher is run in eval mode and not trained."""
     import time
 
     cfg = config or bank.config
     xs, ys = source
     if len(xs) < cfg.batch_size or len(target) < cfg.batch_size:
         raise ValueError(f"source and target need at least batch_size={cfg.batch_size} images")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    if teacher is not None and not cfg.distill:
+        raise ValueError("a teacher is only used with distill=True in the config")
+    fixed_teacher = teacher
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
@@ -105,13 +118,17 @@ def train_bank(
         )
         x_s, y_s, x_t = xs[i_s], ys[i_s], target[i_t]
         teacher: torch.Tensor | None = None
-        if cfg.distill and not cfg.sandwich:
+        if fixed_teacher is not None:
+            teacher = _predict(fixed_teacher, x_t)
+        elif cfg.distill and not cfg.sandwich:
             bank.set_subnet(Subnet(max(cfg.widths), max(cfg.resolutions), max(cfg.bits)))
             with torch.no_grad():
                 teacher = bank(x_t).softmax(1)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         steps_plan = plan(cfg, rng)
+        if fixed_teacher is not None:  # every subnet learns from the fixed teacher
+            steps_plan = [(subnet, False) for subnet, _ in steps_plan]
         # The teacher's loss counts once and the students' losses are averaged: summed, the
         # students' distillation outweighs the teacher's own adaptation as the plan grows (7
         # students under multi-bit) and every subnet settles on the teacher's early, unadapted
@@ -143,6 +160,17 @@ def train_bank(
         bar.set_postfix(loss=f"{total:.3f}")
     bank.eval()
     return {"seconds": time.perf_counter() - start, "loss": last}
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s class probabilities in eval mode, its own mode left as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x).softmax(1)
+    finally:
+        model.train(was_training)
 
 
 def _average_gradients(model: nn.Module, world: int) -> None:
