@@ -12,7 +12,7 @@ seed draws the ``--calib`` calibration images, seeds the reconstruction and the 
 bit-width and seed the PTQ variants are built (min-max: ``qtta_plugins.quantize``; ``qdrop``:
 BRECQ with QDrop; ``ttaq`` and its ablations, PEM / PCR / L_logits off one at a time, on the
 ``--ablations-on`` backends only), each reported with its clean test accuracy, and cached on disk
-(``benchmarks/_ptq.py``). Each is then run without adaptation, with Tent, and with Tent + ABL on
+(``benchmarks/_ptq.py``). Each is then run without adaptation, with BN-adapt, Tent and Tent + ABL on
 two continual streams of the 15 corruptions at severity 5: the i.i.d. order and the
 class-imbalanced (Dirichlet, delta = 0.1) order. Results go to a JSON file, one cell at a time (a
 rerun computes only the missing cells); ``--render`` merges files and prints the tables, the
@@ -67,6 +67,8 @@ LABELS = {
 #: adaptation -> (method, options)
 ADAPT = {
     "no adaptation": ("source", {}),
+    # test-batch statistics only: how much of Tent's gain is the normalization (see docs/ttaq.md)
+    "BN-adapt": ("norm", {}),
     "Tent": ("tent", {}),
     "Tent + ABL": ("tent", {"abl": True}),
 }
@@ -321,7 +323,15 @@ COMPARISONS = [
     ("without PEM", "TTAQ -PEM + Tent + ABL", "TTAQ + Tent + ABL"),
     ("without PCR", "TTAQ -PCR + Tent + ABL", "TTAQ + Tent + ABL"),
     ("without L_logits", "TTAQ -L_logits + Tent + ABL", "TTAQ + Tent + ABL"),
+    ("TTAQ's reconstruction, no adaptation", "TTAQ + no adaptation", "BRECQ/QDrop + no adaptation"),
+    (
+        "QDrop's reconstruction, no adaptation",
+        "BRECQ/QDrop + no adaptation",
+        "min-max + no adaptation",
+    ),
+    ("QDrop's reconstruction, with BN-adapt", "BRECQ/QDrop + BN-adapt", "min-max + BN-adapt"),
     ("QDrop's reconstruction, with Tent", "BRECQ/QDrop + Tent", "min-max + Tent"),
+    ("Tent over BN-adapt, after TTAQ", "TTAQ + Tent", "TTAQ + BN-adapt"),
 ]
 
 
