@@ -465,7 +465,12 @@ def markdown(results: dict) -> str:
                     mean_sd([a for r in runs if (a := _accuracy(r, key, name)) is not None])
                     for key in ("rows", "distilled", MAIN)
                 ]
-                secs = [x["seconds"] for r in runs for x in r.get("rows", []) if x["name"] == name]
+                secs = [
+                    x["seconds"]
+                    for r in runs
+                    for x in r.get("rows", [])
+                    if x["name"] == name and "seconds" in x
+                ]
                 out.append(
                     f"| {name} | {'' if macs is None else f'{100 * macs / full_macs:.0f}'} | "
                     + " | ".join(cells)

@@ -1,0 +1,84 @@
+"""The RTF-Q benchmark's report (benchmarks/rtfq_benchmark.py) on synthetic runs: targets as
+paired differences over seeds, merging with the first, single-seed files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import rtfq_benchmark as rb
+
+NAMES = {  # subnet -> MACs
+    "x0.5-24px-W4A4": 10.0,
+    "x0.5-32px-W6A6": 30.0,
+    "x1-32px-W8A8": 100.0,
+}
+
+
+def bank(shift: float) -> dict:
+    return {
+        "seconds": 1.0,
+        "rows": [
+            {"name": n, "macs": m, "bitops": m, "bytes": m, "accuracy": 80.0 + shift}
+            for n, m in NAMES.items()
+        ],
+    }
+
+
+def run(seed: int, offset: float, task: str = "mnist->digits") -> dict:
+    """A seed whose every figure moves by ``offset``: paired differences do not see it."""
+    return {
+        "task": task,
+        "seed": seed,
+        "source_only": 10.0,
+        "float_uda": 81.0 + offset,
+        "rows": [{"kind": "separate", "name": "x0.5-24px-W4A4", "accuracy": 40.0 + offset}],
+        "distilled": [{"kind": "distilled", "name": "x0.5-24px-W4A4", "accuracy": 79.0 + offset}],
+        "banks": {
+            rb.MAIN: bank(offset),
+            "ablation: single-bit": bank(offset - 0.5),
+            "ablation: no SandwichQ": bank(offset - 2.0),
+        },
+    }
+
+
+def test_targets_pair_seeds_and_take_the_better_separate_baseline():
+    runs = [run(s, 10.0 * s) for s in range(3)]
+    got = dict(rb.targets(runs))
+    multi = next(v for k, v in got.items() if k.startswith("multi-bit"))
+    sandwich = next(v for k, v in got.items() if k.startswith("SandwichQ"))
+    full = next(v for k, v in got.items() if k.startswith("full subnet x1-32px-W8A8"))
+    assert multi == pytest.approx([0.5] * 3) and sandwich == pytest.approx([2.0] * 3)
+    assert full == pytest.approx([-1.0] * 3)
+    small = [k for k in got if "of the MACs" in k]
+    # x0.5-32px-W6A6 is at 30% of the MACs: not a <= 25% subnet
+    assert len(small) == 1 and small[0].startswith("x0.5-24px-W4A4 (10% of the MACs)")
+    # against the distilled run (79), not the plain separate one (40)
+    assert got[small[0]] == pytest.approx([1.0] * 3)
+
+
+def test_the_report_shows_means_over_seeds():
+    text = rb.markdown(
+        {"setup": "resnet18, synthetic", "runs": [run(s, float(s)) for s in range(3)]}
+    )
+    assert "Seeds 0, 1, 2. Source only (float): 10.0 ± 0.0%. Float UDA: 82.0 ± 1.0%." in text
+    assert "| x0.5-24px-W4A4 | 10 | 41.0 ± 1.0 | 80.0 ± 1.0 | 81.0 ± 1.0 | |" in text
+    assert "| multi-bit: bank - single-bit, mean over subnets (target >= +1) | 0.5 ± 0.0 |" in text
+
+
+def test_first_format_files_merge_as_runs_of_their_seed():
+    old = {
+        "setup": "300 steps, batch 64 + 64, seed 1",
+        "tasks": {
+            "mnist->digits": {k: v for k, v in run(1, 0.0).items() if k not in ("task", "seed")}
+        },
+    }
+    new = {"setup": "300 steps, batch 64 + 64", "runs": [run(0, 0.0), run(1, 5.0)]}
+    merged = rb.merge([old, new])
+    assert sorted((r["seed"], r["float_uda"]) for r in merged["runs"]) == [(0, 81.0), (1, 81.0)]
+    with pytest.raises(SystemExit, match="another setup"):
+        rb.merge([new, {"setup": "bncnn", "runs": []}])
