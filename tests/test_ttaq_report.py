@@ -105,3 +105,15 @@ def test_a_cached_reconstruction_is_the_same_model(tmp_path, monkeypatch):
     # another seed (or other calibration images) is another entry
     _ptq.ptq_model(model, "toy", "torchao", "w4a4", calib, "qdrop", seed=1, iters=5)
     assert len(list((tmp_path / "ptq").glob("*.pt"))) == 2
+
+
+def test_headroom_is_measured_against_w8a8_with_the_same_adaptation():
+    rows = [row("BRECQ/QDrop + Tent", s, 35.0 + s) for s in range(3)]
+    rows += [{**row("min-max + Tent", s, 33.0 + s), "bits": "W8A8"} for s in range(3)]
+    # another adaptation at W8A8 is not the reference
+    rows += [{**row("min-max + no adaptation", s, 50.0), "bits": "W8A8"} for s in range(3)]
+    room = ttaq_benchmark.headroom(results(rows))
+    assert room == {("BRECQ/QDrop + Tent", "torchao", "W2A4"): {"iid": pytest.approx([2.0] * 3)}}
+    assert "| BRECQ/QDrop + Tent | torchao | W2A4 | 2.0 ± 0.0 |  |" in ttaq_benchmark.markdown(
+        results(rows)
+    )
