@@ -29,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -267,12 +268,26 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def merge(files: list[dict]) -> dict:
-    """One results dict from several part files of the same setup (the first file's cells win)."""
+    """One results dict from several part files (the first file's cells win).
+
+    Files must be of one setup, except for the reconstruction iterations: where the budget runs
+    one bit-width with fewer iterations per block than another, files that hold different
+    bit-widths merge, and the merged setup names each bit-width's iterations."""
+    iters_of = re.compile(r", (\d+) iterations per block")
+    base = iters_of.sub("", files[0]["setup"])
+    bits_iters: dict[str, int] = {}
     results = {**files[0], "ptq": [], "rows": []}
     seen_ptq, seen_row = set(), set()
     for f in files:
-        if f["setup"] != results["setup"]:
+        if iters_of.sub("", f["setup"]) != base:
             sys.exit(f"cannot merge results of another setup: {f['setup']}")
+        found = iters_of.search(f["setup"])
+        iters = int(found.group(1)) if found else 0
+        for bits in {c["bits"] for c in f["ptq"] + f["rows"]}:
+            if bits_iters.setdefault(bits, iters) != iters:
+                sys.exit(
+                    f"{bits} is in files of {bits_iters[bits]} and {iters} iterations per block"
+                )
         for p in f["ptq"]:
             key = (p["backend"], p["bits"], p["ptq"], p.get("seed", 0))
             if key not in seen_ptq:
@@ -283,6 +298,11 @@ def merge(files: list[dict]) -> dict:
             if key not in seen_row:
                 seen_row.add(key)
                 results["rows"].append(r)
+    if len(set(bits_iters.values())) > 1:
+        per_bits = ", ".join(
+            f"{b} {i}" for b, i in sorted(bits_iters.items(), key=lambda kv: _bits_key(kv[0]))
+        )
+        results["setup"] = f"{base}; iterations per block: {per_bits}"
     return results
 
 

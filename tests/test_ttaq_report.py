@@ -117,3 +117,19 @@ def test_headroom_is_measured_against_w8a8_with_the_same_adaptation():
     assert "| BRECQ/QDrop + Tent | torchao | W2A4 | 2.0 ± 0.0 |  |" in ttaq_benchmark.markdown(
         results(rows)
     )
+
+
+def test_files_of_other_iterations_merge_only_for_other_bit_widths():
+    w2 = {**results([row("TTAQ + Tent", 0, 40.0)]), "setup": "m; calib, 200 iterations per block"}
+    w4 = {
+        **results([{**row("TTAQ + Tent", 0, 30.0), "bits": "W4A4"}]),
+        "setup": "m; calib, 50 iterations per block",
+    }
+    merged = ttaq_benchmark.merge([w2, w4])
+    assert merged["setup"] == "m; calib; iterations per block: W2A4 200, W4A4 50"
+    assert len(merged["rows"]) == 2
+    w2_again = {**w2, "setup": "m; calib, 50 iterations per block"}
+    with pytest.raises(SystemExit, match="W2A4 is in files of 200 and 50"):
+        ttaq_benchmark.merge([w2, w2_again])
+    with pytest.raises(SystemExit, match="another setup"):
+        ttaq_benchmark.merge([w2, {**w4, "setup": "other; calib, 50 iterations per block"}])
