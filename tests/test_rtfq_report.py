@@ -82,3 +82,9 @@ def test_first_format_files_merge_as_runs_of_their_seed():
     assert sorted((r["seed"], r["float_uda"]) for r in merged["runs"]) == [(0, 81.0), (1, 81.0)]
     with pytest.raises(SystemExit, match="another setup"):
         rb.merge([new, {"setup": "bncnn", "runs": []}])
+
+
+def test_the_frontier_plot_is_written(tmp_path):
+    path = tmp_path / "frontier.png"
+    rb.plot({"setup": "synthetic", "runs": [run(s, float(s)) for s in range(3)]}, str(path))
+    assert path.stat().st_size > 10_000

@@ -133,3 +133,14 @@ def test_files_of_other_iterations_merge_only_for_other_bit_widths():
         ttaq_benchmark.merge([w2, w2_again])
     with pytest.raises(SystemExit, match="another setup"):
         ttaq_benchmark.merge([w2, {**w4, "setup": "other; calib, 50 iterations per block"}])
+
+
+def test_the_plot_draws_every_bit_width_and_stream(tmp_path):
+    rows = []
+    for bits in ("W2A4", "W4A4"):
+        for stream in ("iid", "dirichlet"):
+            for name in ("min-max + Tent", "BRECQ/QDrop + Tent", "TTAQ + Tent + ABL"):
+                rows += [{**row(name, s, 30.0 + s, stream), "bits": bits} for s in range(3)]
+    path = tmp_path / "ttaq.png"
+    ttaq_benchmark.plot(results(rows), str(path))
+    assert path.stat().st_size > 10_000
