@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import qtta_plugins
 from qtta_plugins.data.corruption import cache_dir
+from qtta_plugins.models import accuracy
+from qtta_plugins.view import copy_model
 
 #: PTQ variant -> (reconstruction method or None for the backend's own ranges, options)
 PTQ = {
@@ -36,6 +39,11 @@ def calibration(images: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
     idx = torch.randperm(len(images), generator=gen)[:n]
     x = images[idx]
     return [x[i : i + 64] for i in range(0, len(x), 64)]
+
+
+def model_key(arch: str, source: str, settings: dict) -> str:
+    """The cache's name for a float model: its architecture, data and training settings."""
+    return f"{arch}|{source}|" + ",".join(f"{k}={v}" for k, v in settings.items())
 
 
 def ptq_model(
@@ -70,7 +78,7 @@ def ptq_model(
         / f"{model_key.split('|')[0]}-{backend}-{bits.lower()}-{digest}.pt"
     )
     if path.exists():
-        qm = qtta_plugins.quantize(model, backend, bits, calib)
+        qm = copy_model(base)  # the same quantize as the reconstruction started from
         qm.load_state_dict(torch.load(path, weights_only=True))
         return qm, True
     qm = qtta_plugins.reconstruct(
@@ -82,3 +90,34 @@ def ptq_model(
     torch.save(qm.state_dict(), tmp)
     os.replace(tmp, path)
     return qm, False
+
+
+def ptq_entry(
+    model: torch.nn.Module,
+    model_key: str,
+    backend: str,
+    bits: str,
+    calib: list[torch.Tensor],
+    name: str,
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    seed: int,
+    iters: int,
+    base: torch.nn.Module,
+) -> tuple[torch.nn.Module, dict, float]:
+    """:func:`ptq_model`, timed, with its results row: ``(model, row, seconds)``. The row's
+    ``seconds`` is the reconstruction's time, ``None`` for min-max or a model from the cache."""
+    start = time.perf_counter()
+    qm, cached = ptq_model(
+        model, model_key, backend, bits, calib, name, seed=seed, iters=iters, base=base
+    )
+    seconds = time.perf_counter() - start
+    row = {
+        "backend": backend,
+        "bits": bits.upper(),
+        "ptq": name,
+        "seed": seed,
+        "clean_accuracy": accuracy(qm, *test),
+        "seconds": seconds if PTQ[name][0] and not cached else None,
+    }
+    return qm, row, seconds

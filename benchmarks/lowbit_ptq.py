@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ptq import PTQ, calibration, ptq_model  # noqa: E402
+from _ptq import PTQ, calibration, model_key, ptq_entry  # noqa: E402
 from _results import load_or_start, save  # noqa: E402
 
 #: model -> how the source model is trained (the architectures issue's settings)
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/results/lowbit_ptq_{args.model}.json")
     model = train_source_model(args.model, args.source, seed=0, **MODELS[args.model])
-    model_key = f"{args.model}|{args.source}|" + ",".join(
-        f"{k}={v}" for k, v in MODELS[args.model].items()
-    )
+    key = model_key(args.model, args.source, MODELS[args.model])
     # digits' whole test split is smaller than the default: take all of it
     n_test = None if args.source == "digits" else args.n_test
     train, test = load_source(args.source, n_test=n_test, seed=0)
@@ -144,27 +141,18 @@ def main(argv: list[str] | None = None) -> None:
                 calib = calibration(train_x, args.calib, seed)
                 base = qtta_plugins.quantize(model, backend, bits, calib)
                 for name in todo:
-                    start = time.perf_counter()
-                    qm, cached = ptq_model(
+                    _, row, seconds = ptq_entry(
                         model,
-                        model_key,
+                        key,
                         backend,
                         bits,
                         calib,
                         name,
+                        (test_x, test.y),
                         seed=seed,
                         iters=args.iters,
                         base=base,
                     )
-                    seconds = time.perf_counter() - start
-                    row = {
-                        "backend": backend,
-                        "bits": tag,
-                        "ptq": name,
-                        "seed": seed,
-                        "clean_accuracy": accuracy(qm, test_x, test.y),
-                        "seconds": seconds if PTQ[name][0] and not cached else None,
-                    }
                     results["rows"].append(row)
                     done.add((backend, tag, name, seed))
                     print(

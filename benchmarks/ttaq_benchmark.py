@@ -48,7 +48,7 @@ from qtta_plugins.data import SETTINGS, load_source, make_stream, to_channels  #
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ptq import PTQ, calibration, ptq_model  # noqa: E402
+from _ptq import PTQ, calibration, model_key, ptq_entry  # noqa: E402
 from _results import load_or_start, mean_sd, save  # noqa: E402
 
 #: model -> its training settings (the architectures issue's; the BN CNN: the first TTAQ table's)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     n_test = None if args.quick else args.n_per_domain
     iters = 100 if args.quick else args.iters
     model = train_source_model(model_name, source, seed=0, **train_kw)
-    model_key = f"{model_name}|{source}|" + ",".join(f"{k}={v}" for k, v in train_kw.items())
+    key = model_key(model_name, source, train_kw)
     channels = input_channels(model_name)
     train, test = load_source(source, n_test=None if args.quick else 2000, seed=0)
     train_x, test_x = to_channels(train.x, channels), to_channels(test.x, channels)
@@ -200,28 +200,19 @@ def main(argv: list[str] | None = None) -> None:
                 base = qtta_plugins.quantize(model, backend, bits, calib)
                 streams = streams_for(seed)
                 for name in variants:
-                    start = time.perf_counter()
-                    qm, cached = ptq_model(
+                    qm, entry, seconds = ptq_entry(
                         model,
-                        model_key,
+                        key,
                         backend,
                         bits,
                         calib,
                         name,
+                        (test_x, test.y),
                         seed=seed,
                         iters=iters,
                         base=base,
                     )
-                    seconds = time.perf_counter() - start
                     if (backend, tag, name, seed) not in have_ptq:
-                        entry = {
-                            "backend": backend,
-                            "bits": tag,
-                            "ptq": name,
-                            "seed": seed,
-                            "clean_accuracy": accuracy(qm, test_x, test.y),
-                            "seconds": seconds if PTQ[name][0] and not cached else None,
-                        }
                         results["ptq"].append(entry)
                         have_ptq.add((backend, tag, name, seed))
                         print(
