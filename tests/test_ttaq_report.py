@@ -141,6 +141,12 @@ def test_the_plot_draws_every_bit_width_and_stream(tmp_path):
         for stream in ("iid", "dirichlet"):
             for name in ("min-max + Tent", "BRECQ/QDrop + Tent", "TTAQ + Tent + ABL"):
                 rows += [{**row(name, s, 30.0 + s, stream), "bits": bits} for s in range(3)]
+            # not drawn: its 80% must not stretch the panel
+            rows += [{**row("TTAQ + no adaptation", 0, 80.0, stream), "bits": bits}]
     path = tmp_path / "ttaq.png"
-    ttaq_benchmark.plot(results(rows), str(path))
+    fig = ttaq_benchmark.plot(results(rows), str(path))
     assert path.stat().st_size > 10_000
+    assert len(fig.axes) == 4
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        assert low < 30.0 and 32.0 < high < 40.0, ax.get_title()
