@@ -137,12 +137,19 @@ class NormConfig(AdaptConfig):
     method: str = "norm"
 
 
+#: Tent's SGD learning rate when ``TentConfig.lr`` is None, by the kind of norm it adapts
+TENT_DEFAULT_LR = {"batch": 1e-2, "layer": 1e-3}
+
+
 @dataclass
 class TentConfig(AdaptConfig):
     """Tent (Wang et al., ICLR 2021): entropy minimisation on the norm layers' affine parameters.
 
     Batch norms use test-batch statistics. ``lr`` and ``momentum`` are for SGD, as in the reference
     implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
+    ``lr=None`` (the default) picks by what Tent adapts: 1e-2 for batch norms (chosen on the
+    digits-C dev stream), 1e-3 for a model with layer / group norms only (chosen on held-out seeds
+    of the ViT's stream; ``docs/zoa.md``); :data:`TENT_DEFAULT_LR` holds both.
 
     ``abl=True`` adds TTAQ's adaptive balanced loss (ABL, Xiao et al. 2024; our formulation, see
     :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy is taken on the logits
@@ -158,7 +165,7 @@ class TentConfig(AdaptConfig):
     """
 
     method: str = "tent"
-    lr: float = 1e-2
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     steps: int = 1
@@ -169,8 +176,15 @@ class TentConfig(AdaptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TentConfig.lr must be a positive finite number, got {self.lr!r}")
+        if self.lr is not None and (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, int | float)
+            or not (math.isfinite(self.lr) and self.lr > 0)
+        ):
+            raise ValueError(
+                f"TentConfig.lr must be a positive finite number or None (the default for the "
+                f"model's norms), got {self.lr!r}"
+            )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.steps < 1:
@@ -204,8 +218,9 @@ class EATAConfig(AdaptConfig):
 
     Defaults and where they come from:
 
-    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's default here (``TentConfig``: 1e-2, 0.9), so
-      the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50.
+    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's batch-norm default here (``TentConfig``:
+      1e-2, 0.9), so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet
+      ResNet-50. (Not chosen for layer-norm models: EATA was not measured on the ViT.)
     * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``; relative to ``ln K``, so it carries over
       to any number of classes.
     * ``d_margin = 0.4``: the paper's 0.05 is for ImageNet (K = 1000), where the cosine between a
@@ -281,9 +296,9 @@ class SARConfig(AdaptConfig):
 
     Defaults and where they come from:
 
-    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's default here (``TentConfig``: 1e-2, 0.9),
-      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50
-      (batch 64).
+    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's batch-norm default here (``TentConfig``:
+      1e-2, 0.9), so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet
+      ResNet-50 (batch 64). (Not chosen for layer-norm models: SAR was not measured on the ViT.)
     * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``, relative to ``ln K``.
     * ``rho = 0.05``: the paper's SAM radius (SAM's default).
     * ``reset_constant = 0.2``: the paper's ``e_m``, an entropy in nats, kept as is (public

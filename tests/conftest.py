@@ -1,6 +1,8 @@
 """Shared fixtures: one trained source model and its quantized versions per session.
 
-Threads are pinned to 2 (oversubscribing small CPU machines slows tiny models many-fold). Trained
+The suite runs in two processes (pytest-xdist, ``-n 2 --dist loadfile`` in pyproject.toml), each
+with one torch thread; ``pytest -n 0`` runs it in one process with two threads (oversubscribing small
+CPU machines slows tiny models many-fold, so the threads are pinned either way). Trained
 models and corrupted sets go to the user cache (``QTTA_CACHE_DIR`` or ``~/.cache/qtta-plugins``), so
 a second run of the suite reuses them.
 """
@@ -16,7 +18,9 @@ os.environ.setdefault("QTTA_QUIET", "1")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+#: torch threads per test process: one per xdist worker (two workers share 2 cores), else two
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 SEED = 0
@@ -111,7 +115,9 @@ def demo_result(tmp_path_factory):
     from qtta_plugins.demo import run_demo
 
     plot = tmp_path_factory.mktemp("demo") / "demo.png"
-    result = run_demo("torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED)
+    result = run_demo(
+        "torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED, threads=THREADS
+    )
     return result, plot
 
 

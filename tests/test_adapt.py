@@ -158,8 +158,9 @@ def test_empty_stream_unknown_method_and_bad_options(qcnn):
         match=r"'tnet'.*available: cotta, eata, foa, norm, rotta, sar, source, tent, zoa",
     ):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tnet")
-    with pytest.raises(ValueError, match=r"TentConfig.lr must be a positive"):
-        qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tent", lr=-1.0)
+    for lr in (-1.0, float("nan"), True, "1e-3"):
+        with pytest.raises(ValueError, match=r"TentConfig.lr must be a positive"):
+            qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tent", lr=lr)
     with pytest.raises(TypeError, match=r"unexpected keyword"):
         qtta_plugins.adapt(qm, [torch.rand(4, 1, 32, 32)], "tent", learning_rate=1.0)
     assert same_state(before, model_state(qm))

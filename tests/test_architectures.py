@@ -249,6 +249,20 @@ def test_every_method_runs_and_the_users_model_is_untouched(case, rgb):
     assert all(torch.equal(before[k], after[k]) for k in before if "num_batches" not in k)
 
 
+def test_tents_default_step_follows_the_norms_it_adapts(case):
+    """Tent's lr=None: 1e-2 where it adapts batch norms, 1e-3 on layer norms (each chosen on a
+    dev stream of that kind of model, docs/zoa.md); an explicit lr is kept."""
+    from qtta_plugins.methods.tent import Tent
+
+    model = case[3]
+    _, view = fresh(case)
+    assert Tent(view, qtta_plugins.TentConfig()).optimizer.param_groups[0]["lr"] == (
+        1e-2 if has_batch_norm(model) else 1e-3
+    )
+    _, view = fresh(case)
+    assert Tent(view, qtta_plugins.TentConfig(lr=5e-4)).optimizer.param_groups[0]["lr"] == 5e-4
+
+
 def test_norm_is_refused_clearly_without_batch_norms(case, rgb):
     *_, model, qmodel = case
     _, x, _ = rgb

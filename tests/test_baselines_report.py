@@ -85,7 +85,11 @@ def test_the_vit_report_keeps_the_dev_seed_out_of_the_means():
     import zoa_vit
 
     cells = [dict(cell("source", s, 70.0), config="torchao W6A6") for s in range(3)]
+    cells.append(dict(cell("source", 4, 12.0), config="torchao W6A6"))
     cells.append(dict(cell("source", 3, 10.0), config="torchao W6A6"))
     text = zoa_vit.markdown({"setup": "s", "cells": cells})
-    assert "| source | 70.0 ± 0.0 · 2.0x |" in text  # seed 3's 10.0 is not in the mean
-    assert "| torchao W6A6 | source | 10.0 | 2.0x |" in text  # but reported apart
+    assert "| source | 70.0 ± 0.0 · 2.0x |" in text  # seeds 3 and 4 are not in the mean
+    # but reported apart, seed by seed
+    assert (
+        "| torchao W6A6 | source | 3 | 10.0 | 2.0x |\n| torchao W6A6 | source | 4 | 12.0 |" in text
+    )

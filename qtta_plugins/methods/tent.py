@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdaptConfig, TentConfig
+from ..config import TENT_DEFAULT_LR, AdaptConfig, TentConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import (
@@ -64,6 +64,7 @@ __all__ = [
     "Tent",
     "abl_adjusted_logits",
     "collect_norm_affines",
+    "default_tent_lr",
     "softmax_entropy",
     "tent_parameters",
     "train_norm_affines",
@@ -79,6 +80,13 @@ def tent_parameters(view: QuantView) -> list[nn.Parameter]:
         for p in norm.affine():
             params.setdefault(id(p), p)
     return list(params.values())
+
+
+def default_tent_lr(view: QuantView) -> float:
+    """Tent's learning rate when the config leaves it out: batch norms' if the model has any (those
+    are what Tent adapts then), else layer norms' (:data:`~qtta_plugins.config.TENT_DEFAULT_LR`)."""
+    has_batch_norm = any(n.kind == "batch" for n in view.norms())
+    return TENT_DEFAULT_LR["batch" if has_batch_norm else "layer"]
 
 
 def collect_norm_affines(view: QuantView, method: str) -> list[nn.Parameter]:
@@ -115,8 +123,9 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
         super().__init__(view, config)
         self.params = collect_norm_affines(view, "tent")
         train_norm_affines(view, self.params)
+        self.lr = config.lr if config.lr is not None else default_tent_lr(view)
         self.optimizer = torch.optim.SGD(
-            self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            self.params, lr=self.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         self._abl_init()
 
