@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
@@ -206,8 +207,14 @@ def main(argv: list[str] | None = None) -> None:
             if entry is None:
                 entry = {"task": task, "seed": seed, "rows": [], "distilled": [], "banks": {}}
                 results["runs"].append(entry)
-            run_task(entry, args, steps, seed, first_seed=seed == args.seeds[0])
-            save(out, results)
+            run_task(
+                entry,
+                args,
+                steps,
+                seed,
+                first_seed=seed == args.seeds[0],
+                checkpoint=lambda: save(out, results),
+            )
     if args.plot:
         plot(results, args.plot)
     print(markdown(results), end="")
@@ -215,9 +222,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_task(
-    entry: dict, args: argparse.Namespace, steps: int, seed: int, first_seed: bool
+    entry: dict,
+    args: argparse.Namespace,
+    steps: int,
+    seed: int,
+    first_seed: bool,
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> None:
-    """Fill ``entry`` (one task, one seed) with what it lacks."""
+    """Fill ``entry`` (one task, one seed) with what it lacks, calling ``checkpoint`` after each
+    piece (a stopped run keeps what it finished)."""
     task = entry["task"]
     data = task_data(task, seed, args.quick, args.model)
     x_test, y_test = data["test"]
@@ -231,6 +244,7 @@ def run_task(
         entry["float_uda"] = accuracy(fl, x_test, y_test)
         entry["float_uda_seconds"] = time.perf_counter() - start
         print(f"{task} seed {seed}: float UDA {entry['float_uda']:.1f}", flush=True)
+        checkpoint()
 
     def one_subnet(subnet: Subnet, teacher: torch.nn.Module | None) -> dict:
         cfg = RTFQConfig(
@@ -258,6 +272,7 @@ def run_task(
                 continue
             row = one_subnet(subnet, teacher)
             entry[key].append({"kind": kind, **row})
+            checkpoint()
             print(
                 f"{task} seed {seed}: {kind} {subnet.name} {row['accuracy']:.1f} "
                 f"({row['seconds']:.0f} s)",
@@ -289,6 +304,7 @@ def run_task(
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 name = f"{task.replace('->', '_to_')}_seed{seed}.pt"
                 torch.save(bank, Path(args.keep) / name)
+        checkpoint()
 
 
 def selections(bank: SubnetBank, x_test, y_test, backends: list[str]) -> list[dict]:

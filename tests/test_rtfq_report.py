@@ -88,3 +88,42 @@ def test_the_frontier_plot_is_written(tmp_path):
     path = tmp_path / "frontier.png"
     rb.plot({"setup": "synthetic", "runs": [run(s, float(s)) for s in range(3)]}, str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_a_stopped_run_keeps_the_pieces_it_finished(tmp_path, monkeypatch, float_cnn, digits):
+    """Each trained piece is saved as it ends: a run stopped in its third subnet keeps float UDA
+    and the first two, and the rerun trains only what is missing."""
+    import json
+
+    import torch
+
+    train, test = digits
+    data = {
+        "source": (train.x[:256], train.y[:256]),
+        "target": train.x[256:512],
+        "test": (test.x[:64], test.y[:64]),
+        "model": float_cnn,
+    }
+    monkeypatch.setattr(rb, "task_data", lambda *a, **k: data)
+    real, calls = rb.train_bank, []
+
+    def stopped_in_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "train_bank", stopped_in_the_third)
+    out = tmp_path / "rtfq.json"
+    argv = ["--model", "bncnn", "--seeds", "0", "--tasks", "mnist->digits", "--steps", "2"]
+    argv += ["--threads", str(torch.get_num_threads()), "--backends", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        rb.main(argv)
+    (entry,) = json.loads(out.read_text())["runs"]
+    assert "float_uda" in entry
+    assert [r["name"] for r in entry["rows"]] == [s.name for s in rb.SEPARATE[:2]]
+    calls.clear()
+    rb.main([*argv, "--no-distilled", "--banks"])  # the separate subnets only
+    (entry,) = json.loads(out.read_text())["runs"]
+    assert len(calls) == len(rb.SEPARATE) - 2
+    assert [r["name"] for r in entry["rows"]] == [s.name for s in rb.SEPARATE]
