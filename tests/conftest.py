@@ -39,11 +39,19 @@ def calib(digits):
     return [train.x[i : i + 64] for i in range(0, 512, 64)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def float_cnn():
+    """The digits BN CNN most tests share, trained (or loaded from the cache) with 2 torch threads
+    whatever this process runs with, before any test: training's float summation order depends on
+    the thread count, the bounds the tests assert were measured on the 2-thread model, and the
+    cache keys a model by its data and settings, not threads (so no test may train it first)."""
     from qtta_plugins.models import train_source_model
 
-    return train_source_model("bncnn", "digits", seed=SEED, progress=False)
+    torch.set_num_threads(2)
+    try:
+        return train_source_model("bncnn", "digits", seed=SEED, progress=False)
+    finally:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
