@@ -1,8 +1,6 @@
 """Shared fixtures: one trained source model and its quantized versions per session.
 
-The suite runs in two processes (pytest-xdist, ``-n 2 --dist loadfile`` in pyproject.toml), each
-with one torch thread; ``pytest -n 0`` runs it in one process with two threads (oversubscribing small
-CPU machines slows tiny models many-fold, so the threads are pinned either way). Trained
+Threads are pinned to 2 (oversubscribing small CPU machines slows tiny models many-fold). Trained
 models and corrupted sets go to the user cache (``QTTA_CACHE_DIR`` or ``~/.cache/qtta-plugins``), so
 a second run of the suite reuses them.
 """
@@ -18,9 +16,7 @@ os.environ.setdefault("QTTA_QUIET", "1")
 import pytest
 import torch
 
-#: torch threads per test process: one per xdist worker (two workers share 2 cores), else two
-THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-torch.set_num_threads(THREADS)
+torch.set_num_threads(2)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 SEED = 0
@@ -39,19 +35,11 @@ def calib(digits):
     return [train.x[i : i + 64] for i in range(0, 512, 64)]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def float_cnn():
-    """The digits BN CNN most tests share, trained (or loaded from the cache) with 2 torch threads
-    whatever this process runs with, before any test: training's float summation order depends on
-    the thread count, the bounds the tests assert were measured on the 2-thread model, and the
-    cache keys a model by its data and settings, not threads (so no test may train it first)."""
     from qtta_plugins.models import train_source_model
 
-    torch.set_num_threads(2)
-    try:
-        return train_source_model("bncnn", "digits", seed=SEED, progress=False)
-    finally:
-        torch.set_num_threads(THREADS)
+    return train_source_model("bncnn", "digits", seed=SEED, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +111,7 @@ def demo_result(tmp_path_factory):
     from qtta_plugins.demo import run_demo
 
     plot = tmp_path_factory.mktemp("demo") / "demo.png"
-    result = run_demo(
-        "torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED, threads=THREADS
-    )
+    result = run_demo("torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED)
     return result, plot
 
 

@@ -17,14 +17,9 @@ def short_tour(tmp_path_factory):
     """The whole tour on a short stream (20 images per corruption), with 2 reconstruction
     iterations and 2 bank steps: every part, every call, the files."""
     out = tmp_path_factory.mktemp("tour")
+    torch.set_num_threads(2)
     result = tour.run_tour(
-        threads=torch.get_num_threads(),  # the suite's (conftest.py)
-        iters=2,
-        bank_steps=2,
-        per_domain=20,
-        out_dir=out,
-        progress=False,
-        echo=False,
+        iters=2, bank_steps=2, per_domain=20, out_dir=out, progress=False, echo=False
     )
     return result, out
 
@@ -100,9 +95,8 @@ def test_qtta_demo_runs_the_tour_and_methods_runs_the_continual_table(monkeypatc
 def test_the_demo_as_shipped(tmp_path):
     """The tour at its shipped settings (about 3 minutes on 2 cores): adaptation beats no
     adaptation on the continual stream, and the bank beats the unadapted source model."""
-    result = tour.run_tour(
-        out_dir=tmp_path, progress=False, echo=False, threads=torch.get_num_threads()
-    )
+    torch.set_num_threads(2)
+    result = tour.run_tour(out_dir=tmp_path, progress=False, echo=False)
     rows = {(r.part, r.name): r for r in result.rows}
     source = rows[("ZOA", "source (no adaptation)")].error
     for part, name in [("ZOA", "ZOA"), ("ZOA", "FOA"), ("TTAQ", "TTAQ + Tent + ABL")]:
