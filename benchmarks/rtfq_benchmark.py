@@ -494,7 +494,15 @@ def markdown(results: dict) -> str:
                 )
             out.append("")
         if main_rows:
-            times = {b: [r["banks"][b]["seconds"] for r in runs if b in r["banks"]] for b in labels}
+            # a time is None where the run was paused mid-training (it would count the pause)
+            times = {
+                b: [
+                    t
+                    for r in runs
+                    if b in r["banks"] and (t := r["banks"][b]["seconds"]) is not None
+                ]
+                for b in labels
+            }
             out += [
                 "Training time per bank (s): "
                 + "; ".join(f"{b}: {statistics.mean(t):.0f}" for b, t in times.items() if t)
