@@ -10,15 +10,13 @@ backend: the write-back keeps the backend's own parameters and buffers).
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import qtta_plugins
-from qtta_plugins.data.corruption import cache_dir
+from qtta_plugins.data.corruption import cache_dir, save_atomic
 from qtta_plugins.models import accuracy
 from qtta_plugins.view import copy_model
 
@@ -85,10 +83,7 @@ def ptq_model(
         base, model, calib, method, iters=iters, seed=seed, progress=False, **options
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(qm.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_atomic(path, qm.state_dict())
     return qm, False
 
 

@@ -48,7 +48,7 @@ from qtta_plugins.data import SETTINGS, load_source, make_stream, to_channels  #
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ptq import PTQ, calibration, model_key, ptq_entry  # noqa: E402
+from _ptq import PTQ, calibration, model_key, ptq_entry, ptq_model  # noqa: E402
 from _results import load_or_start, mean_sd, save  # noqa: E402
 
 #: model -> its training settings (the architectures issue's; the BN CNN: the first TTAQ table's)
@@ -200,19 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                 base = qtta_plugins.quantize(model, backend, bits, calib)
                 streams = streams_for(seed)
                 for name in variants:
-                    qm, entry, seconds = ptq_entry(
-                        model,
-                        key,
-                        backend,
-                        bits,
-                        calib,
-                        name,
-                        (test_x, test.y),
-                        seed=seed,
-                        iters=iters,
-                        base=base,
-                    )
-                    if (backend, tag, name, seed) not in have_ptq:
+                    ptq = (model, key, backend, bits, calib, name)
+                    if (backend, tag, name, seed) in have_ptq:  # its row exists: the model only
+                        qm, _ = ptq_model(*ptq, seed=seed, iters=iters, base=base)
+                    else:
+                        qm, entry, seconds = ptq_entry(
+                            *ptq, (test_x, test.y), seed=seed, iters=iters, base=base
+                        )
                         results["ptq"].append(entry)
                         have_ptq.add((backend, tag, name, seed))
                         print(

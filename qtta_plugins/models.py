@@ -10,8 +10,6 @@ on the gray images replicated to 3 channels (:func:`qtta_plugins.data.to_channel
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import zoo
 from .data import cache_dir, load_source, to_channels
+from .data.corruption import save_atomic
 from .progress import show_progress
 
 
@@ -227,10 +226,7 @@ def train_source_model(
     model.eval()
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_atomic(path, model.state_dict())
     return model
 
 

@@ -150,7 +150,9 @@ def _load_cached(path: pathlib.Path, images: ImageSet) -> torch.Tensor | None:
     return x_u8
 
 
-def _save_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
+def save_atomic(path: pathlib.Path, payload: Any) -> None:
+    """``torch.save(payload)`` to ``path`` through a temporary file in its folder, so a reader (or a
+    second process filling the same cache) never sees half a file; the temporary goes on failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -251,5 +253,5 @@ def corrupt_set(
             "severity": severity,
             "seed": seed,
         }
-        _save_atomic(path, payload)
+        save_atomic(path, payload)
     return ImageSet(x_u8.float().div_(255.0), y, out_name)

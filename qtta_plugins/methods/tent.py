@@ -123,9 +123,9 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
         super().__init__(view, config)
         self.params = collect_norm_affines(view, "tent")
         train_norm_affines(view, self.params)
-        self.lr = config.lr if config.lr is not None else default_tent_lr(view)
+        lr = config.lr if config.lr is not None else default_tent_lr(view)
         self.optimizer = torch.optim.SGD(
-            self.params, lr=self.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            self.params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         self._abl_init()
 
