@@ -41,6 +41,7 @@ def test_config_validation_and_the_subnet_grid() -> None:
         ({"n_random": -1}, "n_random"),
         ({"lr": float("nan")}, "lr"),
         ({"distill_warmup": 1.5}, "distill_warmup"),
+        ({"largest_first": 1.0}, "largest_first"),
     ):
         with pytest.raises(ValueError, match=match):
             RTFQConfig(**bad)
@@ -230,6 +231,24 @@ def test_a_fixed_teacher_distils_every_subnet_towards_it(float_cnn, digits) -> N
         with torch.no_grad():
             share[name] = float((bank(test.x[:200]).argmax(1) == 3).float().mean())
     assert share["distilled"] > share["alone"] + 0.3, share
+
+
+def test_largest_first_trains_only_the_largest_subnet_at_the_top_bits(float_cnn, digits) -> None:
+    """During the largest-first steps no lower bit-width runs, so its step sizes stay where the
+    bank set them; the highest bit-width's move. With the SandwichQ plan from the first step the
+    W4 step sizes move too."""
+    train, _ = digits
+    source, target = (train.x[:256], train.y[:256]), train.x[256:512]
+    moved = {}
+    for first in (0.0, 0.9):  # 3 steps: round(0.9 * 3) = 3 largest-first steps, none after
+        cfg = RTFQConfig(steps=3, progress=False, largest_first=first, **SMALL)
+        bank = SubnetBank(float_cnn, target[:128], cfg)
+        layer = next(iter(bank.layers.values()))
+        before = {k: v.detach().clone() for k, v in layer.act_scale.items()}
+        train_bank(bank, source, target)
+        moved[first] = {k: not torch.equal(before[k], v) for k, v in layer.act_scale.items()}
+    assert moved[0.9] == {"8": True, "4": False}, moved
+    assert moved[0.0] == {"8": True, "4": True}, moved
 
 
 def test_a_teacher_needs_distillation_and_a_module(float_cnn, digits) -> None:

@@ -43,6 +43,11 @@ class RTFQConfig:
     # fraction of the steps over which the distillation weight rises linearly from 0: the teacher's
     # target predictions are the unadapted source model's at the start (measured: docs/rtfq.md)
     distill_warmup: float = 1.0
+    # fraction of the steps, at the start, that train the largest subnet at the highest bits alone
+    # before the SandwichQ plan begins (OFA's largest-first order): on a pretrained ResNet-18 the
+    # narrow slices start near chance and their gradients, twice the largest's and nearly
+    # orthogonal to it, otherwise keep the largest from adapting (measured: docs/rtfq.md)
+    largest_first: float = 0.0
     im_weight: float = 1.0  # information maximisation on the target batch
     recalib_images: int = 512  # target images that set each subnet's norm statistics
     seed: int = 0
@@ -73,6 +78,10 @@ class RTFQConfig:
         if not isinstance(self.distill_warmup, int | float) or not 0 <= self.distill_warmup <= 1:
             raise ValueError(
                 f"RTFQConfig.distill_warmup must be in [0, 1], got {self.distill_warmup!r}"
+            )
+        if not isinstance(self.largest_first, int | float) or not 0 <= self.largest_first < 1:
+            raise ValueError(
+                f"RTFQConfig.largest_first must be in [0, 1), got {self.largest_first!r}"
             )
         for name in ("lr", "lr_act", "weight_decay", "distill_weight", "im_weight"):
             value = getattr(self, name)

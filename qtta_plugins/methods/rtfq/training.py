@@ -110,23 +110,28 @@ def train_bank(
         leave=False,
     )
     last = 0.0
-    warmup_steps = cfg.distill_warmup * cfg.steps
+    first_steps = round(cfg.largest_first * cfg.steps)
+    largest = Subnet(max(cfg.widths), max(cfg.resolutions), max(cfg.bits))
+    # the distillation warm-up starts where the SandwichQ plan does
+    warmup_steps = cfg.distill_warmup * (cfg.steps - first_steps)
     for step in bar:
         i_s, i_t = next(source_batches)[rank::world], next(target_batches)[rank::world]
         distill_weight = cfg.distill_weight * (
-            min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+            min(1.0, max(0, step - first_steps) / warmup_steps) if warmup_steps > 0 else 1.0
         )
         x_s, y_s, x_t = xs[i_s], ys[i_s], target[i_t]
         teacher: torch.Tensor | None = None
         if fixed_teacher is not None:
             teacher = _predict(fixed_teacher, x_t)
-        elif cfg.distill and not cfg.sandwich:
-            bank.set_subnet(Subnet(max(cfg.widths), max(cfg.resolutions), max(cfg.bits)))
+        elif cfg.distill and not cfg.sandwich and step >= first_steps:
+            bank.set_subnet(largest)
             with torch.no_grad():
                 teacher = bank(x_t).softmax(1)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        steps_plan = plan(cfg, rng)
+        steps_plan = plan(cfg, rng)  # drawn every step: the same draws whatever largest_first
+        if step < first_steps:
+            steps_plan = [(largest, fixed_teacher is None)]
         if fixed_teacher is not None:  # every subnet learns from the fixed teacher
             steps_plan = [(subnet, False) for subnet, _ in steps_plan]
         # The teacher's loss counts once and the students' losses are averaged: summed, the
