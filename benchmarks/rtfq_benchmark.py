@@ -116,8 +116,11 @@ def task_data(task: str, seed: int, quick: bool, model_name: str = "bncnn") -> d
     }
 
 
-def float_uda(model, source, target, steps: int, batch: int, lr: float, seed: int):
-    """The float model trained on the bank's UDA loss (same batches, same optimizer)."""
+def float_uda(
+    model, source, target, steps: int, batch: int, lr: float, seed: int, im_weight: float = 1.0
+):
+    """The float model trained on the bank's UDA loss (same batches, same optimizer);
+    ``im_weight=0`` leaves source cross-entropy alone (``rtfq_untrained.py``)."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +129,8 @@ def float_uda(model, source, target, steps: int, batch: int, lr: float, seed: in
         i = torch.randint(0, len(xs), (batch,), generator=gen)
         j = torch.randint(0, len(target), (batch,), generator=gen)
         logits = model(torch.cat([xs[i], target[j]]))
-        loss = F.cross_entropy(logits[:batch], ys[i]) + information_maximisation(logits[batch:])
+        loss = F.cross_entropy(logits[:batch], ys[i])
+        loss = loss + im_weight * information_maximisation(logits[batch:])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -30,7 +30,10 @@ distillation drown the teacher's own adaptation once the plan grows, see :func:`
   predictions (KL); without SandwichQ the teacher is the largest at the highest precision run
   without gradient. Its weight rises linearly from 0 over the first ``distill_warmup`` of the
   steps (default: all of them): at the start the teacher's target predictions are the unadapted
-  source model's, and distilling them early held the whole bank there.
+  source model's, and distilling them early held the whole bank there;
+- largest first (``largest_first``, default 0: off): the first fraction of the steps trains the
+  largest subnet at the highest precision alone, then the plan above runs (OFA's order: adapt the
+  full network, then shrink). Measured on a ResNet-18 dev seed it did not help (docs/rtfq.md).
 
 Norm statistics are recalibrated per subnet on target images after training (training itself uses
 batch statistics), so every (width, resolution, bits) has its own. Under ``torchrun`` (any
