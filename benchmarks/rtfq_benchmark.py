@@ -174,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
         help="RTFQConfig.distill_warmup for every bank row (default: the config's)",
     )
     parser.add_argument(
+        "--im-weight",
+        type=float,
+        default=RTFQConfig.im_weight,
+        help="weight of information maximisation in every UDA loss: float UDA, subnets, banks "
+        "(fog: 0.1, chosen on dev seed 3 with rtfq_dev.py)",
+    )
+    parser.add_argument(
         "--banks", nargs="*", default=None, choices=list(BANKS), help="bank rows to run (all)"
     )
     parser.add_argument(
@@ -199,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = 20 if args.quick else args.steps
     setup = f"{args.model}, {steps} steps, batch 64 + 64"
     setup += f", distillation warm-up over {args.distill_warmup:.0%} of the steps"
+    if args.im_weight != RTFQConfig.im_weight:
+        setup += f", information maximisation x{args.im_weight:g}"
     if args.quick:
         setup += ", quick splits"
     out = Path(args.out or f"benchmarks/results/rtfq_{args.model}.json")
@@ -244,7 +253,9 @@ def run_task(
     fl = None
     if "float_uda" not in entry or (args.distilled and len(entry["distilled"]) < len(SEPARATE)):
         start = time.perf_counter()
-        fl = float_uda(data["model"], data["source"], data["target"], steps, 64, base.lr, seed)
+        fl = float_uda(
+            data["model"], data["source"], data["target"], steps, 64, base.lr, seed, args.im_weight
+        )
         entry["float_uda"] = accuracy(fl, x_test, y_test)
         entry["float_uda_seconds"] = time.perf_counter() - start
         print(f"{task} seed {seed}: float UDA {entry['float_uda']:.1f}", flush=True)
@@ -258,6 +269,7 @@ def run_task(
             n_random=0,
             distill=teacher is not None,
             distill_warmup=0.0,
+            im_weight=args.im_weight,
             steps=steps,
             seed=seed,
             progress=False,
@@ -290,6 +302,7 @@ def run_task(
             seed=seed,
             progress=False,
             distill_warmup=args.distill_warmup,
+            im_weight=args.im_weight,
             **options,
         )
         bank = SubnetBank(data["model"], data["target"], cfg)
