@@ -217,9 +217,11 @@ def test_the_fisher_term_pulls_the_parameters_back(qcnn, short_stream, clean):
         )
 
     (pulled_f, pulled_l2), (free_f, free_l2) = distances(pulled), distances(free)
-    # the term pulls hardest where the Fisher is large, and the parameters move less overall
-    assert pulled_f < 0.5 * free_f, (pulled_f, free_f)
-    assert pulled_l2 < free_l2, (pulled_l2, free_l2)
+    # the term pulls hardest where the Fisher is large: the distance it penalises, in the Fisher
+    # metric, at most half the free run's. The plain L2 distance is not what EATA's penalty bounds
+    # (low-Fisher directions are free to move, and do): smaller with the pull on one machine's
+    # source model, 0.064 against 0.057 on another's (AMD EPYC), so it is not asserted.
+    assert pulled_f < 0.5 * free_f, (pulled_f, free_f, pulled_l2, free_l2)
     # the penalty is zero where the method started and grows away from it
     start = qtta_plugins.adapt(qcnn["w4a4"], None, "eata", source_data=clean)
     assert start.method.fisher_penalty().item() == 0.0
