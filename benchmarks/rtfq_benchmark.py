@@ -52,7 +52,6 @@ os.environ.setdefault("QTTA_QUIET", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import qtta_plugins  # noqa: E402
 from qtta_plugins.data import corrupt_set, load_source, to_channels  # noqa: E402
@@ -60,8 +59,8 @@ from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
     Subnet,
     SubnetBank,
-    information_maximisation,
     train_bank,
+    uda_loss,
 )
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
 
@@ -128,9 +127,7 @@ def float_uda(
     for _ in range(steps):
         i = torch.randint(0, len(xs), (batch,), generator=gen)
         j = torch.randint(0, len(target), (batch,), generator=gen)
-        logits = model(torch.cat([xs[i], target[j]]))
-        loss = F.cross_entropy(logits[:batch], ys[i])
-        loss = loss + im_weight * information_maximisation(logits[batch:])
+        loss = uda_loss(model(torch.cat([xs[i], target[j]])), ys[i], im_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         for w in args.im_weights:
             src, tgt = data["source"], data["target"]
-            model = float_uda(data["model"], src, tgt, args.steps, 64, 5e-4, args.seed, w)
+            model = float_uda(data["model"], src, tgt, args.steps, 64, RTFQConfig.lr, args.seed, w)
             print(f"  float UDA, im_weight {w:g}: {accuracy(model, x, y):.1f}", flush=True)
         return
     out = Path(args.out)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     res["source_only"] = accuracy(data["model"].eval(), x, y)
     if "float_uda" not in res:
         fl = float_uda(
-            data["model"], data["source"], data["target"], args.steps, 64, 5e-4, args.seed
+            data["model"], data["source"], data["target"], args.steps, 64, RTFQConfig.lr, args.seed
         )
         res["float_uda"] = accuracy(fl, x, y)
     print(f"source only {res['source_only']:.1f}, float UDA {res['float_uda']:.1f}", flush=True)

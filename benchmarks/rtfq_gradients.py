@@ -29,7 +29,8 @@ from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
     Subnet,
     SubnetBank,
-    information_maximisation,
+    step_sizes,
+    uda_loss,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,10 +41,9 @@ def gradient(bank: SubnetBank, subnet: Subnet, x_s, y_s, x_t) -> tuple[float, to
     """The UDA loss of ``subnet`` on the batch and its gradient on the shared weights (flat)."""
     bank.zero_grad(set_to_none=True)
     bank.set_subnet(subnet)
-    logits = bank(torch.cat([x_s, x_t]))
-    loss = F.cross_entropy(logits[: len(x_s)], y_s) + information_maximisation(logits[len(x_s) :])
+    loss = uda_loss(bank(torch.cat([x_s, x_t])), y_s, im_weight=1.0)
     loss.backward()
-    scales = {id(p) for layer in bank.layers.values() for p in layer.act_scale.values()}
+    scales = {id(p) for p in step_sizes(bank)}
     flat = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
         for p in bank.parameters()

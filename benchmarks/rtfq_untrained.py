@@ -55,11 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         for subnet in SUBNETS:
             bank.recalibrate(subnet)
             cells.append(f"{accuracy(bank, x, y):.1f}")
+        source, target, lr = data["source"], data["target"], RTFQConfig.lr
         for steps, im_weight in runs.values():
-            lr = RTFQConfig.lr
-            model = float_uda(
-                data["model"], data["source"], data["target"], steps, 64, lr, seed, im_weight
-            )
+            model = float_uda(data["model"], source, target, steps, 64, lr, seed, im_weight)
             cells.append(f"{accuracy(model, x, y):.1f}")
         source = accuracy(data["model"].eval(), x, y)
         print(f"| {seed} | {source:.1f} | " + " | ".join(cells) + " |", flush=True)

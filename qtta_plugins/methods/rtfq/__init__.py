@@ -64,7 +64,7 @@ from .bank import AtResolution, SubnetBank
 from .config import BUDGET_KEYS, RTFQConfig, Subnet
 from .layers import SwitchableBatchNorm, SwitchableLayer
 from .selection import SubnetChoice, choose
-from .training import information_maximisation, plan, train_bank
+from .training import information_maximisation, plan, step_sizes, train_bank, uda_loss
 
 __all__ = [
     "BUDGET_KEYS",
@@ -78,7 +78,9 @@ __all__ = [
     "choose",
     "information_maximisation",
     "plan",
+    "step_sizes",
     "train_bank",
+    "uda_loss",
 ]
 
 

@@ -47,6 +47,20 @@ def information_maximisation(logits: torch.Tensor) -> torch.Tensor:
     return entropy - diversity
 
 
+def uda_loss(logits: torch.Tensor, y_source: torch.Tensor, im_weight: float) -> torch.Tensor:
+    """The bank's UDA loss on one forward pass of ``[source; target]``: cross-entropy on the
+    first ``len(y_source)`` rows plus ``im_weight`` x information maximisation on the rest."""
+    n = len(y_source)
+    return F.cross_entropy(logits[:n], y_source) + im_weight * information_maximisation(logits[n:])
+
+
+def step_sizes(bank: SubnetBank) -> list[nn.Parameter]:
+    """The bank's activation step sizes, each once (layers reading one tensor share theirs)."""
+    return list(
+        {id(p): p for layer in bank.layers.values() for p in layer.act_scale.values()}.values()
+    )
+
+
 def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     while True:
         order = torch.randperm(n, generator=gen)
@@ -89,10 +103,7 @@ def train_bank(
     gen = torch.Generator().manual_seed(cfg.seed)
     source_batches = _batches(len(xs), cfg.batch_size, gen)
     target_batches = _batches(len(target), cfg.batch_size, gen)
-    # layers reading one tensor share their step sizes: each parameter once
-    scales = list(
-        {id(p): p for layer in bank.layers.values() for p in layer.act_scale.values()}.values()
-    )
+    scales = step_sizes(bank)
     scale_ids = {id(p) for p in scales}
     weights = [p for p in bank.parameters() if p.requires_grad and id(p) not in scale_ids]
     optimizer = torch.optim.Adam(
@@ -142,10 +153,8 @@ def train_bank(
         for subnet, is_teacher in steps_plan:
             bank.set_subnet(subnet)
             logits = bank(torch.cat([x_s, x_t]))
-            logits_s, logits_t = logits[: len(x_s)], logits[len(x_s) :]
-            loss = F.cross_entropy(logits_s, y_s) + cfg.im_weight * information_maximisation(
-                logits_t
-            )
+            logits_t = logits[len(x_s) :]
+            loss = uda_loss(logits, y_s, cfg.im_weight)
             if is_teacher:
                 teacher = logits_t.detach().softmax(1)
             elif cfg.distill and teacher is not None:
