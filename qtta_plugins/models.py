@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import zoo
 from .data import cache_dir, load_source, to_channels
 from .data.corruption import save_atomic
+from .data.sources import ImageSet
 from .progress import show_progress
 
 
@@ -159,6 +160,53 @@ def build(arch: str, num_classes: int = 10, *, scale: zoo.Scale = "full") -> nn.
     return zoo.build_architecture(_zoo_name(arch), num_classes, scale=scale)
 
 
+def source_model_path(
+    arch: str = "bncnn",
+    source: str = "digits",
+    *,
+    epochs: int = 12,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    root: str | None = None,
+    scale: zoo.Scale = "full",
+    max_train: int | None = None,
+) -> Path:
+    """Where :func:`train_source_model` caches the model it trains with these settings (a state
+    dict put there beforehand, e.g. the test suite's shipped model, is what it then returns)."""
+    return _training_set_and_path(
+        arch, source, epochs, batch_size, lr, seed, root, scale, max_train
+    )[1]
+
+
+def _training_set_and_path(
+    arch: str,
+    source: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    root: str | None,
+    scale: zoo.Scale,
+    max_train: int | None,
+) -> tuple[ImageSet, Path]:
+    """The training set these settings train on and the cache file of the model they give."""
+    train, _ = load_source(source, root=root, seed=seed)
+    key = f"{arch}-{train.name}-e{epochs}-b{batch_size}-lr{lr}-s{seed}-v2"
+    if scale != "full":
+        key += f"-{scale}"
+    if max_train is not None and max_train < len(train):
+        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1:
+            raise ValueError(f"max_train must be a positive int, got {max_train!r}")
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_train]
+        train = type(train)(train.x[keep], train.y[keep], f"{train.name}-{max_train}")
+        key += f"-n{max_train}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return train, Path(
+        cache_dir()
+    ) / "models" / f"{arch}-{train.name.replace('/', '_')}-{digest}.pt"
+
+
 def train_source_model(
     arch: str = "bncnn",
     source: str = "digits",
@@ -183,18 +231,9 @@ def train_source_model(
     takes minutes per Fashion-MNIST epoch for a ResNet-18, over 10 for the ViT).
     """
     channels = input_channels(arch)
-    train, _ = load_source(source, root=root, seed=seed)
-    key = f"{arch}-{train.name}-e{epochs}-b{batch_size}-lr{lr}-s{seed}-v2"
-    if scale != "full":
-        key += f"-{scale}"
-    if max_train is not None and max_train < len(train):
-        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1:
-            raise ValueError(f"max_train must be a positive int, got {max_train!r}")
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_train]
-        train = type(train)(train.x[keep], train.y[keep], f"{train.name}-{max_train}")
-        key += f"-n{max_train}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    path = Path(cache_dir()) / "models" / f"{arch}-{train.name.replace('/', '_')}-{digest}.pt"
+    train, path = _training_set_and_path(
+        arch, source, epochs, batch_size, lr, seed, root, scale, max_train
+    )
     torch.manual_seed(seed)  # initial weights too, whatever the caller drew before
     model = build(arch, num_classes=int(train.y.max()) + 1, scale=scale)
     if cache and path.exists():

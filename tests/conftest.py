@@ -3,12 +3,18 @@
 Threads are pinned to 2 (oversubscribing small CPU machines slows tiny models many-fold). Trained
 models and corrupted sets go to the user cache (``QTTA_CACHE_DIR`` or ``~/.cache/qtta-plugins``), so
 a second run of the suite reuses them.
+
+The digits BN CNN (seed 0) that most tests use is shipped (``tests/fixtures``) and put in the cache
+under ``train_source_model``'s own file name before the first test, replacing a model this machine
+trained: training ends elsewhere on another CPU type, and the suite's measured bounds hold for the
+model they were measured on (``tests/fixtures/make_source_model.py`` says how it was made).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 os.environ.setdefault("QTTA_QUIET", "1")
@@ -20,6 +26,23 @@ torch.set_num_threads(2)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 SEED = 0
+SHIPPED_SOURCE_MODEL = Path(__file__).parent / "fixtures" / "bncnn-digits-s0.pt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shipped_source_model() -> Path:
+    """The cache file of ``train_source_model("bncnn", "digits", seed=0)``, holding the shipped
+    model (copied there when missing or different)."""
+    from qtta_plugins.models import source_model_path
+
+    path = source_model_path("bncnn", "digits", seed=SEED)
+    shipped = SHIPPED_SOURCE_MODEL.read_bytes()
+    if not path.exists() or path.read_bytes() != shipped:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".shipped.tmp")
+        tmp.write_bytes(shipped)
+        tmp.replace(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +59,7 @@ def calib(digits):
 
 
 @pytest.fixture(scope="session")
-def float_cnn():
+def float_cnn(shipped_source_model):
     from qtta_plugins.models import train_source_model
 
     return train_source_model("bncnn", "digits", seed=SEED, progress=False)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtta_plugins.ranges import least_error_ratio, symmetric_weight_error
+from qtta_plugins.ranges import (
+    ActivationRange,
+    least_error_ratio,
+    percentile,
+    symmetric_weight_error,
+)
 
 
 def test_each_group_gets_the_ratio_of_its_least_error_earlier_on_ties():
@@ -28,3 +33,29 @@ def test_at_two_bits_the_searched_threshold_beats_min_max():
     ratio = least_error_ratio(torch.linspace(0.01, 1.0, 100), lambda r: error(r * absmax))
     assert (ratio < 0.5).all()
     assert (error(ratio * absmax) < 0.8 * error(absmax)).all()
+
+
+def test_percentile_is_the_nearest_rank_value():
+    x = torch.arange(1000, dtype=torch.float32).flip(0).reshape(10, 100)
+    assert float(percentile(x, 50.0)) == 499.0
+    assert float(percentile(x, 100.0)) == 999.0 and float(percentile(x, 0.0)) == 0.0
+    assert float(percentile(x, 99.9)) == 998.0
+    with pytest.raises(ValueError, match="q must be in"):
+        percentile(x, 101.0)
+    with pytest.raises(ValueError, match="empty"):
+        percentile(torch.empty(0), 50.0)
+
+
+def test_activation_range_averages_per_batch_percentiles_and_holds_zero():
+    stats = ActivationRange(high=100.0)  # the max of each batch
+    stats.update(torch.tensor([1.0, 2.0, -4.0]))
+    stats.update(torch.tensor([3.0, 6.0, 0.5]))
+    assert stats.batches == 2
+    assert float(stats.threshold()) == pytest.approx((4.0 + 6.0) / 2)
+    low, high = stats.interval()
+    assert float(low) == pytest.approx((-4.0 + 0.5) / 2) and float(high) == pytest.approx(4.0)
+    positive = ActivationRange(high=100.0)
+    positive.update(torch.tensor([1.0, 2.0]))
+    assert float(positive.interval()[0]) == 0.0  # widened to hold 0
+    with pytest.raises(ValueError, match="saw no batch"):
+        ActivationRange().threshold()

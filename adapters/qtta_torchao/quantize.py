@@ -67,8 +67,12 @@ def weight_spec(bits: int):
 
 
 def act_spec(bits: int):
-    """Per-tensor affine activation fake-quant on ``[0, 2^b - 1]``, min-max calibrated."""
+    """Per-tensor affine activation fake-quant on ``[0, 2^b - 1]``: min-max calibrated at 8 bit
+    (torchao's ``MinMaxObserver``), below 8 bit with the percentile rule every backend shares
+    (:class:`~qtta_torchao.observers.PercentileObserver`)."""
     pt2e = torchao_module("torchao.quantization.pt2e")
+    from .observers import PercentileObserver
+
     qz = torchao_module("torchao.quantization.pt2e.quantizer")
     qmax = 2**bits - 1
     return qz.QuantizationSpec(
@@ -78,7 +82,7 @@ def act_spec(bits: int):
         qscheme=torch.per_tensor_affine,
         is_dynamic=False,
         observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
-            observer=pt2e.MinMaxObserver,
+            observer=pt2e.MinMaxObserver if bits >= 8 else PercentileObserver,
             quant_min=0,
             quant_max=qmax,
             dtype=torch.uint8,
