@@ -17,8 +17,9 @@ import torch
 
 import qtta_plugins
 from qtta_plugins.data.corruption import cache_dir, save_atomic
+from qtta_plugins.methods.ttaq import TTAQConfig
 from qtta_plugins.models import accuracy
-from qtta_plugins.view import copy_model
+from qtta_plugins.view import copy_model, state_fingerprint
 
 #: PTQ variant -> (reconstruction method or None for the backend's own ranges, options)
 PTQ = {
@@ -60,7 +61,7 @@ def ptq_model(
 
     ``model_key`` names the float model (its architecture, data and training settings); with the
     backend, bits, variant, seed, iterations and the calibration images' checksum it keys the
-    cache. ``base``: ``quantize(model, backend, bits, calib)`` if the caller has it already.
+    cache, with a fingerprint of the quantized starting point. ``base``: ``quantize(model, backend, bits, calib)`` if the caller has it already.
     """
     method, options = PTQ[name]
     if base is None:
@@ -68,7 +69,16 @@ def ptq_model(
     if method is None:
         return base, False
     x = torch.cat(calib)
-    key = f"{model_key}|{backend}|{bits.lower()}|{name}|s{seed}|i{iters}|{len(x)}|{x.sum().item():.6e}"
+    # the quantized starting point's state too: a change to quantize (its ranges) must not find
+    # the reconstruction of the old starting point
+    start = state_fingerprint(qtta_plugins.quant_view(base))[:12]
+    # and every option of the reconstruction, defaults included (a changed default is a new model)
+    config = TTAQConfig(method=method, iters=iters, seed=seed, **options)
+    options_key = ",".join(f"{k}={v}" for k, v in sorted(vars(config).items()) if k != "progress")
+    key = (
+        f"{model_key}|{backend}|{bits.lower()}|{name}|s{seed}|i{iters}|{len(x)}"
+        f"|{x.sum().item():.6e}|{start}|{options_key}"
+    )
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = (
         Path(cache_dir())

@@ -19,10 +19,11 @@ a ratio to torchao's), since the three calibrate activations differently.
 
 ``--act-steps-from BACKEND`` gives every backend that backend's activation step sizes (layer by
 layer, each keeping its own zero point) before anything is measured: if the backends then end
-alike, the activation ranges they calibrate are what separates them. ``--no-shared-inputs``
-simulates every backend as if it quantized only layer inputs: NNCF quantizes an activation once,
-at its producer, so a residual shortcut reads the quantized tensor too (the simulation copies that);
-this switch takes it out, to measure what that placement costs.
+alike, the activation ranges they calibrate are what separates them. ``--shared-inputs`` makes the
+reconstruction's simulation quantize a residual block's identity path where the backend does (NNCF
+quantizes an activation once, at its producer, so the identity path reads the quantized tensor
+too); by default (``TTAQConfig.shared_inputs=False``) it learns with that path in float. The
+"start" column always simulates the backend as it is.
 """
 
 from __future__ import annotations
@@ -92,12 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--act-steps-from", default=None, help="a backend whose steps all use")
-    parser.add_argument("--no-shared-inputs", action="store_true")
+    parser.add_argument("--shared-inputs", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.no_shared_inputs:  # a diagnostic: the simulation no longer matches such a backend
-        Simulation._quantize_shared_block_inputs = lambda self, probe: None
 
     model = train_source_model(args.model, args.source, seed=0, **MODELS[args.model])
     n_test = None if args.source == "digits" else 2000
@@ -123,12 +122,18 @@ def main(argv: list[str] | None = None) -> None:
                 "backend": backend,
                 "seed": seed,
                 "act_steps_from": args.act_steps_from or backend,
-                "shared_inputs": not args.no_shared_inputs,
+                "shared_inputs": args.shared_inputs,
                 "quantized": accuracy(qm, test_x, test.y),
                 "start": sim_accuracy(start, test_x, test.y),
                 "unsimulated_quantizers": len(start.unsimulated),
             }
-            config = TTAQConfig(method=args.method, iters=args.iters, seed=seed, progress=False)
+            config = TTAQConfig(
+                method=args.method,
+                iters=args.iters,
+                seed=seed,
+                shared_inputs=args.shared_inputs,
+                progress=False,
+            )
             sim = reconstruct_view(view, model, calib, config)
             row["simulated"] = sim_accuracy(sim, test_x, test.y)
             row["backend_after"] = accuracy(qm, test_x, test.y)

@@ -417,9 +417,8 @@ def test_reconstruction_writes_back_on_shipped_models(family, backend, float_mod
         out = qtta_plugins.reconstruct(qmodel, model, calib[:1], method, iters=2)
         assert qtta_plugins.quant_view(out).backend == backend and out is not qmodel
     view = qtta_plugins.quant_view(qmodel)
-    sim = reconstruct_view(
-        view, model, calib[:1], TTAQConfig(method="ttaq", iters=4, lr_round=0.5, lr_scale=0.01)
-    )
+    config = TTAQConfig(method="ttaq", iters=4, lr_round=0.5, lr_scale=0.01, shared_inputs=True)
+    sim = reconstruct_view(view, model, calib[:1], config)
     for q in view.quantizers():  # NNCF's quantizers the simulation leaves out (and says so)
         if q.name in sim.unsimulated:
             q.enabled = False

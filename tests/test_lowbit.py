@@ -68,14 +68,22 @@ def test_backends_agree_at_w4a4(float_cnn, calib, held_out) -> None:
 
 
 @pytest.mark.slow
-def test_torchao_w2a4_reconstructs_far_above_chance(float_cnn, calib, held_out) -> None:
-    """With min-max weight ranges torchao's W2A4 stayed at chance after any reconstruction (9%
-    after ``qdrop``, 200 iterations per block); with the MSE ranges it reaches 45-47% (Brevitas
-    51%, NNCF 29% in the same run: benchmarks/lowbit_ptq.py --model bncnn --source digits)."""
+def test_backends_agree_at_w2a4_after_qdrop(float_cnn, calib, held_out) -> None:
+    """Issue 14's W2A4 target at the small CNN's scale: after ``qdrop`` (200 iterations per block)
+    every backend within 5 points of the best. With min-max weight ranges torchao stayed at chance
+    (9 %); with per-backend activation rules torchao and NNCF ended 9.5 and 18.3 points below
+    Brevitas. Measured with the shared ranges (benchmarks/lowbit_ptq.py, 1024 calibration images,
+    3 seeds): Brevitas 67.8, NNCF 69.1, torchao 69.1 %."""
+    if len(BACKENDS) < 2:
+        pytest.skip("needs two backends")
     x, y = held_out
-    base = qtta_plugins.quantize(float_cnn, "torchao", "w2a4", calib)
-    rec = qtta_plugins.reconstruct(base, float_cnn, calib, "qdrop", iters=200, seed=0)
-    assert accuracy(rec, x, y) >= 35.0
+    w2 = {}
+    for backend in BACKENDS:
+        base = qtta_plugins.quantize(float_cnn, backend, "w2a4", calib)
+        rec = qtta_plugins.reconstruct(base, float_cnn, calib, "qdrop", iters=200, seed=0)
+        w2[backend] = accuracy(rec, x, y)
+    assert max(w2.values()) - min(w2.values()) <= 5.0, w2
+    assert min(w2.values()) >= 45.0, w2  # far above chance (10 %) and min-max (18-19 %)
 
 
 def _layer_inputs(model: torch.nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict:

@@ -124,6 +124,14 @@ def test_simulation_reproduces_the_backend_model(backend, float_cnn, calib, held
     # range's low end rather than from zero: those elements differ by one step (measured: 6%
     # output difference on the digits CNN at W4A4, 0 once reconstruction puts weights on the grid).
     assert simulation_gap(sim, qm, held_out) < (0.1 if backend == "nncf" else 1e-3)
+    # without shared_inputs the identity paths of NNCF's residual blocks stay float: a function
+    # the backend does not compute (what the reconstruction learns on by default), and the same
+    # function as before on the backends that quantize per consumer
+    unshared = Simulation(
+        view, float_cnn, learn_act_scales=True, probe=held_out[:8], shared_inputs=False
+    )
+    gap = simulation_gap(unshared, qm, held_out)
+    assert gap > 0.1 if backend == "nncf" else gap < 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,7 +148,8 @@ def test_write_back_is_exact(backend, float_cnn, calib, held_out) -> None:
         for layer in view.layers()
     }
     steps = {q.name: q.grid().scale.clone() for q in view.quantizers() if q.role == "act"}
-    config = TTAQConfig(method="qdrop", iters=8, lr_round=0.5, lr_scale=0.01)
+    # shared_inputs: the simulation quantizes NNCF's residual identity paths as NNCF does
+    config = TTAQConfig(method="qdrop", iters=8, lr_round=0.5, lr_scale=0.01, shared_inputs=True)
     sim = reconstruct_view(view, float_cnn, calib[:1], config)
     moved = sum(
         int((view.weight_quantizer_input(layer) != nearest[layer.name]).sum())

@@ -102,6 +102,14 @@ class TTAQConfig(ReconstructConfig):
     logits: bool | None = None
     logits_weight: float = 0.1
     shift_strength: float = 1.0  # scales the photometric jitter / noise of the shifted views
+    # NNCF quantizes an activation once, at its producer, so a residual block's identity path
+    # adds the same 4-bit tensor its first conv reads. True: the simulation quantizes that path
+    # too, as the backend does. False (default): it learns with that path in float, and the
+    # result is written back into the backend, where the path is quantized. Measured on the digits
+    # BN CNN at W2A4 after qdrop (3 seeds): NNCF 63.1 +- 0.8 % with True, 69.1 +- 0.5 % with False
+    # (docs/backends.md): learning the step through both readers fits neither. Torchao and
+    # Brevitas quantize per consumer, so this changes nothing for them.
+    shared_inputs: bool = False
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -258,13 +266,19 @@ class Simulation:
     """The float model with every quantized layer of the backend model replaced by a
     :class:`SimLayer` on that layer's grids. ``model`` is the simulated network.
 
-    An activation quantizer the backend applies to its producer's output for every consumer
-    (``shared_by_consumers``) is also applied to the block's input when it quantizes the block's
-    input, so a residual shortcut reads the quantized tensor there too, as in the backend.
+    With ``shared_inputs``, an activation quantizer the backend applies to its producer's output
+    for every consumer (``shared_by_consumers``) is also applied to the block's input when it
+    quantizes the block's input, so a residual shortcut reads the quantized tensor there too, as
+    in the backend (see :attr:`TTAQConfig.shared_inputs`).
     """
 
     def __init__(
-        self, view: QuantView, fp_model: nn.Module, learn_act_scales: bool, probe: torch.Tensor
+        self,
+        view: QuantView,
+        fp_model: nn.Module,
+        learn_act_scales: bool,
+        probe: torch.Tensor,
+        shared_inputs: bool = True,
     ) -> None:
         self.view = view
         self.model = copy_model(fp_model).eval()
@@ -303,7 +317,8 @@ class Simulation:
             sim = SimLayer(module, layer.weight.detach().clone(), rounded, weight_grid, act)
             self.model.set_submodule(layer.name, sim)
             self.layers[layer.name] = (sim, layer)
-        self._quantize_shared_block_inputs(probe)
+        if shared_inputs:
+            self._quantize_shared_block_inputs(probe)
         # By name: a view hands out new handle objects on every call.
         simulated = set(self.acts) | {
             layer.weight_quantizer.name
@@ -516,7 +531,7 @@ def reconstruct_view(
     fp = copy_model(fp_model).eval()
     for p in fp.parameters():
         p.requires_grad_(False)
-    sim = Simulation(view, fp_model, config.learn_act_scales, x[:8])
+    sim = Simulation(view, fp_model, config.learn_act_scales, x[:8], config.shared_inputs)
     x_shift = shifted_views(x, gen, config.shift_strength) if config.needs_shifted_views else None
     variances: dict[str, torch.Tensor] = {}
     if config.pem:
