@@ -3,8 +3,8 @@
 On scikit-learn's bundled digits (nothing is downloaded), with one backend (torchao by default):
 
 1. **TTAQ**: quantize at low precision, reconstruct with ``qdrop`` and with ``ttaq`` (demo-sized
-   iterations), then adapt with Tent (+ ABL) against min-max PTQ + Tent, on an i.i.d. and a
-   class-imbalanced (Dirichlet) continual stream of the 15 corruptions at severity 5.
+   iterations), then adapt with Tent (+ ABL) against PTQ without reconstruction + Tent, on an
+   i.i.d. and a class-imbalanced (Dirichlet) continual stream of the 15 corruptions at severity 5.
 2. **ZOA**: the deployable model (what :func:`qtta_plugins.export` gives, where the backend's export
    is a torch module our view recognises: torchao's integer Q/DQ graph; otherwise the quantized
    model), adapted forward-only with ZOA against FOA and BN-adapt (``norm``), with the time per
@@ -177,18 +177,20 @@ def run_tour(
 
 # --- 1. TTAQ ------------------------------------------------------------------------------------
 def _ttaq_part(result, model, calib, test, streams, iters, seed, progress, say):
-    say(f"\n[TTAQ] quantize at {result.bits} (min-max), reconstruct with qdrop and ttaq")
-    ptq = {"min-max": quantize(model, backend=result.backend, bits=result.bits, calib=calib)}
-    notes = {"min-max": "PTQ: min-max ranges"}
+    say(f"\n[TTAQ] quantize at {result.bits}, then reconstruct with qdrop and ttaq")
+    # "PTQ only": quantize's calibrated ranges (least-error weights, percentile activations below
+    # 8 bit), no reconstruction
+    ptq = {"ptq": quantize(model, backend=result.backend, bits=result.bits, calib=calib)}
+    notes = {"ptq": "PTQ: calibrated ranges only"}
     for method in ("qdrop", "ttaq"):
         t = time.perf_counter()
         ptq[method] = reconstruct(
-            ptq["min-max"], model, calib, method, iters=iters, seed=seed, progress=progress
+            ptq["ptq"], model, calib, method, iters=iters, seed=seed, progress=progress
         )
         notes[method] = f"reconstruct {iters} it/block: {time.perf_counter() - t:.0f}s"
     clean = {name: accuracy(q, test.x, test.y) for name, q in ptq.items()}
     rows = (
-        ("min-max + Tent", "min-max", False),
+        ("PTQ only + Tent", "ptq", False),
         ("QDrop + Tent", "qdrop", False),
         ("QDrop + Tent + ABL", "qdrop", True),
         ("TTAQ + Tent + ABL", "ttaq", True),
@@ -205,7 +207,7 @@ def _ttaq_part(result, model, calib, test, streams, iters, seed, progress, say):
             Row("TTAQ", label, clean[name], errors["iid"], errors["dirichlet"], notes[name])
         )
         say(f"  {label:<20} error {errors['iid']:.1f} (Dirichlet {errors['dirichlet']:.1f})")
-    return ptq["min-max"]
+    return ptq["ptq"]
 
 
 # --- 2. ZOA -------------------------------------------------------------------------------------

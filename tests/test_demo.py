@@ -28,7 +28,7 @@ def test_the_tour_has_each_part_and_its_rows(short_tour):
     result, _ = short_tour
     names = {(r.part, r.name) for r in result.rows}
     for expected in [
-        ("TTAQ", "min-max + Tent"),
+        ("TTAQ", "PTQ only + Tent"),
         ("TTAQ", "QDrop + Tent + ABL"),
         ("TTAQ", "TTAQ + Tent + ABL"),
         ("ZOA", "source (no adaptation)"),

@@ -57,8 +57,8 @@ def test_w6a6_quantizes_on_every_backend(backend, float_cnn, calib, held_out) ->
 
 
 def test_backends_agree_at_w4a4(float_cnn, calib, held_out) -> None:
-    """W4A4 after ``quantize``: each backend within 2 points of the best (measured: torchao
-    98.5, Brevitas 98.0, NNCF 99.0 on these 400 images)."""
+    """W4A4 after ``quantize``: each backend within 2 points of the best (measured on the shipped
+    model: torchao 97.75, Brevitas 97.5, NNCF 97.75 on these 400 images; W6A6 99.75 on all three)."""
     if len(BACKENDS) < 2:
         pytest.skip("needs two backends")
     x, y = held_out
