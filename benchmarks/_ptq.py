@@ -61,7 +61,9 @@ def ptq_model(
 
     ``model_key`` names the float model (its architecture, data and training settings); with the
     backend, bits, variant, seed, iterations and the calibration images' checksum it keys the
-    cache, with a fingerprint of the quantized starting point. ``base``: ``quantize(model, backend, bits, calib)`` if the caller has it already.
+    cache, with a fingerprint of the quantized starting point and every option of the
+    reconstruction. ``base``: ``quantize(model, backend, bits, calib)`` if the caller has it
+    already.
     """
     method, options = PTQ[name]
     if base is None:
@@ -72,8 +74,9 @@ def ptq_model(
     # the quantized starting point's state too: a change to quantize (its ranges) must not find
     # the reconstruction of the old starting point
     start = state_fingerprint(qtta_plugins.quant_view(base))[:12]
-    # and every option of the reconstruction, defaults included (a changed default is a new model)
-    config = TTAQConfig(method=method, iters=iters, seed=seed, **options)
+    # and every option of the reconstruction, defaults included (a changed default is a new
+    # model): the config that keys the cache is the one that runs
+    config = TTAQConfig(method=method, iters=iters, seed=seed, progress=False, **options)
     options_key = ",".join(f"{k}={v}" for k, v in sorted(vars(config).items()) if k != "progress")
     key = (
         f"{model_key}|{backend}|{bits.lower()}|{name}|s{seed}|i{iters}|{len(x)}"
@@ -89,9 +92,7 @@ def ptq_model(
         qm = copy_model(base)  # the same quantize as the reconstruction started from
         qm.load_state_dict(torch.load(path, weights_only=True))
         return qm, True
-    qm = qtta_plugins.reconstruct(
-        base, model, calib, method, iters=iters, seed=seed, progress=False, **options
-    )
+    qm = qtta_plugins.reconstruct(base, model, calib, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(path, qm.state_dict())
     return qm, False
