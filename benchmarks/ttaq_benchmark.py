@@ -328,6 +328,9 @@ COMPARISONS = [
     ("without PEM", "TTAQ -PEM + Tent + ABL", "TTAQ + Tent + ABL"),
     ("without PCR", "TTAQ -PCR + Tent + ABL", "TTAQ + Tent + ABL"),
     ("without L_logits", "TTAQ -L_logits + Tent + ABL", "TTAQ + Tent + ABL"),
+    ("without PEM, with Tent", "TTAQ -PEM + Tent", "TTAQ + Tent"),
+    ("without PCR, with Tent", "TTAQ -PCR + Tent", "TTAQ + Tent"),
+    ("without L_logits, with Tent", "TTAQ -L_logits + Tent", "TTAQ + Tent"),
     ("TTAQ's reconstruction, no adaptation", "TTAQ + no adaptation", "BRECQ/QDrop + no adaptation"),
     (
         "QDrop's reconstruction, no adaptation",

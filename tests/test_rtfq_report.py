@@ -127,3 +127,97 @@ def test_a_stopped_run_keeps_the_pieces_it_finished(tmp_path, monkeypatch, float
     (entry,) = json.loads(out.read_text())["runs"]
     assert len(calls) == len(rb.SEPARATE) - 2
     assert [r["name"] for r in entry["rows"]] == [s.name for s in rb.SEPARATE]
+
+
+def test_the_orders_report_pairs_each_run_and_joins_the_taught_bank(tmp_path):
+    import json
+
+    import rtfq_orders
+
+    def cell(fl: float, bank_full: float, small: float, distilled: float) -> dict:
+        return {
+            "float_uda": fl,
+            "separate_full": fl - 1.0,
+            "distilled_small": distilled,
+            "bank_full": bank_full,
+            "bank_small": small,
+            "bank_mean": 40.0,
+        }
+
+    runs = tmp_path / "runs.json"
+    runs.write_text(
+        json.dumps(
+            {
+                "setup": "s",
+                "cells": {"0/0": cell(40.0, 44.0, 38.0, 37.0), "0/1": cell(42.0, 40.0, 33.0, 36.0)},
+            }
+        )
+    )
+    taught = tmp_path / "taught.json"
+    taught.write_text(
+        json.dumps(
+            {
+                "setup": "s",
+                "cells": {},
+                "teacher": {
+                    "0/1": {
+                        "float_uda": 42.0,
+                        "teacher_full": 43.0,
+                        "teacher_small": 35.5,
+                        "teacher_mean": 39.0,
+                    }
+                },
+            }
+        )
+    )
+    text = rtfq_orders.render([str(runs), str(taught)])
+    # bank - float UDA per run (+4.0, -2.0) and over runs; smallest - distilled (+1.0, -3.0)
+    assert "| +4.0 |" in text and "| -2.0 |" in text
+    assert "bank full - float UDA, all 2 runs: +1.0 ± 4.2 (1 of 2 at or above zero)" in text
+    assert "bank smallest - distilled, all 2 runs: -1.0 ± 2.8" in text
+    # the taught bank is paired with the same seed and order's distilled subnet and default bank
+    assert "| 0 | 1 | 42.0 | 43.0 | 35.5 | 39.0 | -0.5 | +2.5 |" in text
+    assert "its smallest - the distilled subnet, 1 runs: -0.5 ± 0.0" in text
+
+
+def test_the_orders_run_reads_order_zero_from_the_reported_file(tmp_path):
+    import json
+
+    import rtfq_orders
+
+    reported = tmp_path / "reported.json"
+    names = ("x1-32px-W8A8", "x0.5-24px-W4A4")
+    reported.write_text(
+        json.dumps(
+            {
+                "setup": "s",
+                "runs": [
+                    {
+                        "task": "fashion->fashion-fog",
+                        "seed": 2,
+                        "float_uda": 48.0,
+                        "rows": [{"name": "x1-32px-W8A8", "accuracy": 41.0}],
+                        "distilled": [{"name": "x0.5-24px-W4A4", "accuracy": 43.2}],
+                        "banks": {
+                            rb.MAIN: {
+                                "rows": [
+                                    {"name": n, "accuracy": a}
+                                    for n, a in zip(names, (42.6, 36.0), strict=True)
+                                ]
+                            }
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    row = rtfq_orders.reported(reported, "fashion->fashion-fog", 2)
+    assert row == {
+        "float_uda": 48.0,
+        "separate_full": 41.0,
+        "distilled_small": 43.2,
+        "bank_full": 42.6,
+        "bank_small": 36.0,
+        "bank_mean": pytest.approx(39.3),
+    }
+    assert rtfq_orders.reported(reported, "fashion->fashion-fog", 1) is None

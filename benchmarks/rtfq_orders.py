@@ -1,0 +1,304 @@
+"""How much of an RTF-Q target difference is the training run's own luck (issue 14, part 4).
+
+    python benchmarks/rtfq_orders.py --seeds 0 1 2 --orders 1 2 \
+        --out benchmarks/results/rtfq_resnet18_fog_im0.1_orders.json
+    python benchmarks/rtfq_orders.py --render benchmarks/results/rtfq_resnet18_fog_im0.1_orders*.json
+
+The reported fog table (``rtfq_benchmark.py --im-weight 0.1``) compares one float UDA run with one
+bank run per seed. This repeats, on each seed's own source model and splits, the rows the two
+missed targets compare, under other training orders: order ``k`` trains with seed
+``seed + 1000 * k`` (the batches drawn, and for a bank the random subnets of each step); order 0
+is the reported run, read from ``--reported``. Per seed and order:
+
+- float UDA (the benchmark's ``float_uda``);
+- the full subnet x1-32px-W8A8 trained alone on the same loss (quantization-aware, 8 bit);
+- the smallest subnet x0.5-24px-W4A4 distilled from this order's float UDA model;
+- the default bank (SandwichQ + multi-bit): its full subnet, its smallest, its mean.
+
+A target difference whose sign changes with the order on one source model is the run's luck,
+not the method's; one that keeps its sign over orders is the method's.
+
+    python benchmarks/rtfq_orders.py --teacher --seeds 0 1 2 --orders 0 1 \
+        --out benchmarks/results/rtfq_resnet18_fog_im0.1_orders_teacher.json
+
+instead trains, per seed and order, float UDA again and the default bank with that float UDA model
+as every subnet's fixed teacher (``run_teacher``): whether the bank's smallest subnet trails the
+distilled one for its teacher (the bank's own full subnet, adapting alongside it, its weight
+rising from 0) or for sharing its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("QTTA_QUIET", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from qtta_plugins.methods.rtfq import RTFQConfig, Subnet, SubnetBank, train_bank  # noqa: E402
+from qtta_plugins.models import accuracy  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import load_or_start, save  # noqa: E402
+from rtfq_benchmark import MAIN, float_uda, task_data  # noqa: E402
+
+FULL, SMALL = Subnet(1.0, 32, 8), Subnet(0.5, 24, 4)
+ROWS = ("float_uda", "separate_full", "distilled_small", "bank_full", "bank_small", "bank_mean")
+
+
+def one_subnet(data: dict, subnet: Subnet, steps: int, seed: int, im: float, teacher=None) -> float:
+    """``subnet`` trained alone (distilled from ``teacher`` if given), as the benchmark does."""
+    cfg = RTFQConfig(
+        widths=(subnet.width,),
+        resolutions=(subnet.resolution,),
+        bits=(subnet.bits,),
+        n_random=0,
+        distill=teacher is not None,
+        distill_warmup=0.0,
+        im_weight=im,
+        steps=steps,
+        seed=seed,
+        progress=False,
+    )
+    bank = SubnetBank(data["model"], data["target"], cfg)
+    train_bank(bank, data["source"], data["target"], teacher=teacher)
+    return bank.evaluate(*data["test"])[0]["accuracy"]
+
+
+def run_order(data: dict, steps: int, seed: int, im: float) -> dict:
+    x, y = data["test"]
+    start = time.perf_counter()
+    fl = float_uda(
+        data["model"], data["source"], data["target"], steps, 64, RTFQConfig.lr, seed, im
+    )
+    out = {"float_uda": accuracy(fl, x, y)}
+    out["separate_full"] = one_subnet(data, FULL, steps, seed, im)
+    out["distilled_small"] = one_subnet(data, SMALL, steps, seed, im, teacher=fl)
+    cfg = RTFQConfig(steps=steps, seed=seed, progress=False, im_weight=im)
+    bank = SubnetBank(data["model"], data["target"], cfg)
+    train_bank(bank, data["source"], data["target"])
+    rows = {r["name"]: r["accuracy"] for r in bank.evaluate(x, y)}
+    out.update(
+        bank_full=rows[FULL.name],
+        bank_small=rows[SMALL.name],
+        bank_mean=statistics.mean(rows.values()),
+    )
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def run_teacher(data: dict, steps: int, seed: int, im: float) -> dict:
+    """The default bank with the float UDA model as every subnet's fixed teacher, at full weight
+    from the first step (``distill_warmup=0``, as the distilled separate subnets are): what the
+    bank's subnets reach when their teacher is not the bank's own, still adapting, full subnet."""
+    x, y = data["test"]
+    start = time.perf_counter()
+    fl = float_uda(
+        data["model"], data["source"], data["target"], steps, 64, RTFQConfig.lr, seed, im
+    )
+    out = {"float_uda": accuracy(fl, x, y)}
+    cfg = RTFQConfig(steps=steps, seed=seed, progress=False, im_weight=im, distill_warmup=0.0)
+    bank = SubnetBank(data["model"], data["target"], cfg)
+    train_bank(bank, data["source"], data["target"], teacher=fl)
+    rows = {r["name"]: r["accuracy"] for r in bank.evaluate(x, y)}
+    out.update(
+        teacher_full=rows[FULL.name],
+        teacher_small=rows[SMALL.name],
+        teacher_mean=statistics.mean(rows.values()),
+        seconds=time.perf_counter() - start,
+    )
+    return out
+
+
+def reported(path: Path, task: str, seed: int) -> dict | None:
+    """Order 0: the rows of the reported run of ``task`` at ``seed``."""
+    if not path.exists():
+        return None
+    run = next(
+        (r for r in json.loads(path.read_text())["runs"] if (r["task"], r["seed"]) == (task, seed)),
+        None,
+    )
+    if run is None or MAIN not in run["banks"]:
+        return None
+    rows = {r["name"]: r["accuracy"] for r in run["banks"][MAIN]["rows"]}
+    pick = {r["name"]: r["accuracy"] for r in run["rows"]}
+    distilled = {r["name"]: r["accuracy"] for r in run["distilled"]}
+    return {
+        "float_uda": run["float_uda"],
+        "separate_full": pick.get(FULL.name),
+        "distilled_small": distilled.get(SMALL.name),
+        "bank_full": rows[FULL.name],
+        "bank_small": rows[SMALL.name],
+        "bank_mean": statistics.mean(rows.values()),
+    }
+
+
+def render(files: list[str]) -> str:
+    cells: dict[tuple[int, int], dict] = {}
+    taught: dict[tuple[int, int], dict] = {}
+    setup = None
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        setup = setup or res["setup"]
+        for part, into in (("cells", cells), ("teacher", taught)):
+            for key, row in res.get(part, {}).items():
+                seed, order = map(int, key.split("/"))
+                into.setdefault((seed, order), row)
+    lines = [
+        f"Setup: {setup}.",
+        "",
+        "| seed | order | float UDA | x1-32px-W8A8 alone | bank x1-32px-W8A8 | bank - float UDA | "
+        "x0.5-24px-W4A4 distilled | bank x0.5-24px-W4A4 | bank - distilled | bank mean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    diffs: dict[str, list[float]] = {"full": [], "small": [], "alone": []}
+    for (seed, order), r in sorted(cells.items()):
+        full, small = r["bank_full"] - r["float_uda"], r["bank_small"] - r["distilled_small"]
+        diffs["full"].append(full)
+        diffs["small"].append(small)
+        diffs["alone"].append(r["separate_full"] - r["float_uda"])
+        lines.append(
+            f"| {seed} | {order} | {r['float_uda']:.1f} | {r['separate_full']:.1f} | "
+            f"{r['bank_full']:.1f} | {full:+.1f} | {r['distilled_small']:.1f} | "
+            f"{r['bank_small']:.1f} | {small:+.1f} | {r['bank_mean']:.1f} |"
+        )
+    lines.append("")
+    for seed in sorted({s for s, _ in cells}):
+        rs = [r for (s, _), r in sorted(cells.items()) if s == seed]
+        parts = []
+        for label, key in (("float UDA", "float_uda"), ("bank full", "bank_full")):
+            v = [r[key] for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            parts.append(f"{label} {statistics.mean(v):.1f} ± {sd:.1f}")
+        lines.append(f"- seed {seed}, {len(rs)} orders: " + "; ".join(parts))
+    for label, key in (
+        ("bank full - float UDA", "full"),
+        ("bank smallest - distilled", "small"),
+        ("x1-32px-W8A8 alone - float UDA", "alone"),
+    ):
+        v = diffs[key]
+        if not v:
+            continue
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        lines.append(
+            f"- {label}, all {len(v)} runs: {statistics.mean(v):+.1f} ± {sd:.1f} "
+            f"({sum(d >= 0 for d in v)} of {len(v)} at or above zero)"
+        )
+    if taught:
+        lines += [
+            "",
+            "The bank distilled from float UDA (fixed teacher, full weight from the first step), "
+            "against the same order's default bank and distilled subnet:",
+            "",
+            "| seed | order | float UDA (rerun) | bank from float UDA: x1-32px-W8A8 | "
+            "x0.5-24px-W4A4 | mean | its smallest - distilled | its smallest - default bank's |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        gaps: dict[str, list[float]] = {"distilled": [], "bank": [], "full": []}
+        for (seed, order), t in sorted(taught.items()):
+            r = cells.get((seed, order))
+            small_d = t["teacher_small"] - r["distilled_small"] if r else None
+            small_b = t["teacher_small"] - r["bank_small"] if r else None
+            if r:
+                gaps["distilled"].append(small_d)
+                gaps["bank"].append(small_b)
+                gaps["full"].append(t["teacher_full"] - t["float_uda"])
+            lines.append(
+                f"| {seed} | {order} | {t['float_uda']:.1f} | {t['teacher_full']:.1f} | "
+                f"{t['teacher_small']:.1f} | {t['teacher_mean']:.1f} | "
+                + (f"{small_d:+.1f} | {small_b:+.1f} |" if r else " | |")
+            )
+        lines.append("")
+        for label, key in (
+            ("its smallest - the distilled subnet", "distilled"),
+            ("its smallest - the default bank's smallest", "bank"),
+            ("its full subnet - float UDA", "full"),
+        ):
+            v = gaps[key]
+            if v:
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                lines.append(f"- {label}, {len(v)} runs: {statistics.mean(v):+.1f} ± {sd:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", default="fashion->fashion-fog")
+    parser.add_argument("--im-weight", type=float, default=0.1)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--orders", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--reported", default="benchmarks/results/rtfq_resnet18_fog_im0.1.json", type=Path
+    )
+    parser.add_argument("--out", default="benchmarks/results/rtfq_resnet18_fog_im0.1_orders.json")
+    parser.add_argument("--render", nargs="+", default=None, help="print the table of these files")
+    parser.add_argument(
+        "--teacher",
+        action="store_true",
+        help="instead: the bank distilled from float UDA (``run_teacher``), order 0 allowed",
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        print(render(args.render), end="")
+        return
+    torch.set_num_threads(args.threads)
+    setup = (
+        f"{args.task}, resnet18, {args.steps} steps, information maximisation x{args.im_weight:g}"
+    )
+    out = Path(args.out)
+    results = load_or_start(out, setup, {"cells": {}})
+    results.setdefault("teacher", {})
+    for seed in args.seeds if args.teacher else ():
+        data = None
+        for order in args.orders:
+            key = f"{seed}/{order}"
+            if key in results["teacher"]:
+                continue
+            data = data or task_data(args.task, seed, False, "resnet18")
+            cell = run_teacher(data, args.steps, seed + 1000 * order, args.im_weight)
+            results["teacher"][key] = cell
+            save(out, results)
+            print(
+                f"seed {seed} order {order}: float UDA {cell['float_uda']:.1f}, bank distilled "
+                f"from it: full {cell['teacher_full']:.1f}, smallest {cell['teacher_small']:.1f}, "
+                f"mean {cell['teacher_mean']:.1f} ({cell['seconds']:.0f} s)",
+                flush=True,
+            )
+    for seed in () if args.teacher else args.seeds:
+        row0 = reported(args.reported, args.task, seed)
+        if row0 is not None:
+            results["cells"][f"{seed}/0"] = row0
+        data = None
+        for order in args.orders:
+            key = f"{seed}/{order}"
+            if key in results["cells"]:
+                continue
+            data = data or task_data(args.task, seed, False, "resnet18")
+            results["cells"][key] = run_order(data, args.steps, seed + 1000 * order, args.im_weight)
+            save(out, results)
+            r = results["cells"][key]
+            print(
+                f"seed {seed} order {order}: "
+                + ", ".join(f"{k} {r[k]:.1f}" for k in ROWS)
+                + f" ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+        save(out, results)
+    print(render([str(out)]), end="")
+
+
+if __name__ == "__main__":
+    main()
