@@ -3,6 +3,8 @@
     python benchmarks/lowbit_ptq.py                                   # ResNet-18 on Fashion-MNIST, 3 seeds
     python benchmarks/lowbit_ptq.py --model bncnn --source digits    # the small BN CNN of the issue
     python benchmarks/lowbit_ptq.py --render benchmarks/results/lowbit_ptq_resnet18.json
+    python benchmarks/lowbit_ptq.py --render benchmarks/results/lowbit_ptq_resnet18_shared_ranges.json \
+        benchmarks/results/lowbit_ptq_bncnn_shared_ranges.json --plot docs/lowbit_ptq_shared_ranges.png
 
 For each backend, bit-width and seed: ``qtta_plugins.quantize`` (the backend's ranges: min-max
 activations, MSE weight thresholds) and then the reconstructions asked for (``--ptq``). A seed
@@ -84,6 +86,44 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(files: dict[str, dict], path: str):
+    """Clean accuracy per backend (mean ± sd over seeds) for each bit-width and PTQ, one panel per
+    results file (``{title: results}``), the float model as a dashed line; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 3.6), squeeze=False)
+    for ax, (title, results) in zip(axes[0], files.items(), strict=True):
+        stats = summarize(results["rows"])
+        backends = sorted({k[0] for k in stats})
+        groups = sorted(
+            {k[1:] for k in stats},
+            key=lambda g: (-int(g[0][1 : g[0].index("A")]), list(PTQ).index(g[1])),
+        )
+        width = 0.8 / len(backends)
+        for k, backend in enumerate(backends):
+            xs = [i + (k - (len(backends) - 1) / 2) * width for i in range(len(groups))]
+            got = [stats.get((backend, *g)) for g in groups]
+            ax.bar(
+                xs,
+                [s[0] if s else float("nan") for s in got],
+                width,
+                yerr=[s[1] if s else 0.0 for s in got],
+                capsize=2,
+                label=backend,
+            )
+        ax.axhline(results["float_clean_accuracy"], ls="--", color="gray", lw=1, label="float")
+        ax.set_xticks(range(len(groups)), [f"{b}\n{p}" for b, p in groups], fontsize=8)
+        ax.set_ylabel("clean accuracy (%)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,10 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=2000, help="clean test images (digits: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="results JSON (cache of computed cells)")
-    parser.add_argument("--render", default=None, help="print the table of a results file")
+    parser.add_argument(
+        "--render", nargs="+", default=None, help="print the table of each results file"
+    )
+    parser.add_argument("--plot", default=None, help="with --render: one panel per file, to PNG")
     args = parser.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())), end="")
+        files = {f: json.loads(Path(f).read_text()) for f in args.render}
+        for results in files.values():
+            print(markdown(results))
+        if args.plot:
+            plot({r["setup"].split(";")[0]: r for r in files.values()}, args.plot)
         return
 
     torch.set_num_threads(args.threads)

@@ -2,6 +2,8 @@
 
     python benchmarks/zoa_vit.py                  # the plan below, cached cell by cell
     python benchmarks/zoa_vit.py --render benchmarks/results/zoa_vit*.json   # the tables
+    python benchmarks/zoa_vit.py --render benchmarks/results/zoa_vit_shared_ranges.json \
+        --plot docs/zoa_vit_shared_ranges.png                               # + the plot
 
 Model: the timm ViT of the architectures page (patch 4 on 32 px, 4 blocks of width 192, class
 token), trained on Fashion-MNIST (``train_source_model("timm-vit", "fashion-mnist", epochs=3,
@@ -179,6 +181,68 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: str):
+    """The headline at W6A6 and the 10 rounds, from (merged) results; returns the matplotlib
+    figure (saved to ``path``). Left: error of each headline method per backend (mean ± sd over
+    the reported seeds, time per batch as a ratio to plain inference on the bar); right: ZOA's
+    error in each round of the long setting, per backend (seed 0), source for reference."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in results["cells"] if c["seed"] not in DEV_SEEDS]
+    err, ratio = summarize(cells), summarize(cells, "time_ratio")
+    configs = [c for c in W6A6 if (c, "continual", "source") in err]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    drawn = [
+        v[0] for (c, s, m), v in err.items() if c in configs and s == "continual" and m in HEADLINE
+    ]
+    low = min(drawn, default=0.0) - 4
+    width = 0.8 / len(HEADLINE)
+    for k, method in enumerate(HEADLINE):
+        stats = [err.get((c, "continual", method)) for c in configs]
+        xs = [i + (k - (len(HEADLINE) - 1) / 2) * width for i in range(len(configs))]
+        means = [s[0] if s else float("nan") for s in stats]
+        left.bar(xs, means, width, yerr=[s[1] if s else 0 for s in stats], capsize=2, label=method)
+        for x, c in zip(xs, configs, strict=True):
+            r = ratio.get((c, "continual", method))
+            if r:  # at the foot of the bar, clear of the error bars
+                left.text(x, low + 0.3, f"{r[0]:.1f}x", ha="center", va="bottom", fontsize=7)
+    if drawn:
+        left.set_ylim(low, max(drawn) + 3)
+    left.set_xticks(range(len(configs)), configs)
+    left.set_ylabel("mean error over domains (%)")
+    left.set_title("continual, mean ± sd over seeds · time per batch vs plain inference")
+    left.legend(fontsize=8, loc="upper right")
+    for n, c in enumerate(configs):
+        for method, style in (("zoa", "-o"), ("source", ":")):
+            rounds = [
+                x["round_errors"]
+                for x in cells
+                if (x["config"], x["setting"], x["method"]) == (c, "long", method)
+            ]
+            if rounds:
+                mean = [statistics.mean(r) for r in zip(*rounds, strict=True)]
+                right.plot(
+                    range(1, len(mean) + 1),
+                    mean,
+                    style,
+                    color=f"C{n}",
+                    label=f"{c} {method}",
+                    markersize=3,
+                )
+    right.set_xlabel("round")
+    right.set_ylabel("error (%)")
+    right.set_title("10 rounds of the stream (seed 0)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
 def quantized(model: torch.nn.Module, config: str, calib: list[torch.Tensor]) -> torch.nn.Module:
     backend, bits = CONFIGS[config]
     return qtta_plugins.quantize(model, backend, bits, calib, keep_calibration_sample=True)
@@ -209,9 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--render", nargs="+", default=None, help="print the tables of results files (merged)"
     )
+    parser.add_argument("--plot", default=None, help="with --render: the headline plot to this PNG")
     args = parser.parse_args(argv)
     if args.render:
-        print(markdown(merged([json.loads(Path(f).read_text()) for f in args.render])), end="")
+        results = merged([json.loads(Path(f).read_text()) for f in args.render])
+        if args.plot:
+            plot(results, args.plot)
+        print(markdown(results), end="")
         return
 
     torch.set_num_threads(args.threads)

@@ -111,3 +111,39 @@ def test_the_detector_report_pairs_with_and_without_seed_by_seed():
     text = zoa_detector.markdown(cells)
     assert "| 64 | 65.5 ± 0.7 (n=2) | 8.5 | 64.0 ± 0.0 (n=2) | 0.0 |" in text
     assert "-1.5 ± 0.7 (n=2) (-2.0 / -1.0) |" in text
+
+
+def test_the_vit_plot_draws_the_headline_and_the_rounds(tmp_path):
+    import zoa_vit
+
+    cells = [
+        {
+            "config": c,
+            "setting": "continual",
+            "method": m,
+            "seed": s,
+            "error": 60.0 + s,
+            "time_ratio": 2.0,
+        }
+        for c in zoa_vit.W6A6
+        for m in zoa_vit.HEADLINE
+        for s in (0, 1, 2)
+    ]
+    cells += [
+        {
+            "config": c,
+            "setting": "long",
+            "method": "zoa",
+            "seed": 0,
+            "error": 60.0,
+            "time_ratio": 2.0,
+            "round_errors": [60.0 + r for r in range(10)],
+        }
+        for c in zoa_vit.W6A6
+    ]
+    path = tmp_path / "vit.png"
+    fig = zoa_vit.plot({"setup": "s", "cells": cells}, str(path))
+    left, right = fig.axes
+    assert len(left.patches) == len(zoa_vit.W6A6) * len(zoa_vit.HEADLINE)
+    assert len(right.lines) == len(zoa_vit.W6A6)  # one ZOA curve per backend, no source rounds
+    assert path.stat().st_size > 0

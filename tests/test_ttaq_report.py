@@ -150,3 +150,23 @@ def test_the_plot_draws_every_bit_width_and_stream(tmp_path):
     for ax in fig.axes:
         low, high = ax.get_ylim()
         assert low < 30.0 and 32.0 < high < 40.0, ax.get_title()
+
+
+def test_the_lowbit_plot_draws_one_panel_per_file(tmp_path):
+    import lowbit_ptq
+
+    def results(acc: float) -> dict:
+        rows = [
+            {"backend": b, "bits": bits, "ptq": p, "seed": s, "clean_accuracy": acc + s}
+            for b in ("brevitas", "nncf", "torchao")
+            for bits, p in (("W4A4", "min-max"), ("W2A4", "min-max"), ("W2A4", "qdrop"))
+            for s in (0, 1, 2)
+        ]
+        return {"setup": "m; x", "float_clean_accuracy": 90.0, "rows": rows}
+
+    path = tmp_path / "lowbit.png"
+    fig = lowbit_ptq.plot({"a": results(80.0), "b": results(60.0)}, str(path))
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    assert len(fig.axes[0].patches) == 3 * 3  # backends x (bits, ptq) groups
+    assert fig.axes[0].get_xticklabels()[0].get_text() == "W4A4\nmin-max"
+    assert path.stat().st_size > 0
