@@ -537,11 +537,14 @@ def test_brevitas_stats_based_weight_scale(bits, images):
     assert_quantizes_like(run_quantizer(relu, x), x, relu.grid())
 
 
+@pytest.mark.parametrize("half_range", [False, True], ids=["full", "half-range"])
 @pytest.mark.parametrize("log_storage", [False, True], ids=["linear", "log"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_nncf_quantizer_storages(symmetric, log_storage, bits):
-    """NNCF's two quantizers, each with its linear and its log-domain storage, per channel."""
+def test_nncf_quantizer_storages(symmetric, log_storage, bits, half_range):
+    """NNCF's two quantizers, each with its linear and its log-domain storage, per channel, with
+    and without NNCF's overflow fix (``half_range``: a user's own ``nncf.quantize`` model may have
+    it; the forward then uses one bit less, which ``grid()`` must describe)."""
     pytest.importorskip("nncf")
     from qtta_nncf._backend import nncf_module
     from qtta_nncf.view import NNCFQuantizerHandle
@@ -553,11 +556,12 @@ def test_nncf_quantizer_storages(symmetric, log_storage, bits):
         mode=mode.SYMMETRIC if symmetric else mode.ASYMMETRIC,
         signedness_to_force=True,
         narrow_range=False,
-        half_range=False,
+        half_range=half_range,
         scale_shape=(6, 1),
         logarithm_scale=log_storage,
     )
     quantizer = (layers.SymmetricQuantizer if symmetric else layers.AsymmetricQuantizer)(spec)
+    assert quantizer._half_range == half_range
     with torch.no_grad():  # some calibrated-looking ranges
         if symmetric:
             quantizer.scale = nn.Parameter(torch.linspace(0.5, 2.0, 6).reshape(6, 1))
@@ -569,6 +573,7 @@ def test_nncf_quantizer_storages(symmetric, log_storage, bits):
     assert handle.symmetric == symmetric
 
     grid = handle.grid()
+    assert grid.qmax - grid.qmin + 1 == 2 ** (bits - half_range)  # the levels the forward uses
     assert grid.ch_axis == 0 and grid.scale.shape == (6,)
     x = spanning(grid, (6, 4000))
     assert_quantizes_like(run_quantizer(handle, x), x, grid)
