@@ -24,7 +24,8 @@ not the method's; one that keeps its sign over orders is the method's.
 instead trains, per seed and order, float UDA again and the default bank with that float UDA model
 as every subnet's fixed teacher (``run_teacher``): whether the bank's smallest subnet trails the
 distilled one for its teacher (the bank's own full subnet, adapting alongside it, its weight
-rising from 0) or for sharing its weights.
+rising from 0) or for sharing its weights; ``--ablations`` trains the benchmark's two ablation
+banks (no SandwichQ; single-bit) in each order, to pair with the default bank's mean.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from qtta_plugins.models import accuracy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import load_or_start, save  # noqa: E402
-from rtfq_benchmark import MAIN, float_uda, task_data  # noqa: E402
+from rtfq_benchmark import BANKS, MAIN, float_uda, task_data  # noqa: E402
 
 FULL, SMALL = Subnet(1.0, 32, 8), Subnet(0.5, 24, 4)
 ROWS = ("float_uda", "separate_full", "distilled_small", "bank_full", "bank_small", "bank_mean")
@@ -119,6 +120,30 @@ def run_teacher(data: dict, steps: int, seed: int, im: float) -> dict:
     return out
 
 
+#: the ablation banks of ``rtfq_benchmark`` (label -> RTFQConfig options), and their keys here
+ABLATIONS = {label: options for label, options in BANKS.items() if label != MAIN}
+ABLATION_KEYS = {
+    "ablation: no SandwichQ": "no_sandwich_mean",
+    "ablation: single-bit": "single_bit_mean",
+}
+
+
+def run_ablations(data: dict, steps: int, seed: int, im: float) -> dict:
+    """The benchmark's two ablation banks (no SandwichQ; single-bit) in this order: the mean
+    accuracy over their subnets, to pair with the default bank's of the same order."""
+    out = {}
+    start = time.perf_counter()
+    for label, options in ABLATIONS.items():
+        cfg = RTFQConfig(steps=steps, seed=seed, progress=False, im_weight=im, **options)
+        bank = SubnetBank(data["model"], data["target"], cfg)
+        train_bank(bank, data["source"], data["target"])
+        out[ABLATION_KEYS[label]] = statistics.mean(
+            r["accuracy"] for r in bank.evaluate(*data["test"])
+        )
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
 def reported(path: Path, task: str, seed: int) -> dict | None:
     """Order 0: the rows of the reported run of ``task`` at ``seed``."""
     if not path.exists():
@@ -132,7 +157,13 @@ def reported(path: Path, task: str, seed: int) -> dict | None:
     rows = {r["name"]: r["accuracy"] for r in run["banks"][MAIN]["rows"]}
     pick = {r["name"]: r["accuracy"] for r in run["rows"]}
     distilled = {r["name"]: r["accuracy"] for r in run["distilled"]}
+    ablations = {
+        ABLATION_KEYS[label]: statistics.mean(r["accuracy"] for r in run["banks"][label]["rows"])
+        for label in ABLATIONS
+        if label in run["banks"]
+    }
     return {
+        **ablations,
         "float_uda": run["float_uda"],
         "separate_full": pick.get(FULL.name),
         "distilled_small": distilled.get(SMALL.name),
@@ -145,10 +176,13 @@ def reported(path: Path, task: str, seed: int) -> dict | None:
 def render(files: list[str]) -> str:
     cells: dict[tuple[int, int], dict] = {}
     taught: dict[tuple[int, int], dict] = {}
+    ablated: dict[tuple[int, int], dict] = {}
     setup = None
     for f in files:
         res = json.loads(Path(f).read_text())
         setup = setup or res["setup"]
+        for key, row in res.get("ablations", {}).items():
+            ablated.setdefault(tuple(map(int, key.split("/"))), row)
         for part, into in (("cells", cells), ("teacher", taught)):
             for key, row in res.get(part, {}).items():
                 seed, order = map(int, key.split("/"))
@@ -227,6 +261,36 @@ def render(files: list[str]) -> str:
             if v:
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 lines.append(f"- {label}, {len(v)} runs: {statistics.mean(v):+.1f} ± {sd:.1f}")
+    both = {
+        k: {**cells[k], **ablated.get(k, {})}
+        for k in cells
+        if all(key in {**cells[k], **ablated.get(k, {})} for key in ABLATION_KEYS.values())
+    }
+    if both:
+        lines += [
+            "",
+            "The ablation banks, mean accuracy over their 27 subnets, paired with the default bank "
+            "of the same order:",
+            "",
+            "| seed | order | bank | no SandwichQ | single-bit | SandwichQ: bank - no SandwichQ | "
+            "multi-bit: bank - single-bit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        sandwich, multi = [], []
+        for (seed, order), r in sorted(both.items()):
+            sandwich.append(r["bank_mean"] - r["no_sandwich_mean"])
+            multi.append(r["bank_mean"] - r["single_bit_mean"])
+            lines.append(
+                f"| {seed} | {order} | {r['bank_mean']:.1f} | {r['no_sandwich_mean']:.1f} | "
+                f"{r['single_bit_mean']:.1f} | {sandwich[-1]:+.1f} | {multi[-1]:+.1f} |"
+            )
+        lines.append("")
+        for label, v in (("SandwichQ", sandwich), ("multi-bit", multi)):
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            lines.append(
+                f"- {label}, {len(v)} runs: {statistics.mean(v):+.1f} ± {sd:.1f} "
+                f"({sum(d >= 1 for d in v)} of {len(v)} at or above +1)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="benchmarks/results/rtfq_resnet18_fog_im0.1_orders.json")
     parser.add_argument("--render", nargs="+", default=None, help="print the table of these files")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="instead: the two ablation banks (``run_ablations``) in each order",
+    )
     parser.add_argument(
         "--teacher",
         action="store_true",
@@ -277,7 +346,26 @@ def main(argv: list[str] | None = None) -> None:
                 f"mean {cell['teacher_mean']:.1f} ({cell['seconds']:.0f} s)",
                 flush=True,
             )
-    for seed in () if args.teacher else args.seeds:
+    results.setdefault("ablations", {})
+    for seed in args.seeds if args.ablations else ():
+        row0 = reported(args.reported, args.task, seed)  # order 0's ablation banks were reported
+        if row0 is not None and all(k in row0 for k in ABLATION_KEYS.values()):
+            results["ablations"][f"{seed}/0"] = {k: row0[k] for k in ABLATION_KEYS.values()}
+        data = None
+        for order in args.orders:
+            key = f"{seed}/{order}"
+            if key in results["ablations"]:
+                continue
+            data = data or task_data(args.task, seed, False, "resnet18")
+            cell = run_ablations(data, args.steps, seed + 1000 * order, args.im_weight)
+            results["ablations"][key] = cell
+            save(out, results)
+            print(
+                f"seed {seed} order {order}: no SandwichQ {cell['no_sandwich_mean']:.1f}, "
+                f"single-bit {cell['single_bit_mean']:.1f} ({cell['seconds']:.0f} s)",
+                flush=True,
+            )
+    for seed in () if args.teacher or args.ablations else args.seeds:
         row0 = reported(args.reported, args.task, seed)
         if row0 is not None:
             results["cells"][f"{seed}/0"] = row0

@@ -221,3 +221,42 @@ def test_the_orders_run_reads_order_zero_from_the_reported_file(tmp_path):
         "bank_mean": pytest.approx(39.3),
     }
     assert rtfq_orders.reported(reported, "fashion->fashion-fog", 1) is None
+
+
+def test_the_orders_report_pairs_the_ablation_banks_with_the_same_order(tmp_path):
+    import json
+
+    import rtfq_orders
+
+    def cell(mean: float) -> dict:
+        return {
+            "float_uda": 40.0,
+            "separate_full": 40.0,
+            "distilled_small": 35.0,
+            "bank_full": 40.0,
+            "bank_small": 35.0,
+            "bank_mean": mean,
+        }
+
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps({"setup": "s", "cells": {"1/1": cell(40.0), "1/2": cell(38.0)}}))
+    ablated = tmp_path / "ablated.json"
+    ablated.write_text(
+        json.dumps(
+            {
+                "setup": "s",
+                "cells": {},
+                "ablations": {
+                    "1/1": {"no_sandwich_mean": 37.0, "single_bit_mean": 39.5},
+                    "1/2": {"no_sandwich_mean": 38.5, "single_bit_mean": 36.0},
+                    "2/1": {"no_sandwich_mean": 30.0, "single_bit_mean": 30.0},  # no default bank
+                },
+            }
+        )
+    )
+    text = rtfq_orders.render([str(runs), str(ablated)])
+    assert "| 1 | 1 | 40.0 | 37.0 | 39.5 | +3.0 | +0.5 |" in text
+    assert "| 1 | 2 | 38.0 | 38.5 | 36.0 | -0.5 | +2.0 |" in text
+    assert "| 2 | 1 |" not in text.split("ablation banks")[1]
+    assert "- SandwichQ, 2 runs: +1.2 ± 2.5 (1 of 2 at or above +1)" in text
+    assert "- multi-bit, 2 runs: +1.2 ± 1.1 (1 of 2 at or above +1)" in text
