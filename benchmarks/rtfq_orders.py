@@ -189,11 +189,15 @@ def render(files: list[str]) -> str:
                 into.setdefault((seed, order), row)
     lines = [
         f"Setup: {setup}.",
-        "",
-        "| seed | order | float UDA | x1-32px-W8A8 alone | bank x1-32px-W8A8 | bank - float UDA | "
-        "x0.5-24px-W4A4 distilled | bank x0.5-24px-W4A4 | bank - distilled | bank mean |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if cells:  # a file of --teacher or --ablations runs alone has none
+        lines += [
+            "",
+            "| seed | order | float UDA | x1-32px-W8A8 alone | bank x1-32px-W8A8 | "
+            "bank - float UDA | x0.5-24px-W4A4 distilled | bank x0.5-24px-W4A4 | "
+            "bank - distilled | bank mean |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     diffs: dict[str, list[float]] = {"full": [], "small": [], "alone": []}
     for (seed, order), r in sorted(cells.items()):
         full, small = r["bank_full"] - r["float_uda"], r["bank_small"] - r["distilled_small"]
