@@ -231,6 +231,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}")
 
 
+def separate_config(
+    subnet: Subnet, steps: int, seed: int, im_weight: float, *, distilled: bool
+) -> RTFQConfig:
+    """A one-subnet bank: ``subnet`` trained alone on the UDA loss (the separate baseline), or
+    distilled at full weight from the first step from a fixed teacher (the distilled one)."""
+    return RTFQConfig(
+        widths=(subnet.width,),
+        resolutions=(subnet.resolution,),
+        bits=(subnet.bits,),
+        n_random=0,
+        distill=distilled,
+        distill_warmup=0.0,
+        im_weight=im_weight,
+        steps=steps,
+        seed=seed,
+        progress=False,
+    )
+
+
 def run_task(
     entry: dict,
     args: argparse.Namespace,
@@ -259,18 +278,7 @@ def run_task(
         checkpoint()
 
     def one_subnet(subnet: Subnet, teacher: torch.nn.Module | None) -> dict:
-        cfg = RTFQConfig(
-            widths=(subnet.width,),
-            resolutions=(subnet.resolution,),
-            bits=(subnet.bits,),
-            n_random=0,
-            distill=teacher is not None,
-            distill_warmup=0.0,
-            im_weight=args.im_weight,
-            steps=steps,
-            seed=seed,
-            progress=False,
-        )
+        cfg = separate_config(subnet, steps, seed, args.im_weight, distilled=teacher is not None)
         bank = SubnetBank(data["model"], data["target"], cfg)
         took = train_bank(bank, data["source"], data["target"], teacher=teacher)["seconds"]
         row = bank.evaluate(x_test, y_test)[0]

@@ -50,7 +50,7 @@ from qtta_plugins.models import accuracy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import load_or_start, save  # noqa: E402
-from rtfq_benchmark import BANKS, MAIN, float_uda, task_data  # noqa: E402
+from rtfq_benchmark import BANKS, MAIN, float_uda, separate_config, task_data  # noqa: E402
 
 FULL, SMALL = Subnet(1.0, 32, 8), Subnet(0.5, 24, 4)
 ROWS = ("float_uda", "separate_full", "distilled_small", "bank_full", "bank_small", "bank_mean")
@@ -58,18 +58,7 @@ ROWS = ("float_uda", "separate_full", "distilled_small", "bank_full", "bank_smal
 
 def one_subnet(data: dict, subnet: Subnet, steps: int, seed: int, im: float, teacher=None) -> float:
     """``subnet`` trained alone (distilled from ``teacher`` if given), as the benchmark does."""
-    cfg = RTFQConfig(
-        widths=(subnet.width,),
-        resolutions=(subnet.resolution,),
-        bits=(subnet.bits,),
-        n_random=0,
-        distill=teacher is not None,
-        distill_warmup=0.0,
-        im_weight=im,
-        steps=steps,
-        seed=seed,
-        progress=False,
-    )
+    cfg = separate_config(subnet, steps, seed, im, distilled=teacher is not None)
     bank = SubnetBank(data["model"], data["target"], cfg)
     train_bank(bank, data["source"], data["target"], teacher=teacher)
     return bank.evaluate(*data["test"])[0]["accuracy"]
@@ -298,6 +287,36 @@ def render(files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_zero(part: str, row0: dict | None) -> dict | None:
+    """What the reported run (order 0) gives ``part``: every row for the default ``cells``, the
+    ablation banks' means for ``ablations``, nothing for ``teacher`` (that bank was not trained)."""
+    if row0 is None or part == "teacher":
+        return None
+    if part == "ablations":
+        keys = ABLATION_KEYS.values()
+        return {k: row0[k] for k in keys} if all(k in row0 for k in keys) else None
+    return row0
+
+
+#: results part -> (what trains one order, what its progress line says)
+PARTS = {
+    "cells": (run_order, lambda c: ", ".join(f"{k} {c[k]:.1f}" for k in ROWS)),
+    "teacher": (
+        run_teacher,
+        lambda c: (
+            f"float UDA {c['float_uda']:.1f}, bank distilled from it: full "
+            f"{c['teacher_full']:.1f}, smallest {c['teacher_small']:.1f}, mean {c['teacher_mean']:.1f}"
+        ),
+    ),
+    "ablations": (
+        run_ablations,
+        lambda c: (
+            f"no SandwichQ {c['no_sandwich_mean']:.1f}, single-bit {c['single_bit_mean']:.1f}"
+        ),
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -333,62 +352,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(args.out)
     results = load_or_start(out, setup, {"cells": {}})
-    results.setdefault("teacher", {})
-    for seed in args.seeds if args.teacher else ():
-        data = None
-        for order in args.orders:
-            key = f"{seed}/{order}"
-            if key in results["teacher"]:
-                continue
-            data = data or task_data(args.task, seed, False, "resnet18")
-            cell = run_teacher(data, args.steps, seed + 1000 * order, args.im_weight)
-            results["teacher"][key] = cell
+    # the runs asked for: --teacher and / or --ablations instead of the default rows
+    parts = [p for p, on in (("teacher", args.teacher), ("ablations", args.ablations)) if on]
+    for part in parts or ["cells"]:
+        run, describe = PARTS[part]
+        results.setdefault(part, {})
+        for seed in args.seeds:
+            row0 = order_zero(part, reported(args.reported, args.task, seed))
+            if row0 is not None:
+                results[part][f"{seed}/0"] = row0
+            data = None
+            for order in args.orders:
+                key = f"{seed}/{order}"
+                if key in results[part]:
+                    continue
+                data = data or task_data(args.task, seed, False, "resnet18")
+                cell = run(data, args.steps, seed + 1000 * order, args.im_weight)
+                results[part][key] = cell
+                save(out, results)
+                print(
+                    f"seed {seed} order {order}: {describe(cell)} ({cell['seconds']:.0f} s)",
+                    flush=True,
+                )
             save(out, results)
-            print(
-                f"seed {seed} order {order}: float UDA {cell['float_uda']:.1f}, bank distilled "
-                f"from it: full {cell['teacher_full']:.1f}, smallest {cell['teacher_small']:.1f}, "
-                f"mean {cell['teacher_mean']:.1f} ({cell['seconds']:.0f} s)",
-                flush=True,
-            )
-    results.setdefault("ablations", {})
-    for seed in args.seeds if args.ablations else ():
-        row0 = reported(args.reported, args.task, seed)  # order 0's ablation banks were reported
-        if row0 is not None and all(k in row0 for k in ABLATION_KEYS.values()):
-            results["ablations"][f"{seed}/0"] = {k: row0[k] for k in ABLATION_KEYS.values()}
-        data = None
-        for order in args.orders:
-            key = f"{seed}/{order}"
-            if key in results["ablations"]:
-                continue
-            data = data or task_data(args.task, seed, False, "resnet18")
-            cell = run_ablations(data, args.steps, seed + 1000 * order, args.im_weight)
-            results["ablations"][key] = cell
-            save(out, results)
-            print(
-                f"seed {seed} order {order}: no SandwichQ {cell['no_sandwich_mean']:.1f}, "
-                f"single-bit {cell['single_bit_mean']:.1f} ({cell['seconds']:.0f} s)",
-                flush=True,
-            )
-    for seed in () if args.teacher or args.ablations else args.seeds:
-        row0 = reported(args.reported, args.task, seed)
-        if row0 is not None:
-            results["cells"][f"{seed}/0"] = row0
-        data = None
-        for order in args.orders:
-            key = f"{seed}/{order}"
-            if key in results["cells"]:
-                continue
-            data = data or task_data(args.task, seed, False, "resnet18")
-            results["cells"][key] = run_order(data, args.steps, seed + 1000 * order, args.im_weight)
-            save(out, results)
-            r = results["cells"][key]
-            print(
-                f"seed {seed} order {order}: "
-                + ", ".join(f"{k} {r[k]:.1f}" for k in ROWS)
-                + f" ({r['seconds']:.0f} s)",
-                flush=True,
-            )
-        save(out, results)
     print(render([str(out)]), end="")
 
 

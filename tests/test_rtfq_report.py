@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -260,3 +261,48 @@ def test_the_orders_report_pairs_the_ablation_banks_with_the_same_order(tmp_path
     assert "| 2 | 1 |" not in text.split("ablation banks")[1]
     assert "- SandwichQ, 2 runs: +1.2 ± 2.5 (1 of 2 at or above +1)" in text
     assert "- multi-bit, 2 runs: +1.2 ± 1.1 (1 of 2 at or above +1)" in text
+
+
+def test_the_orders_run_fills_what_it_lacks_and_takes_order_zero_from_the_report(
+    tmp_path, monkeypatch
+):
+    import json
+
+    import rtfq_orders
+
+    reported = tmp_path / "reported.json"
+    banks = {
+        label: {"rows": [{"name": n, "accuracy": acc} for n in ("x1-32px-W8A8", "x0.5-24px-W4A4")]}
+        for label, acc in (
+            (rb.MAIN, 40.0),
+            ("ablation: no SandwichQ", 37.0),
+            ("ablation: single-bit", 38.0),
+        )
+    }
+    run = {
+        "task": "fashion->fashion-fog",
+        "seed": 2,
+        "float_uda": 41.0,
+        "rows": [],
+        "distilled": [],
+    }
+    reported.write_text(json.dumps({"setup": "s", "runs": [{**run, "banks": banks}]}))
+    calls = []
+
+    def fake_run(data, steps, seed, im):
+        calls.append(seed)
+        return {"no_sandwich_mean": 30.0, "single_bit_mean": 31.0, "seconds": 0.0}
+
+    monkeypatch.setitem(rtfq_orders.PARTS, "ablations", (fake_run, lambda c: "x"))
+    monkeypatch.setattr(rtfq_orders, "task_data", lambda *a: {})
+    out = tmp_path / "out.json"
+    argv = ["--ablations", "--seeds", "2", "--orders", "1", "--reported", str(reported)]
+    argv += ["--threads", str(torch.get_num_threads()), "--out", str(out)]  # the suite's count
+    rtfq_orders.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["ablations"]["2/0"] == {"no_sandwich_mean": 37.0, "single_bit_mean": 38.0}
+    assert saved["ablations"]["2/1"]["no_sandwich_mean"] == 30.0
+    assert calls == [2 + 1000]  # order 1 trains with seed + 1000
+    assert "teacher" not in saved and saved["cells"] == {}  # only the part asked for
+    rtfq_orders.main(argv)
+    assert calls == [1002]  # a rerun computes nothing it has
