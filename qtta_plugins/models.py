@@ -21,6 +21,8 @@ from . import zoo
 from .data import cache_dir, load_source, to_channels
 from .data.corruption import save_atomic
 from .data.sources import ImageSet
+from .loading import UntrustedCheckpointError as UntrustedCheckpointError
+from .loading import load_model as load_model
 from .progress import show_progress
 
 
@@ -240,14 +242,47 @@ def train_source_model(
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
 
+    fit(
+        model,
+        train,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        channels=channels,
+        progress=progress,
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(path, model.state_dict())
+    return model
+
+
+def fit(
+    model: nn.Module,
+    train: ImageSet,
+    *,
+    epochs: int = 12,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+    channels: int | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Train ``model`` in place on ``train`` (cross-entropy, the recipe of
+    :func:`train_source_model`: random shifts of up to 2 px, AdamW with a one-cycle schedule),
+    deterministic under ``seed``; returned in eval mode. Gray images are replicated to
+    ``channels`` (default: those of the model's first conv, 1 without one)."""
+    channels = channels or _input_channels_of(model)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     bar = tqdm(
         range(epochs),
-        desc=f"train {arch} on {train.name}",
+        desc=f"train {type(model).__name__} on {train.name}",
         disable=not show_progress(progress),
         leave=False,
     )
@@ -262,11 +297,13 @@ def train_source_model(
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(path, model.state_dict())
-    return model
+    return model.eval()
+
+
+def _input_channels_of(model: nn.Module) -> int:
+    """The input channels of ``model``'s first conv (or 1 for a model that starts otherwise)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 1
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:

@@ -5,8 +5,10 @@ continual-TTA literature (:data:`SETTINGS`, :func:`make_stream`) built on the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,7 +20,10 @@ from .corruption import (
     _check_severity,
     corrupt_set,
 )
-from .sources import ImageSet, _load_test, _stratified_subset
+from .sources import SOURCES, ImageSet, _load_test, _stratified_subset
+
+if TYPE_CHECKING:
+    from .disk import DiskStream
 
 ORDERS: tuple[str, ...] = ("iid", "dirichlet")
 """Within-domain sample orders accepted by :class:`ContinualStream`."""
@@ -94,6 +99,91 @@ def _dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def sample_order(
+    labels: np.ndarray,
+    *,
+    order: str,
+    dirichlet_delta: float,
+    seed: int,
+    round_index: int,
+    domain_index: int | None,
+    n_domains: int,
+) -> np.ndarray:
+    """The order of a domain's samples in one round, from their labels alone (no image is read).
+
+    ``order`` is ``"iid"`` (a seeded permutation) or ``"dirichlet"`` (the label-Dirichlet order,
+    see :class:`ContinualStream`). The generator is seeded from ``(seed, round_index,
+    domain_index)``; ``domain_index=None`` orders the pool of all ``n_domains`` domains (the mixed
+    setting) under a 4-word key that is never one domain's. Every stream, in memory
+    (:class:`ContinualStream`) or on disk (:class:`~qtta_plugins.data.disk.DiskStream`), orders its
+    samples here, so the same labels and seed give the same order whatever holds the images.
+    """
+    if domain_index is None:
+        rng = np.random.default_rng([seed, round_index, n_domains, 1])
+    else:
+        rng = np.random.default_rng([seed, round_index, domain_index])
+    if order == "dirichlet":
+        return _dirichlet_order(labels, dirichlet_delta, rng)
+    return rng.permutation(len(labels))
+
+
+def batch_plan(
+    permutation: Callable[[int, int | None], np.ndarray],
+    n_domains: int,
+    *,
+    rounds: int,
+    batch_size: int,
+    mixed: bool,
+) -> Iterator[tuple[int, int | None, np.ndarray]]:
+    """A stream's batches as ``(round, domain index, sample indices)``, in stream order.
+
+    Each round visits the domains in order (``mixed``: one pool, domain index ``None``), orders
+    each by ``permutation(round, domain index)`` and cuts it into ``batch_size`` slices (a
+    domain's last one may be shorter). The indices are into the domain (``mixed``: into the
+    concatenation of all domains).
+    """
+    for r in range(rounds):
+        for d in [None] if mixed else range(n_domains):
+            perm = permutation(r, d)
+            for start in range(0, len(perm), batch_size):
+                yield r, d, perm[start : start + batch_size]
+
+
+def count_batches(sizes: Sequence[int], *, rounds: int, batch_size: int, mixed: bool) -> int:
+    """How many batches :func:`batch_plan` yields for domains of ``sizes`` samples."""
+    if mixed:
+        per_round = math.ceil(sum(sizes) / batch_size)
+    else:
+        per_round = sum(math.ceil(n / batch_size) for n in sizes)
+    return rounds * per_round
+
+
+def check_stream_args(
+    *,
+    batch_size: Any,
+    rounds: Any,
+    order: Any,
+    dirichlet_delta: Any,
+    seed: Any,
+    channels: Any,
+    mixed: Any,
+    reset_on_shift: Any,
+) -> None:
+    """Raise ``ValueError`` naming the first stream argument that is not valid."""
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("rounds", rounds)
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
+    if not (isinstance(dirichlet_delta, (int, float)) and dirichlet_delta > 0):
+        raise ValueError(f"dirichlet_delta must be > 0, got {dirichlet_delta!r}")
+    _check_seed(seed)
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    for flag, value in (("mixed", mixed), ("reset_on_shift", reset_on_shift)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+
+
 class ContinualStream:
     """Iterable of :class:`Batch` over a sequence of domains, repeated for ``rounds`` rounds.
 
@@ -149,18 +239,16 @@ class ContinualStream:
         names = [s.name for s in sets] if domains is None else [str(d) for d in domains]
         if len(names) != len(sets):
             raise ValueError(f"got {len(sets)} image sets but {len(names)} domain names")
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("rounds", rounds)
-        if order not in ORDERS:
-            raise ValueError(f"unknown order {order!r}; valid orders: {', '.join(ORDERS)}")
-        if not (isinstance(dirichlet_delta, (int, float)) and dirichlet_delta > 0):
-            raise ValueError(f"dirichlet_delta must be > 0, got {dirichlet_delta!r}")
-        _check_seed(seed)
-        if isinstance(channels, bool) or channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        for flag, value in (("mixed", mixed), ("reset_on_shift", reset_on_shift)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        check_stream_args(
+            batch_size=batch_size,
+            rounds=rounds,
+            order=order,
+            dirichlet_delta=dirichlet_delta,
+            seed=seed,
+            channels=channels,
+            mixed=mixed,
+            reset_on_shift=reset_on_shift,
+        )
         self.sets: list[ImageSet] = sets
         self.domains: list[str] = names
         self.batch_size = int(batch_size)
@@ -173,54 +261,55 @@ class ContinualStream:
         self.reset_on_shift = reset_on_shift
 
     def __len__(self) -> int:
-        if self.mixed:
-            per_round = math.ceil(sum(len(s) for s in self.sets) / self.batch_size)
-        else:
-            per_round = sum(math.ceil(len(s) / self.batch_size) for s in self.sets)
-        return self.rounds * per_round
+        sizes = [len(s) for s in self.sets]
+        return count_batches(
+            sizes, rounds=self.rounds, batch_size=self.batch_size, mixed=self.mixed
+        )
 
     def permutation(self, round_index: int, domain_index: int | None) -> np.ndarray:
         """The within-domain sample order used for ``(round_index, domain_index)``; with
         ``domain_index=None``, the order of the pool of all domains' samples (``mixed``: indices
-        into the concatenation of :attr:`sets`)."""
+        into the concatenation of :attr:`sets`). See :func:`sample_order`."""
         if domain_index is None:
             labels = torch.cat([s.y for s in self.sets]).detach().cpu().numpy()
-            # a 4-word key: never the key of one domain's order
-            rng = np.random.default_rng([self.seed, round_index, len(self.sets), 1])
         else:
             labels = self.sets[domain_index].y.detach().cpu().numpy()
-            rng = np.random.default_rng([self.seed, round_index, domain_index])
-        if self.order == "dirichlet":
-            return _dirichlet_order(labels, self.dirichlet_delta, rng)
-        return rng.permutation(len(labels))
+        return sample_order(
+            labels,
+            order=self.order,
+            dirichlet_delta=self.dirichlet_delta,
+            seed=self.seed,
+            round_index=round_index,
+            domain_index=domain_index,
+            n_domains=len(self.sets),
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         if self.mixed:
-            yield from self._mixed_batches()
-            return
-        for r in range(self.rounds):
-            for d, (images, name) in enumerate(zip(self.sets, self.domains, strict=True)):
-                perm = torch.from_numpy(self.permutation(r, d))
-                for start in range(0, len(perm), self.batch_size):
-                    idx = perm[start : start + self.batch_size]
-                    x = to_channels(images.x[idx], self.channels)
-                    yield Batch(x=x, y=images.y[idx], domain=name, round=r)
-
-    def _mixed_batches(self) -> Iterator[Batch]:
-        x_all = torch.cat([s.x for s in self.sets])
-        y_all = torch.cat([s.y for s in self.sets])
-        which = np.concatenate([np.full(len(s), d) for d, s in enumerate(self.sets)])
-        for r in range(self.rounds):
-            perm = torch.from_numpy(self.permutation(r, None))
-            for start in range(0, len(perm), self.batch_size):
-                idx = perm[start : start + self.batch_size]
+            x_all = torch.cat([s.x for s in self.sets])
+            y_all = torch.cat([s.y for s in self.sets])
+            which = np.concatenate([np.full(len(s), d) for d, s in enumerate(self.sets)])
+        plan = batch_plan(
+            self.permutation,
+            len(self.sets),
+            rounds=self.rounds,
+            batch_size=self.batch_size,
+            mixed=self.mixed,
+        )
+        for r, d, rows in plan:
+            idx = torch.from_numpy(rows)
+            if d is None:
                 yield Batch(
                     x=to_channels(x_all[idx], self.channels),
                     y=y_all[idx],
                     domain=MIXED,
                     round=r,
-                    sample_domains=tuple(self.domains[d] for d in which[idx.numpy()]),
+                    sample_domains=tuple(self.domains[k] for k in which[rows]),
                 )
+            else:
+                images = self.sets[d]
+                x = to_channels(images.x[idx], self.channels)
+                yield Batch(x=x, y=images.y[idx], domain=self.domains[d], round=r)
 
     def __repr__(self) -> str:
         extra = (", mixed=True" if self.mixed else "") + (
@@ -331,19 +420,23 @@ def make_stream(
     source: str = "digits",
     *,
     severity: int | None = None,
-    corruptions: Sequence[str] = CORRUPTIONS,
+    corruptions: Sequence[str] | None = None,
     batch_size: int = 50,
     rounds: int | None = None,
     order: str | None = None,
     dirichlet_delta: float = 0.1,
     n_test: int | None = None,
     size: int = 32,
-    root: str | None = None,
+    root: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool | None = None,
-    channels: int = 1,
+    channels: int | None = None,
     per_domain: int | None = None,
-) -> ContinualStream:
+    transform: Callable[[Any], torch.Tensor] | None = None,
+    num_workers: int | None = None,
+    image_list: str | os.PathLike[str] | None = None,
+    class_order: Sequence[str] | str | os.PathLike[str] | None = None,
+) -> ContinualStream | DiskStream:
     """The stream of a named test-time-adaptation setting (one of :data:`SETTINGS`).
 
     The settings of the continual-TTA benchmarks (the five of Marsden and Döbler's
@@ -371,21 +464,40 @@ def make_stream(
     (``"gradual"`` with ``order="dirichlet"`` is the library's gradual-correlated setting); the
     ``"dirichlet"`` setting takes only ``"dirichlet"``. ``rounds`` defaults to 1, and to
     :data:`LONG_ROUNDS` for ``"long"`` (which needs at least 2). The other arguments are those of
-    :func:`continual_stream`. Streams are deterministic under ``seed``.
+    :func:`continual_stream` (``corruptions``: all of :data:`CORRUPTIONS` unless given;
+    ``channels``: 1 unless given). Streams are deterministic under ``seed``.
+
+    Sources on disk (:data:`~qtta_plugins.data.disk.DISK_SOURCES`: ``"cifar10-c"``,
+    ``"cifar100-c"``, ``"imagenet-c"``, ``"fashion-mnist-c"``, ``"folder"``, ``"image-list"``)
+    read the data set under ``root`` in its own layout and give a
+    :class:`~qtta_plugins.data.disk.DiskStream`: the same settings, the same sample order for the
+    same labels and seed, images decoded batch by batch by a DataLoader. ``transform``,
+    ``num_workers``, ``image_list`` and ``class_order`` apply to them only (see
+    :func:`~qtta_plugins.data.disk.disk_stream`, where each layout is described); ``size``,
+    ``n_test`` and ``progress`` to the sources in memory only (a disk source's images keep their
+    size unless ``transform`` resizes them).
 
     Raises:
-        ValueError: an unknown ``setting`` (the message lists :data:`SETTINGS`), an argument the
-            setting does not take, or any :func:`continual_stream` error; before anything is
-            corrupted.
+        ValueError: an unknown ``setting`` (the message lists :data:`SETTINGS`) or ``source``, an
+            argument the setting or the source does not take, or any :func:`continual_stream`
+            error; before anything is corrupted or read.
+        FileNotFoundError: a disk source's file or folder is missing (the message names it and
+            the layout expected).
     """
     if not isinstance(setting, str) or setting not in SETTINGS:
         raise ValueError(f"unknown stream setting {setting!r}; settings: {', '.join(SETTINGS)}")
+    from .disk import DISK_SOURCES, disk_stream  # here: the disk module builds on this one
+
+    if not isinstance(source, str) or source not in (*SOURCES, *DISK_SOURCES):
+        raise ValueError(
+            f"unknown source {source!r}; in memory: {', '.join(SOURCES)}; on disk: "
+            f"{', '.join(DISK_SOURCES)}"
+        )
     if setting == "gradual" and severity is not None:
         raise ValueError(
             "the gradual setting walks the severities "
             f"{', '.join(map(str, GRADUAL_SEVERITIES))} for each corruption: do not pass severity"
         )
-    severity = 5 if severity is None else severity
     if order is None:
         order = "dirichlet" if setting == "dirichlet" else "iid"
     elif setting == "dirichlet" and order != "dirichlet":
@@ -398,6 +510,44 @@ def make_stream(
     _check_positive_int("rounds", rounds)
     if setting == "long" and rounds < 2:
         raise ValueError(f"the long setting is several rounds of the stream; got rounds={rounds}")
+    if source in DISK_SOURCES:
+        return disk_stream(
+            setting,
+            source,
+            root=root,
+            severity=severity,
+            corruptions=corruptions,
+            batch_size=batch_size,
+            rounds=rounds,
+            order=order,
+            dirichlet_delta=dirichlet_delta,
+            seed=seed,
+            channels=channels,
+            per_domain=per_domain,
+            n_test=n_test,
+            transform=transform,
+            num_workers=num_workers,
+            image_list=image_list,
+            class_order=class_order,
+        )
+    disk_only = [
+        name
+        for name, value in (
+            ("transform", transform),
+            ("num_workers", num_workers),
+            ("image_list", image_list),
+            ("class_order", class_order),
+        )
+        if value is not None
+    ]
+    if disk_only:
+        raise ValueError(
+            f"{', '.join(disk_only)}: only for the sources on disk ({', '.join(DISK_SOURCES)}); "
+            f"{source!r} is in memory"
+        )
+    severity = 5 if severity is None else severity
+    channels = 1 if channels is None else channels
+    corruptions = CORRUPTIONS if corruptions is None else corruptions
     if isinstance(corruptions, str):
         corruptions = [corruptions]
     corruptions = list(corruptions)
