@@ -10,6 +10,7 @@ plot of the error along the stream. ``setting=`` runs another stream setting of
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .data import (
     load_source,
     make_stream,
 )
+from .errors import BackendNotInstalledError, UnknownBackendError
 from .models import accuracy, train_source_model
 
 _SHORT = {
@@ -83,6 +85,91 @@ class DemoResult:
         return "\n".join(lines)
 
 
+# --- what the demo needs, checked before it starts -----------------------------------------------
+@dataclass(frozen=True)
+class Prerequisite:
+    """A package the demo imports beyond the core dependencies: its import name, what the demo uses
+    it for, and the qtta-plugins extra that installs it."""
+
+    module: str
+    purpose: str
+    extra: str
+
+
+#: Per built-in backend: ``"backend"``, what quantizing and adapting on it imports; ``"export"``,
+#: what its export path imports (``qtta demo`` without ``--methods``, the tour, calls
+#: ``qtta_plugins.export`` in its ZOA part). Each backend's extra installs both (pyproject.toml).
+DEMO_PREREQUISITES: dict[str, dict[str, tuple[Prerequisite, ...]]] = {
+    "torchao": {
+        "backend": (Prerequisite("torchao", "the torchao backend", "torchao"),),
+        "export": (),  # convert_pt2e and torch.compile: torchao and torch themselves
+    },
+    "brevitas": {
+        "backend": (Prerequisite("brevitas", "the Brevitas backend", "brevitas"),),
+        "export": tuple(
+            Prerequisite(name, "Brevitas' ONNX (QCDQ) export", "brevitas")
+            for name in ("onnx", "onnxoptimizer", "onnxscript")
+        ),
+    },
+    "nncf": {
+        "backend": (Prerequisite("nncf", "the NNCF backend", "nncf"),),
+        # nncf.strip builds its torch FakeQuantize modules from torchao's observers
+        "export": (Prerequisite("torchao", "nncf.strip, NNCF's export", "nncf"),),
+    },
+}
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a backend import costs seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package; a module without a spec
+        return False
+
+
+def missing_prerequisites(backend: str, *, tour: bool = True) -> list[Prerequisite]:
+    """What ``qtta demo --backend backend`` would import and cannot: the backend's packages, and
+    for the ``tour`` (``qtta demo`` without ``--methods``) those of its export path too. A backend
+    this project does not ship is checked only for being installed (:func:`check_prerequisites`)."""
+    needs = DEMO_PREREQUISITES.get(backend, {})
+    parts = ("backend", "export") if tour else ("backend",)
+    return [p for part in parts for p in needs.get(part, ()) if not _installed(p.module)]
+
+
+def check_prerequisites(backend: str, *, tour: bool = True) -> None:
+    """Stop before the demo starts when it could not finish: raise
+    :class:`~qtta_plugins.errors.BackendNotInstalledError` naming every missing package, what the
+    demo uses it for and the pip command that installs it, or
+    :class:`~qtta_plugins.errors.UnknownBackendError` for a backend no installed plugin provides."""
+    if not isinstance(backend, str) or not backend:
+        raise UnknownBackendError(f"backend must be a backend's name, got {backend!r}")
+    missing = missing_prerequisites(backend, tour=tour)
+    if missing:
+        purposes = "; ".join(dict.fromkeys(p.purpose for p in missing))
+        extras = ",".join(dict.fromkeys(p.extra for p in missing))
+        message = (
+            f"qtta demo --backend {backend} needs {', '.join(p.module for p in missing)} (for "
+            f"{purposes}), not installed: pip install 'qtta-plugins[{extras}]'"
+        )
+        exporting = {p.module for p in DEMO_PREREQUISITES[backend]["export"]}
+        if tour and all(p.module in exporting for p in missing):
+            message += (
+                f" (or, without export, the continual table only: qtta demo --backend {backend} "
+                "--methods source norm tent)"
+            )
+        raise BackendNotInstalledError(message)
+    if backend not in DEMO_PREREQUISITES:
+        from .plugins import available_backends
+
+        installed = available_backends()
+        if backend not in installed:
+            raise UnknownBackendError(
+                f"unknown backend {backend!r}; installed adapters: {', '.join(installed) or 'none'} "
+                f"(this project's: {', '.join(DEMO_PREREQUISITES)}, e.g. pip install "
+                "'qtta-plugins[torchao]')"
+            )
+
+
 def corruption_of(domain: str) -> str:
     """The corruption of a domain name: ``"fog-3"`` (a gradual stream's) -> ``"fog"``; any other
     name as it is."""
@@ -112,7 +199,9 @@ def run_demo(
     ``setting``: the stream, one of :data:`qtta_plugins.data.SETTINGS` (see
     :func:`~qtta_plugins.data.make_stream`); ``severity`` (default 5; not for ``"gradual"``) and
     ``rounds`` go to it. ``reset_every``: every method restarts from the source model every that
-    many batches (:func:`qtta_plugins.adapt`). Bad values raise before any training."""
+    many batches (:func:`qtta_plugins.adapt`). Bad values, and a backend or package the demo
+    needs that is not installed (:func:`check_prerequisites`), raise before any training."""
+    check_prerequisites(backend, tour=False)
     if setting not in SETTINGS:
         raise ValueError(f"unknown stream setting {setting!r}; settings: {', '.join(SETTINGS)}")
     check_reset_policy(reset_every, None)

@@ -33,7 +33,7 @@ import torch
 
 from . import adapt, export, quant_view, quantize, reconstruct, select_subnet
 from .data import ContinualStream, continual_stream, corrupt_set, load_source
-from .demo import batch_errors
+from .demo import batch_errors, check_prerequisites
 from .models import accuracy, train_source_model
 
 #: reconstruction iterations per block in the demo (the methods' default is 1000)
@@ -119,7 +119,9 @@ def run_tour(
     echo: bool = True,
 ) -> TourResult:
     """Run the tour and return its figures (printing them when ``echo``; writing the summary and
-    the plots to ``out_dir`` unless it is ``None``)."""
+    the plots to ``out_dir`` unless it is ``None``). A backend or package the tour needs that is
+    not installed raises before any training (:func:`~qtta_plugins.demo.check_prerequisites`)."""
+    check_prerequisites(backend, tour=True)
     if threads:
         torch.set_num_threads(threads)
     say: Callable[..., None] = (lambda *a: print(*a, flush=True)) if echo else (lambda *a: None)

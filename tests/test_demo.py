@@ -103,3 +103,130 @@ def test_the_demo_as_shipped(tmp_path):
         assert rows[(part, name)].error < source - 20
     full_budget = rows[("RTF-Q", "select_subnet(macs <= 100%)")].error
     assert full_budget < rows[("RTF-Q", "float source model")].error - 20
+
+
+# --- prerequisites: checked before the demo starts ------------------------------------------------
+def _pretend_installed(monkeypatch, missing: set[str]) -> None:
+    """``importlib.util.find_spec`` answering as if exactly ``missing`` were not installed."""
+    import importlib.machinery
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        if name.split(".")[0] in missing:
+            return None
+        return real(name, package) or importlib.machinery.ModuleSpec(name, None)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize("backend", ["torchao", "brevitas", "nncf"])
+def test_the_prerequisite_check_passes_when_everything_is_there(monkeypatch, backend):
+    from qtta_plugins import demo
+
+    _pretend_installed(monkeypatch, set())
+    assert demo.missing_prerequisites(backend) == []
+    demo.check_prerequisites(backend)  # no error
+    demo.check_prerequisites(backend, tour=False)
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing", "named"),
+    [
+        ("torchao", {"torchao"}, ["torchao"]),
+        ("brevitas", {"brevitas"}, ["brevitas"]),
+        (
+            "brevitas",
+            {"onnx", "onnxoptimizer", "onnxscript"},
+            ["onnx", "onnxoptimizer", "onnxscript"],
+        ),
+        ("nncf", {"nncf"}, ["nncf"]),
+        ("nncf", {"torchao"}, ["torchao"]),  # nncf.strip's undeclared dependency
+    ],
+)
+def test_a_missing_package_names_itself_and_the_extra_that_installs_it(
+    monkeypatch, backend, missing, named
+):
+    from qtta_plugins import demo
+    from qtta_plugins.errors import BackendNotInstalledError
+
+    _pretend_installed(monkeypatch, missing)
+    with pytest.raises(BackendNotInstalledError) as info:
+        demo.check_prerequisites(backend)
+    message = str(info.value)
+    assert f"pip install 'qtta-plugins[{backend}]'" in message
+    for name in named:
+        assert name in message.split("(for")[0], f"{name} not named in: {message}"
+    assert [p.module for p in demo.missing_prerequisites(backend)] == named
+
+
+def test_the_continual_table_needs_no_export_packages(monkeypatch):
+    """``--methods`` never exports: a Brevitas install without onnx runs it, and the tour's
+    error says so."""
+    from qtta_plugins import demo
+    from qtta_plugins.errors import BackendNotInstalledError
+
+    _pretend_installed(monkeypatch, {"onnx", "onnxscript"})
+    demo.check_prerequisites("brevitas", tour=False)
+    with pytest.raises(BackendNotInstalledError, match=r"--methods source norm tent"):
+        demo.check_prerequisites("brevitas", tour=True)
+
+
+def test_a_module_blocked_in_sys_modules_counts_as_missing(monkeypatch):
+    """The check itself, not a patched finder: ``sys.modules[name] = None`` makes an import fail."""
+    import sys
+
+    from qtta_plugins import demo
+    from qtta_plugins.errors import BackendNotInstalledError
+
+    monkeypatch.setitem(sys.modules, "onnxoptimizer", None)
+    with pytest.raises(BackendNotInstalledError, match=r"onnxoptimizer .*qtta-plugins\[brevitas\]"):
+        demo.check_prerequisites("brevitas")
+
+
+def test_an_unknown_backend_is_refused_before_anything_runs():
+    from qtta_plugins import demo
+    from qtta_plugins.errors import UnknownBackendError
+
+    with pytest.raises(
+        UnknownBackendError, match=r"unknown backend 'openvino'.*installed adapters"
+    ):
+        demo.check_prerequisites("openvino")
+    with pytest.raises(UnknownBackendError, match="backend must be"):
+        demo.check_prerequisites("")
+
+
+@pytest.mark.parametrize("methods", [[], ["--methods", "source"]])
+def test_qtta_demo_stops_at_once_with_the_pip_command(monkeypatch, capsys, methods):
+    """Nothing is trained or loaded: the check runs before the first step of the tour and of the
+    continual table."""
+    import qtta_plugins.demo as demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo started before checking its prerequisites")
+
+    monkeypatch.setattr(tour, "train_source_model", no_training)
+    monkeypatch.setattr(demo, "train_source_model", no_training)
+    _pretend_installed(monkeypatch, {"brevitas"})
+    assert cli.main(["demo", "--backend", "brevitas", "-q", "--no-plot", *methods]) == 2
+    err = capsys.readouterr().err
+    assert "qtta: error:" in err and "pip install 'qtta-plugins[brevitas]'" in err
+
+
+def test_each_backend_extra_installs_what_its_demo_needs():
+    """pyproject.toml's extras against the demo's list: every package the demo checks for is in
+    the extra its message names."""
+    import re
+    from pathlib import Path
+
+    from qtta_plugins.demo import DEMO_PREREQUISITES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for backend, parts in DEMO_PREREQUISITES.items():
+        for need in (p for part in parts.values() for p in part):
+            names = {re.split(r"[<>=!~ \[;]", r, maxsplit=1)[0] for r in extras[need.extra]}
+            assert need.module in names, f"extra [{need.extra}] lacks {need.module} ({backend})"

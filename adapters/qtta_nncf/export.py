@@ -70,7 +70,8 @@ from qtta_plugins.view import set_module_norm_mode
 
 from . import BACKEND
 from ._backend import nncf_module
-from .view import EXAMPLE_ATTR, HOOKS_ATTR, _CaptureExample, is_quantizer, quantizer_modules
+from .graph import EXAMPLE_ATTR, _CaptureExample
+from .handles import HOOKS_ATTR, is_quantizer, quantizer_modules
 
 STRIP_BITS = 8
 """The only bit-width ``nncf.strip`` converts (NNCF's ``SUPPORTED_NUM_BITS_FOR_STRIP_MODEL``)."""

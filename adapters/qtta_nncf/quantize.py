@@ -47,13 +47,10 @@ from qtta_plugins.config import QuantConfig
 from qtta_plugins.ranges import ActivationRange, mse_symmetric_thresholds
 
 from ._backend import nncf_module, nncf_quiet
-from .view import (
-    EXAMPLE_ATTR,
-    NNCFQuantizerHandle,
-    NNCFView,
-    quantizers_off,
-    release_norm_parameters,
-)
+from .graph import EXAMPLE_ATTR
+from .handles import NNCFQuantizerHandle, quantizers_off
+from .hook_view import NNCFView
+from .norm_params import release_norm_parameters
 
 
 def _is_transformer(model: nn.Module) -> bool:
