@@ -23,16 +23,11 @@ continual stream (with the reset, if asked).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import importlib.util
 import json
 import os
 import statistics
 import sys
-import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -43,6 +38,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
+from qtta_plugins.bench.measure import run_row  # noqa: E402  (the harness's one time ratio)
 from qtta_plugins.data import SETTINGS, continual_stream, load_source, make_stream  # noqa: E402
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
 
@@ -58,41 +54,6 @@ ROWS = {
 }
 
 
-class PeakRSS:
-    """Samples this process's resident set size every few milliseconds while running."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        with contextlib.suppress(OSError):  # give freed memory back, so peaks are this row's
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.start = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -104,57 +65,6 @@ def packed_weight_bytes(model: torch.nn.Module) -> float:
         layer.weight.numel() * (layer.weight_quantizer.bits if layer.weight_quantizer else 32) / 8
         for layer in view.layers()
     )
-
-
-def run_row(model, stream, method, options, inplace=False, plain_model=None, reset_every=None):
-    """Adapt over the stream; return errors, passes per batch, time ratio, peak memory, run.
-
-    The run restarts at each domain when the stream says so (``stream.reset_on_shift``, the
-    reset setting) and every ``reset_every`` batches when given.
-
-    Timing is paired: before each adaptation step, plain inference of the same quantized model
-    (``model(x)`` on a copy, no adaptation) runs on the same batch, so both see the same machine
-    load; the ratio is median step time over median plain time.
-    """
-    plain_model = plain_model if plain_model is not None else qtta_plugins.copy_model(model)
-    plain_model.eval()
-    run = qtta_plugins.adapt(
-        model,
-        None,
-        method,
-        progress=False,
-        inplace=inplace,
-        reset_every=reset_every,
-        reset_on_shift=getattr(stream, "reset_on_shift", False),
-        **options,
-    )
-    calls = [0]
-    handle = run.model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
-    step_times, plain_times, per_batch = [], [], []
-    with PeakRSS() as mem:
-        for batch in stream:
-            with torch.no_grad():
-                t = time.perf_counter()
-                plain_model(batch.x)
-                plain_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            logits = run.step(batch.x, batch.y, batch.domain)
-            step_times.append(time.perf_counter() - t)
-            per_batch.append(
-                (batch.round, batch.domain, int((logits.argmax(1) != batch.y).sum()), len(batch.y))
-            )
-    handle.remove()
-    # The first batch of each carries one-off costs (lazy init, compilation): leave it out.
-    ratio = statistics.median(step_times[1:]) / statistics.median(plain_times[1:])
-    return {
-        "errors": run.errors(),
-        "passes_per_batch": calls[0] / len(step_times),
-        "time_ratio": ratio,
-        # over the whole stream: what a method that runs some batches in one pass costs on average
-        "total_time_ratio": sum(step_times[1:]) / sum(plain_times[1:]),
-        "peak_extra_mb": mem.extra_mb,
-        "per_batch": per_batch,
-    }, run
 
 
 def round_errors(per_batch, rounds: int) -> list[float]:

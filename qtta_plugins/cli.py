@@ -1,10 +1,12 @@
-"""The ``qtta`` command: ``qtta demo`` and ``qtta plugins``."""
+"""The ``qtta`` command: ``qtta demo``, ``qtta plugins`` and ``qtta bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 from .data import SETTINGS
 
@@ -80,6 +82,89 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             rounds=args.rounds,
         )
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``qtta bench CONFIG [KEY=VALUE ...]``: run a config's grid (cached cells are not run
+    again), write its results, print its tables / draw its plot; CONFIG may also be a results
+    file, whose tables and plot are then rendered."""
+    from pathlib import Path
+
+    from .progress import quiet_env
+
+    if args.cache_dir:
+        import os
+
+        os.environ["QTTA_CACHE_DIR"] = args.cache_dir
+    from . import bench
+
+    if args.config.endswith(".json"):
+        if args.overrides or args.dry_run or args.ray:
+            raise ValueError(
+                f"{args.config} is a results file: it is rendered (--render, --plot), not run; "
+                "overrides, --dry-run and --ray apply to a config"
+            )
+        results = bench.merge([bench.Results.load(args.config)])
+        _bench_output(results, args, bench, render=args.render or not args.plot)
+        return 0
+    config = bench.load_config(args.config, args.overrides)
+    if args.dry_run:
+        planned = bench.plan(config)
+        _print_plan(planned, bench.missing_files(config))
+        return 0
+    with quiet_env(args.quiet):
+        echo = None if args.quiet else print
+        results = bench.run(
+            config,
+            out=args.out,
+            progress=False if args.quiet else None,
+            ray=args.ray,
+            echo=echo,
+        )
+    out = Path(args.out) if args.out else bench.default_out(config)
+    print(f"{len(results.cells)} cells" + (f" in {out}" if out else ""), file=sys.stderr)
+    _bench_output(results, args, bench, render=args.render)
+    return 0
+
+
+def _bench_output(
+    results: Any, args: argparse.Namespace, bench: ModuleType, *, render: bool
+) -> None:
+    if render:
+        print(bench.markdown(results), end="")
+    if args.plot:
+        path = bench.plot(results, args.plot)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _print_plan(planned: list[Any], missing: list[str]) -> None:
+    from tabulate import tabulate
+
+    rows = [
+        [i, "cached" if p.cached else "to run", *p.cell.labels().values(), p.key]
+        for i, p in enumerate(planned)
+    ]
+    headers = ["#", "status", "data", "model", "backend", "bits", "reconstruct", "method",
+               "setting", "seed", "key"]  # fmt: skip
+    print(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
+    cached = sum(p.cached for p in planned)
+    print(f"\n{len(planned)} cells: {cached} cached, {len(planned) - cached} to run")
+    for line in missing:
+        print(f"missing: {line}")
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """``qtta bench``'s parser: ``KEY=VALUE`` overrides may also follow the flags
+    (``qtta bench cfg.yaml --dry-run seeds=[0,1]``), where argparse alone would take the
+    positional list only in one run and refuse the rest."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extra = super().parse_known_args(args, namespace)
+        later = [a for a in extra if "=" in a and not a.startswith("-")]
+        namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *later]
+        return namespace, [a for a in extra if not ("=" in a and not a.startswith("-"))]
 
 
 def _positive_int(text: str) -> int:
@@ -175,6 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bars (ours or the backend's) and no backend INFO lines",
     )
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark grid from a config file (cached cell by cell), write its results "
+        "and render its tables",
+        description="Run the grid of a YAML config (data x model x backend x bits x "
+        "reconstruction x method x setting x seed): each cell cached under a key of everything "
+        "that determines it, so a stopped run resumes and a rerun computes nothing. KEY=VALUE "
+        "overrides the config (OmegaConf dotted keys: seeds=[0,1] methods.tent.lr=1e-3 "
+        "data.root=/data). CONFIG may also be a results JSON file: its tables / plot are "
+        "rendered. Needs the bench extra (pip install 'qtta-plugins[bench]'). See "
+        "docs/benchmarks.md.",
+    )
+    b.__class__ = _BenchParser  # add_parser builds every subcommand's parser with one class
+    b.add_argument("config", help="a YAML config (benchmarks/configs/) or a results JSON file")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    b.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default: the config's out, else <name>.results.json)",
+    )
+    b.add_argument("--render", action="store_true", help="print the Markdown tables")
+    b.add_argument("--plot", default=None, metavar="PATH", help="draw the error along the stream")
+    b.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells on Ray, one task each: 'local' (start Ray here), 'auto' (this "
+        "machine's cluster) or ray://host:port (needs the ray extra)",
+    )
+    b.add_argument(
+        "--dry-run", action="store_true", help="list the cells and which are cached; run nothing"
+    )
+    b.add_argument(
+        "--cache-dir", default=None, help="cache directory (default $QTTA_CACHE_DIR or ~/.cache)"
+    )
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no line per cell")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,213 @@
+"""A config's grid: its independent cells, and the key that says what each one computes.
+
+A cell is one adaptation run: data x model x backend x bits x reconstruction x method (with its
+options) x setting x seed. Without a ``plan`` the cells are the product of the config's axes; a
+``plan`` is a list of blocks, each a product over the axes it names (the others: all of the
+config's), and the grid is their union in block order (a cell two blocks share runs once).
+
+:func:`cell_spec` resolves a cell into everything that determines its result (the data's files
+and options, the model's spec and a digest of its weights file, the calibration, the quantization,
+the reconstruction and method configs with every default filled in, the versions of this package,
+torch and the backend); :func:`cell_key` is the digest of that, the cell's name in the cache. Row
+names are labels, not part of the key: renaming a row finds its cells again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .config import SCHEMA_VERSION, Bench
+
+AXES = ("data", "model", "backend", "bits", "reconstruct", "method", "setting", "seed")
+"""A cell's coordinates, in the order the tables and the results list them."""
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One cell of the grid: names of its data, model, reconstruction and method rows, the
+    backend, the bit-width (lower case, ``w4a4``), the stream setting and the seed."""
+
+    data: str
+    model: str
+    backend: str
+    bits: str
+    reconstruct: str
+    method: str
+    setting: str
+    seed: int
+
+    def labels(self) -> dict[str, Any]:
+        return {a: getattr(self, a) for a in AXES}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.data} | {self.model} | {self.backend} {self.bits.upper()} | "
+            f"{self.reconstruct} + {self.method} | {self.setting} | seed {self.seed}"
+        )
+
+
+def expand(bench: Bench) -> list[Cell]:
+    """The cells of ``bench``, in run order: those that share a quantized model together (model,
+    backend, bits, seed, reconstruction outermost), so that a run builds each model once."""
+    config = bench.config
+    full = {
+        "data": [d.name for d in bench.data],
+        "model": [m.name for m in bench.models],
+        "backends": list(config.backends),
+        "bits": [str(b).lower() for b in config.bits],
+        "reconstruct": list(bench.reconstruct),
+        "methods": list(bench.methods),
+        "settings": list(config.settings),
+        "seeds": list(config.seeds),
+    }
+    blocks = config.plan or [{}]
+    cells: dict[Cell, None] = {}
+    for block in blocks:
+        axes = {**full, **{k: list(v) for k, v in block.items()}}
+        axes["bits"] = [str(b).lower() for b in axes["bits"]]
+        for cell in _product(axes):
+            cells.setdefault(cell, None)
+    return list(cells)
+
+
+def _product(axes: dict[str, list[Any]]) -> Iterator[Cell]:
+    for model in axes["model"]:
+        for backend in axes["backends"]:
+            for bits in axes["bits"]:
+                for seed in axes["seeds"]:
+                    for rec in axes["reconstruct"]:
+                        for data in axes["data"]:
+                            for setting in axes["settings"]:
+                                for method in axes["methods"]:
+                                    yield Cell(
+                                        data, model, backend, bits, rec, method, setting, int(seed)
+                                    )
+
+
+# --------------------------------------------------------------------------------------------
+# what a cell computes
+# --------------------------------------------------------------------------------------------
+
+
+def cell_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
+    """Everything that determines ``cell``'s result, as plain data (see the module doc)."""
+    config = bench.config
+    data = asdict(bench.data_spec(cell.data))
+    data.pop("name")
+    data.pop("num_workers")  # how many processes decode the images changes no image
+    model = asdict(bench.model_spec(cell.model))
+    model.pop("name")
+    model["weights_sha256"] = file_digest(model["weights"]) if model["weights"] else None
+    if Path(model["spec"]).is_file():  # a whole pickled module
+        model["spec_sha256"] = file_digest(model["spec"])
+    if ":" in model["spec"] or Path(model["spec"]).is_file():
+        model.pop("train")  # loaded, not trained
+    calibration = asdict(config.calibration)
+    if calibration["draw"] == "seeded":
+        calibration["seed"] = cell.seed
+    return {
+        "schema": SCHEMA_VERSION,
+        "versions": versions(cell.backend),
+        "data": data,
+        "model": model,
+        "calibration": calibration,
+        "quantize": {"backend": cell.backend, "bits": cell.bits, **config.quantize},
+        "reconstruct": reconstruct_spec(bench, cell),
+        "method": method_spec(bench, cell),
+        "setting": cell.setting,
+        "seed": cell.seed,
+        "batch_size": config.batch_size,
+        "device": config.device,
+        "measure": asdict(config.measure),
+    }
+
+
+def reconstruct_spec(bench: Bench, cell: Cell) -> dict[str, Any] | None:
+    """The reconstruction's config with its defaults (``seed``: the cell's unless given)."""
+    row = bench.reconstruct[cell.reconstruct]
+    if row.method is None:
+        return None
+    from ..plugins import available_methods
+
+    options = {"seed": cell.seed, **row.options}
+    config = available_methods("reconstruct")[row.method].config_cls(method=row.method, **options)
+    return _plain(config)
+
+
+def method_config(bench: Bench, cell: Cell) -> Any:
+    """The adaptation method's config object of ``cell`` (``seed``: the row's own, else the
+    config's ``method_seed``, else the cell's seed)."""
+    from ..plugins import available_methods
+
+    row = bench.methods[cell.method]
+    seed = bench.config.method_seed if bench.config.method_seed is not None else cell.seed
+    options = {"seed": seed, **row.options}
+    return available_methods("adapt")[row.method].config_cls(method=row.method, **options)
+
+
+def method_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
+    row = bench.methods[cell.method]
+    return {"config": _plain(method_config(bench, cell)), "reset_every": row.reset_every}
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    """A method config's fields as JSON-able data (an object option by its type's name)."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = (
+            value
+            if value is None or isinstance(value, str | int | float | bool | list | dict | tuple)
+            else f"<{type(value).__name__}>"
+        )
+    return out
+
+
+def cell_key(spec: dict[str, Any]) -> str:
+    """The cache key of a cell spec: SHA-256 of its canonical JSON (sorted keys), 24 hex digits."""
+    text = json.dumps(spec, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (memoised by path, size and mtime: a checkpoint is read once per
+    process); ``"missing"`` for a file that is not there (a ``--dry-run`` of a config whose
+    checkpoint is still to be filled in lists its cells; running one names the missing file)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return _digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def versions(backend: str) -> dict[str, str]:
+    """This package's, torch's and the backend's versions: a new release may compute differently."""
+    from .. import __version__
+
+    out = {"qtta_plugins": __version__}
+    for dist in ("torch", backend):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+__all__ = ["AXES", "Cell", "cell_key", "cell_spec", "expand", "file_digest", "method_config"]

@@ -1,0 +1,247 @@
+"""Paper-style tables of a results file, as Markdown (rendered by :mod:`tabulate`).
+
+* **summary**, per (data, model, setting): one row per method row (``<reconstruction> +
+  <method>`` when the grid has several reconstructions), one column per backend and bit-width;
+  each cell the mean error over domains as mean ± sd over seeds, marked ``(n=k)`` when fewer than
+  3 seeds, and the time per batch as a ratio to plain inference (mean over seeds);
+* **domains**, per (data, model, backend, bits, setting): the error on each domain in stream order
+  and their mean, mean ± sd over seeds;
+* **paired**, per (data, model, setting): for each ``tables.paired`` pair ``[a, b]``, the
+  difference ``error(a) - error(b)`` taken seed by seed (the same stream), then its mean ± sd,
+  and the per-seed differences;
+* **rounds**, for streams of several rounds (the ``long`` setting): the mean error in each round.
+
+Standard deviations are the sample's (``statistics.stdev``); one seed shows ± 0.0 and ``(n=1)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .results import Results
+
+TABLES = ("summary", "domains", "paired", "rounds")
+
+
+@dataclass
+class Table:
+    """A titled table: ``headers`` and ``rows`` of strings."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        from tabulate import tabulate
+
+        body = tabulate(self.rows, self.headers, tablefmt="github", disable_numparse=True)
+        return f"{self.title}\n\n{body}\n"
+
+
+def mean_sd(values: Sequence[float], digits: int = 1) -> str:
+    """``"mean ± sd"`` over seeds, with ``(n=k)`` where fewer than 3; empty for none."""
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    mark = "" if len(values) >= 3 else f" (n={len(values)})"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}{mark}"
+
+
+def signed_mean_sd(values: Sequence[float], digits: int = 1) -> str:
+    """A paired difference: ``"+1.2 ± 0.3 (n=2): +1.0, +1.4"`` (the per-seed values last)."""
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    mark = "" if len(values) >= 3 else f" (n={len(values)})"
+    each = ", ".join(f"{v:+.{digits}f}" for v in values)
+    return f"{statistics.mean(values):+.{digits}f} ± {sd:.{digits}f}{mark}: {each}"
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def row_label(cell: dict[str, Any], several_reconstructions: bool) -> str:
+    """A cell's row: its method row, after its reconstruction when the grid has several."""
+    if several_reconstructions:
+        return f"{cell['reconstruct']} + {cell['method']}"
+    return str(cell["method"])
+
+
+def column_label(cell: dict[str, Any]) -> str:
+    return f"{cell['backend']} {str(cell['bits']).upper()}"
+
+
+class _Index:
+    """The cells of a results file by their labels."""
+
+    def __init__(self, results: Results) -> None:
+        several = len(_unique(c["reconstruct"] for c in results.cells)) > 1
+        # shallow copies with their row label: the results' own cells stay as they are
+        self.cells = [{**c, "row": row_label(c, several)} for c in results.cells]
+
+    def groups(self, *axes: str) -> list[tuple[Any, ...]]:
+        return _unique(tuple(c[a] for a in axes) for c in self.cells)
+
+    def where(self, **labels: Any) -> list[dict[str, Any]]:
+        return [c for c in self.cells if all(c[k] == v for k, v in labels.items())]
+
+
+def _digits(results: Results) -> int:
+    return int(results.config.get("tables", {}).get("digits", 1))
+
+
+def _group_title(setting: str, data: str, model: str) -> str:
+    return f"**{setting}** · data {data} · model {model}"
+
+
+def summary(results: Results) -> list[Table]:
+    index, digits = _Index(results), _digits(results)
+    tables = []
+    for data, model, setting in index.groups("data", "model", "setting"):
+        cells = index.where(data=data, model=model, setting=setting)
+        columns = _unique(column_label(c) for c in cells)
+        rows = []
+        for label in _unique(c["row"] for c in cells):
+            row = [label]
+            for col in columns:
+                these = [c for c in cells if c["row"] == label and column_label(c) == col]
+                errors = [c["error"] for c in these]
+                ratios = [c["time_ratio"] for c in these if c.get("time_ratio") is not None]
+                text = mean_sd(errors, digits)
+                if ratios:
+                    text += f" · {statistics.mean(ratios):.1f}x"
+                row.append(text)
+            rows.append(row)
+        title = (
+            f"{_group_title(setting, data, model)}: mean error % over domains (mean ± sd over "
+            "seeds; (n=k): fewer than 3 seeds) · time per batch as a ratio to plain inference "
+            "of the same quantized model (paired per batch; mean over seeds)"
+        )
+        tables.append(Table(title, ["row", *columns], rows))
+    return tables
+
+
+def domains(results: Results) -> list[Table]:
+    index, digits = _Index(results), _digits(results)
+    tables = []
+    for data, model, backend, bits, setting in index.groups(
+        "data", "model", "backend", "bits", "setting"
+    ):
+        cells = index.where(data=data, model=model, backend=backend, bits=bits, setting=setting)
+        names = _unique(d for c in cells for d in c.get("errors", {}))
+        rows = []
+        for label in _unique(c["row"] for c in cells):
+            these = [c for c in cells if c["row"] == label]
+            row = [label]
+            for d in names:
+                row.append(
+                    mean_sd([c["errors"][d] for c in these if d in c.get("errors", {})], digits)
+                )
+            row.append(mean_sd([c["error"] for c in these], digits))
+            rows.append(row)
+        title = (
+            f"{_group_title(setting, data, model)} · {backend} {str(bits).upper()}: error % per "
+            "domain in stream order, and their mean (mean ± sd over seeds)"
+        )
+        tables.append(Table(title, ["row", *names, "mean"], rows))
+    return tables
+
+
+def paired_differences(cells: list[dict[str, Any]], a: str, b: str) -> list[float]:
+    """``error(a) - error(b)`` for each seed that has both rows (seed order)."""
+    by = {(c["row"], c["seed"]): c["error"] for c in cells}
+    seeds = sorted({c["seed"] for c in cells})
+    return [by[(a, s)] - by[(b, s)] for s in seeds if (a, s) in by and (b, s) in by]
+
+
+def paired(results: Results) -> list[Table]:
+    pairs = results.config.get("tables", {}).get("paired", [])
+    if not pairs:
+        return []
+    index, digits = _Index(results), _digits(results)
+    tables = []
+    for data, model, setting in index.groups("data", "model", "setting"):
+        cells = index.where(data=data, model=model, setting=setting)
+        columns = _unique(column_label(c) for c in cells)
+        rows = []
+        for pair in pairs:
+            a, b = pair[0], pair[1]
+            note = pair[2] if len(pair) > 2 else ""
+            values = [
+                signed_mean_sd(
+                    paired_differences([c for c in cells if column_label(c) == col], a, b), digits
+                )
+                for col in columns
+            ]
+            if any(values):
+                rows.append([f"{a} - {b}", note, *values])
+        if rows:
+            title = (
+                f"{_group_title(setting, data, model)}: error difference in points, paired seed "
+                "by seed (mean ± sd over seeds, then each seed's)"
+            )
+            tables.append(Table(title, ["difference", "note", *columns], rows))
+    return tables
+
+
+def rounds(results: Results) -> list[Table]:
+    index, digits = _Index(results), _digits(results)
+    cells = [c for c in index.cells if c.get("round_errors")]
+    if not cells:
+        return []
+    tables = []
+    for data, model, setting in _unique((c["data"], c["model"], c["setting"]) for c in cells):
+        these = [
+            c for c in cells if (c["data"], c["model"], c["setting"]) == (data, model, setting)
+        ]
+        n = max(len(c["round_errors"]) for c in these)
+        rows = []
+        for c in these:
+            e = c["round_errors"]
+            rows.append(
+                [
+                    column_label(c),
+                    c["row"],
+                    str(c["seed"]),
+                    *[f"{x:.{digits}f}" for x in e],
+                    *[""] * (n - len(e)),
+                    f"{e[-1] - e[0]:+.{digits}f}",
+                ]
+            )
+        title = f"{_group_title(setting, data, model)}: mean error % in each round"
+        headers = ["config", "row", "seed", *[str(r + 1) for r in range(n)], "last - first"]
+        tables.append(Table(title, headers, rows))
+    return tables
+
+
+def markdown(results: Results, which: Sequence[str] = TABLES) -> str:
+    """The tables ``which`` of ``results`` as one Markdown text, under the results' name."""
+    unknown = [w for w in which if w not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; tables: {', '.join(TABLES)}")
+    makers = {"summary": summary, "domains": domains, "paired": paired, "rounds": rounds}
+    parts = [f"# {results.name}", ""]
+    if results.description:
+        parts += [results.description.strip(), ""]
+    for name in which:
+        for table in makers[name](results):
+            parts += [table.markdown()]
+    return "\n".join(parts)
+
+
+__all__ = [
+    "TABLES",
+    "Table",
+    "domains",
+    "markdown",
+    "mean_sd",
+    "paired",
+    "paired_differences",
+    "rounds",
+    "signed_mean_sd",
+    "summary",
+]
