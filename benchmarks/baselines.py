@@ -69,6 +69,18 @@ METHODS = {
     "cotta": ("cotta", {}),
     "rotta": ("rotta", {}),
     "foa": ("foa", {}),
+    # FOA's image prompt (our design for CNNs) with each step as our FOA had it before issue 34
+    # (benchmarks/foa_fidelity.py: L2-norm fitness, the prediction from the incumbent's pass, the
+    # shift's EMA with this batch in it, CMA-ES centred at the prompt)
+    "foa (old)": (
+        "foa",
+        {
+            "fitness": "norm",
+            "predict": "incumbent",
+            "shift_update": "prediction",
+            "cma_start": "prompt",
+        },
+    ),
     "zoa": ("zoa", {}),
     "tent + abl": ("tent", {"abl": True}),
     "eata + abl": ("eata", {"abl": True}),
@@ -90,6 +102,8 @@ PLAN = [
     (list(CONFIGS), ["dirichlet"], [*BASE, *ABL], [0, 1, 2]),
     (["torchao W8A8"], ["reset", "mixed"], BASE, [0, 1, 2]),
     (["torchao W8A8"], ["gradual", "long"], BASE, [0]),
+    # FOA's image prompt re-checked with the authors' fitness, prediction and shift (issue 34)
+    (["torchao W8A8"], ["continual", "reset"], ["source", "foa", "foa (old)", "zoa"], [0, 1, 2]),
     # diagnostics of docs/baselines.md's "why" (not yet run; cheap: torchao only)
     (["torchao W8A8"], ["continual"], ["cotta -augment"], [0, 1, 2]),
     (["torchao W8A8"], ["dirichlet"], ["cotta -teacher", "cotta -teacher + abl"], [0, 1, 2]),

@@ -297,11 +297,17 @@ class FeatureStatistics:
     """Source feature statistics of one model state, the one whose :func:`state_fingerprint` is
     ``fingerprint``: ``features[mode][layer]``, the per-channel ``(mean, std)`` of the pooled
     input of each quantized layer but the first, averaged over batches, with norms in ``mode``
-    (``"source"`` / ``"batch"``), as ``zoa`` and ``foa`` compare test batches with; and
-    ``detector[mode][norm]``, the per-channel ``(mean, var)`` of what the first norm normalises."""
+    (``"source"`` / ``"batch"``), as ``zoa`` compares test batches with; ``class_token[mode]
+    [layer]``, for models whose layers see token sequences, the same of the class token (the
+    pooled feature where a layer sees none) over all images at once, unbiased std, as ``foa``
+    compares; and ``detector[mode][norm]``, the per-channel ``(mean, var)`` of what the first
+    norm normalises."""
 
     fingerprint: str
     features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    class_token: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict
+    )
     detector: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 

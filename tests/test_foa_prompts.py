@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,26 +126,34 @@ def test_token_prompt_reset_and_state_round_trip(qvit, vit):
     bound = (6 / (3 * 16 + 64)) ** 0.5
     assert start.abs().max() <= bound and start.abs().max() > 0.5 * bound
     run.step(x)
+    run.step(x)
     saved = run.method._copy_state()
-    moved = run.method.theta.clone()
-    assert not torch.equal(moved, start)
+    # the incumbent is the best of the batch's candidates and the previous best: it may stay
+    moved, mean = run.method.theta.clone(), run.method.es.mean.copy()
+    assert run.method.es.countiter == 2 and not np.array_equal(mean, np.zeros_like(mean))
     run.reset()
-    assert torch.equal(run.method.theta, start)
+    assert torch.equal(run.method.theta, start) and run.method.es.countiter == 0
     run.method.load_state_dict(saved)
-    assert torch.equal(run.method.theta, moved)
+    assert torch.equal(run.method.theta, moved) and np.array_equal(run.method.es.mean, mean)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_adapted_prompt_tokens_export_with_the_model(qvit, vit, backend, export_logits):
     """The incumbent tokens are part of what each backend's export path carries (torchao: a buffer
-    of the graph; Brevitas / NNCF: the hooks, traced into the export)."""
+    of the graph; Brevitas / NNCF: the hooks, traced into the export). NNCF's stripped model
+    rounds a value on a rounding boundary one step away now and then (NNCF's quantize and the
+    FakeQuantize it strips to round ties differently): 0.015 on logits of at most 0.33 on this
+    untrained ViT for some token values, so 5% of the largest logit is allowed there, as
+    test_export.py allows the other backends."""
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     run = qtta_plugins.adapt(qvit(backend), None, "foa", population=4, source_data=vit[1])
     run.step(x)
     with torch.no_grad():
         adapted = run.model(x)
     exported = export_logits(backend, run.model, x)
-    torch.testing.assert_close(exported, adapted, atol=1e-3, rtol=1e-3)
+    atol = 0.05 * float(adapted.abs().max()) if backend == "nncf" else 1e-3
+    torch.testing.assert_close(exported, adapted, atol=atol, rtol=1e-3)
+    assert torch.equal(exported.argmax(1), adapted.argmax(1))
 
 
 @pytest.mark.parametrize("backend", ["torchao", "nncf"])

@@ -56,11 +56,10 @@ def pooled(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def channel_stats(x: torch.Tensor) -> ChannelStats:
-    """Mean and std over the batch of the pooled feature (ZOA's "pooled stage outputs")."""
-    p = pooled(x)
+def channel_stats(x: torch.Tensor, *, unbiased: bool = False) -> ChannelStats:
+    """Mean and std over the batch of a feature already pooled to ``(N, C)``."""
     return ChannelStats(
-        p.mean(0), p.std(0, unbiased=False) if p.shape[0] > 1 else p.new_zeros(p.shape[1])
+        x.mean(0), x.std(0, unbiased=unbiased) if x.shape[0] > 1 else x.new_zeros(x.shape[1])
     )
 
 
@@ -102,7 +101,10 @@ def feature_layers(view: QuantView, which: str = "blocks") -> list[QuantLayer]:
 class FeatureRecorder:
     """Forward pre-hooks at the inputs of ``layers``: record their statistics, shift the last one.
 
-    ``record``: whether a forward pass records. The last layer's input is shifted by
+    ``record``: whether a forward pass records, per tap, the feature pooled to ``(N, C)``
+    (:attr:`features`; :func:`pooled`, or with ``token=0`` the class token of a token sequence,
+    FOA's features) and its :class:`ChannelStats` over the batch (``unbiased`` std or not). The
+    last layer's input is shifted by
     ``shift_target - feature_ema`` when ``shift_target`` is set (recording sees the unshifted
     feature). ``detector``: a module whose input's per-channel map statistics are recorded for the
     domain-change detector. Layers sharing one input (a residual block's conv and shortcut) are
@@ -118,7 +120,12 @@ class FeatureRecorder:
     """
 
     def __init__(
-        self, view: QuantView, layers: Sequence[QuantLayer], detector: nn.Module | None = None
+        self,
+        view: QuantView,
+        layers: Sequence[QuantLayer],
+        detector: nn.Module | None = None,
+        *,
+        token: int | None = None,
     ) -> None:
         modules: dict[int, nn.Module] = {}
         for layer in layers:
@@ -128,7 +135,12 @@ class FeatureRecorder:
         self.device = model_device(view.model)
         self.detector = detector
         self.record = True
+        # None: token sequences averaged over tokens (ZOA's); 0: their class token, with the
+        # unbiased std over the batch (FOA's, as its authors' code takes them)
+        self.token = token
         self.stats: list[ChannelStats | None] = [None] * len(self.modules)
+        self.features: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.sequences = [False] * len(self.modules)  # which taps have seen token sequences
         self.detector_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         # The output shift: the last feature is moved by (source mean - EMA of its batch means).
         self.shift_target: torch.Tensor | None = None  # None: no shift
@@ -220,7 +232,13 @@ class FeatureRecorder:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
             if self.record:
-                self.stats[index] = channel_stats(self._without_skipped(x))
+                if self.token is None:
+                    f = pooled(self._without_skipped(x))
+                else:
+                    f = x[:, self.token] if x.ndim == 3 else pooled(x)
+                self.features[index] = f
+                self.sequences[index] = x.ndim == 3
+                self.stats[index] = channel_stats(f, unbiased=self.token is not None)
             if index != last or self.shift_target is None:
                 return None
             if not self.shift_enabled:
@@ -271,7 +289,20 @@ class FeatureRecorder:
 
     def clear(self) -> None:
         self.stats = [None] * len(self.modules)
+        self.features = [None] * len(self.modules)
         self.detector_stats = None
+
+    @contextlib.contextmanager
+    def input_shift(self, shift: torch.Tensor) -> Iterator[None]:
+        """The last layer's input shifted by ``shift`` for the block (a model whose last layer
+        has no bias to hold it)."""
+        handle = self.modules[-1].register_forward_pre_hook(
+            lambda module, args: self._shifted(args, shift)
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def collected(self) -> list[ChannelStats]:
         missing = [i for i, s in enumerate(self.stats) if s is None]
@@ -353,10 +384,17 @@ def source_statistics(
     view: QuantView, recorder: FeatureRecorder, batches: list[torch.Tensor]
 ) -> tuple[list[ChannelStats], tuple[torch.Tensor, torch.Tensor] | None]:
     """Feature statistics of the quantized model on clean batches, in the mode it will adapt in,
-    averaged over batches (the same estimator the test batches get); and the detector feature's
-    per-channel mean and variance."""
+    and the detector feature's per-channel mean and variance.
+
+    The features' statistics are estimated as the test batches' are compared with them: averaged
+    over batches (ZOA's; with batch norms on test-batch statistics the features depend on the
+    batch); with a class-token recorder (``recorder.token`` set, FOA's), over all images at once
+    with the unbiased std, as the authors' code takes them."""
     sums: list[ChannelStats] | None = None
     det_mean = det_var = None
+    # over all images: per tap, the sum of the features, of their squares, and the count
+    moments: list[list[torch.Tensor]] | None = None
+    count = 0
     was_recording, shift = recorder.record, recorder.shift_enabled
     recorder.record, recorder.shift_enabled = True, False
     try:
@@ -365,6 +403,15 @@ def source_statistics(
             with recorder.attached():
                 view.model(x.to(recorder.device))  # the kept sample lives on the CPU
             stats = recorder.collected()
+            if recorder.token is not None:
+                feats = [f.double() for f in recorder.features]  # type: ignore[union-attr]
+                if moments is None:
+                    moments = [[f.sum(0), f.square().sum(0)] for f in feats]
+                else:
+                    for acc, f in zip(moments, feats, strict=True):
+                        acc[0] += f.sum(0)
+                        acc[1] += f.square().sum(0)
+                count += feats[0].shape[0]
             if sums is None:
                 sums = [ChannelStats(s.mean.clone(), s.std.clone()) for s in stats]
                 if recorder.detector_stats is not None:
@@ -382,7 +429,20 @@ def source_statistics(
     n = len(batches)
     assert sums is not None
     detector = None if det_mean is None else (det_mean / n, det_var / n)  # type: ignore[operator]
+    if moments is not None:
+        return [
+            _over_images(s, q, count, a.mean.dtype) for (s, q), a in zip(moments, sums, strict=True)
+        ], detector
     return [ChannelStats(s.mean / n, s.std / n) for s in sums], detector
+
+
+def _over_images(
+    total: torch.Tensor, squares: torch.Tensor, count: int, dtype: torch.dtype
+) -> ChannelStats:
+    """Mean and unbiased std of ``count`` features from their sum and sum of squares."""
+    mean = total / count
+    var = (squares - count * mean.square()).clamp_min(0) / max(count - 1, 1)
+    return ChannelStats(mean.to(dtype), var.sqrt().to(dtype))
 
 
 def no_source_data_warning(method: str, reason: str = "") -> None:
@@ -464,18 +524,30 @@ def _measure_features(
     for mode in ("batch",) if has_bn else ("source",):
         work.set_norm_mode(mode)
         features, detector = source_statistics(work, recorder, batches)
-        measured.features[mode] = {
-            name: (f.mean.detach().cpu(), f.std.detach().cpu())
-            for name, f in zip(names, features, strict=True)
-        }
+        measured.features[mode] = _as_kept(names, features)
         if first is not None and detector is not None:
             measured.detector[mode] = {first.name: (detector[0].cpu(), detector[1].cpu())}
+        if any(recorder.sequences):  # token sequences: FOA's class-token statistics too
+            tokens = FeatureRecorder(work, layers[1:], token=0)
+            measured.class_token[mode] = _as_kept(
+                names, source_statistics(work, tokens, batches)[0]
+            )
+            tokens.remove()
     recorder.remove()
     if not has_bn:  # without batch-norm statistics both modes normalise alike
-        measured.features["batch"] = measured.features["source"]
-        if "source" in measured.detector:
-            measured.detector["batch"] = measured.detector["source"]
+        for kept in (measured.features, measured.class_token, measured.detector):
+            if "source" in kept:
+                kept["batch"] = kept["source"]
     stats.measured.append(measured)
+
+
+def _as_kept(
+    names: Sequence[str], features: Sequence[ChannelStats]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        name: (f.mean.detach().cpu(), f.std.detach().cpu())
+        for name, f in zip(names, features, strict=True)
+    }
 
 
 def _module_names(
@@ -534,7 +606,17 @@ def kept_statistics(
         )
         return None
     names = _module_names(view, layers, recorder)
-    features = measured.features[view.norm_mode]
+    if recorder.token is not None:
+        features = measured.class_token.get(view.norm_mode, {})
+        if not features:
+            no_source_data_warning(
+                method,
+                ": qtta_plugins.quantize kept no class-token statistics (it keeps them for models "
+                "whose layers see token sequences)",
+            )
+            return None
+    else:
+        features = measured.features[view.norm_mode]
     detectors = measured.detector.get(view.norm_mode, {})
     if any(name not in features for name in names) or (
         detector is not None and detector.name not in detectors

@@ -6,24 +6,45 @@ only. Two forms of that set (``prompt``):
 - ``"tokens"``, the paper's: ``prompt_tokens`` (3) learned tokens of the model's width, inserted
   after the class token of a timm ``VisionTransformer`` (after the position embedding, before the
   first block) and taken out again before the final norm, so every block attends to them and the
-  pooled feature keeps its meaning whatever the pooling. CMA-ES starts from the VPT initialisation
-  (uniform in +-sqrt(6 / (3 * patch^2 + width))) with step size ``sigma0`` (1.0, as the authors'
-  code). Any backend whose quantized model is the eager timm model has the token sequence.
-- ``"image"``, our stand-in for models without a token sequence (CNNs, integer graphs whose tokens
-  we cannot reach): a low-resolution additive prompt per channel (``prompt_grid`` x
-  ``prompt_grid``, upsampled bilinearly to the image) plus a per-channel gain and bias, from zero
-  with step size ``sigma0`` (0.1, in input units) - the "equivalent small input-side parameter set"
-  of DESIGN section 4.
+  pooled feature keeps its meaning whatever the pooling. Any backend whose quantized model is the
+  eager timm model has the token sequence; torchao's exported graph gets the two insertions in its
+  graph (:class:`GraphTokenPrompt`).
+- ``"image"``, our own stand-in for models without a token sequence (CNNs): a low-resolution
+  additive prompt per channel (``prompt_grid`` x ``prompt_grid``, upsampled bilinearly to the
+  image) plus a per-channel gain and bias, from zero with step size ``sigma0`` (0.1, in input
+  units). Not the paper's method: the paper prompts ViTs only.
 
 ``"auto"`` (default) takes the tokens where the model has them, else the image prompt.
 
-Per batch: one pass with the incumbent (the previous best), whose output is the prediction and which
-feeds the output shift; then ``population`` candidates from ``es.ask()``, one pass each; fitness
-``sum_i H(p_i) + lambda * sum_f (||mean_f - mean_f^src||_2 + ||std_f - std_f^src||_2)`` with
-``lambda = 0.4 * batch / 64`` (the paper's); ``es.tell``; the best candidate becomes the incumbent.
-The feature statistics leave the prompt tokens out (the source statistics were measured without
-them). ``1 + population`` = 28 forward passes per batch by default. Batch norms use test-batch
-statistics (``batch_stats``), as ZOA's do, so the two are compared on the same footing.
+One batch, as the authors' code runs it (mr-eggplant/FOA, ``tta_library/foa.py``; read, not
+copied - its licence is non-commercial):
+
+1. Candidates: ``population`` (27) prompts from ``es.ask()`` plus the previous best prompt, one
+   forward pass each (28 passes). The first batch's previous best is the VPT initialisation
+   (uniform in +-sqrt(6 / (3 * patch^2 + width))); CMA-ES itself starts at zero with step size
+   ``sigma0`` (1.0).
+2. Fitness of each: ``sum_i H(p_i) + lambda * sum_f (||std_f - std_f^src||^2 +
+   ||mean_f - mean_f^src||^2)``, ``lambda = 0.4 * batch / 64``, entropy on the unshifted logits.
+   Features ``f`` on a ViT (``features="class_token"``): the class token at the input of every
+   block's first layer (its ``norm1`` output) and at the head (the final norm's class token);
+   statistics over the batch (unbiased std), the source's over all clean images at once. The first
+   block's class token does not depend on the image, so it adds nothing: these are the authors'
+   features. On CNNs: pooled stage outputs, the source's averaged over batches (``"mean"``).
+3. ``es.tell`` with all 28; the best candidate (the previous best among them) becomes the
+   incumbent, and its output, with the output shift, is the prediction.
+4. Output shift: the head sees ``f + (mean_src - m)``, ``m`` an EMA (weight ``shift_momentum``
+   0.9 kept) of the batch means of the head's input over all of a batch's passes, started at the
+   first batch's and updated after predicting (the first batch is predicted unshifted). The shift
+   lives in the head's bias (``b + W_q @ shift``), so between batches the model is the backend's
+   own model with the incumbent prompt and the shift for the next batch.
+
+Each step that differs from our FOA before issue 34 has a switch that puts the old one back, so
+its effect can be measured (``benchmarks/foa_fidelity.py``): ``fitness="norm"`` (L2 norms, not
+squared), ``features="mean"`` (all-token means, averaged over source batches), ``predict=
+"incumbent"`` (an extra pass with the previous best gives the prediction; CMA-ES is told only its
+27), ``shift_update="prediction"`` (the EMA takes the predicting pass's mean, this batch included,
+before predicting) and ``cma_start="prompt"`` (CMA-ES centred at the VPT initialisation). Batch
+norms use test-batch statistics (``batch_stats``), as ZOA's do.
 """
 
 from __future__ import annotations
@@ -56,10 +77,12 @@ from .tent import softmax_entropy
 
 @dataclass
 class FOAConfig(AdaptConfig):
-    """FOA's options (see the module docstring)."""
+    """FOA's options (see the module docstring). The defaults are the authors' FOA; ``fitness``,
+    ``features``, ``predict``, ``shift_update`` and ``cma_start`` each put one step of our FOA
+    before issue 34 back, for ablations."""
 
     method: str = "foa"
-    population: int = 27  # CMA-ES candidates per batch (+1 pass with the incumbent)
+    population: int = 27  # CMA-ES candidates per batch (+ the previous best: 28 passes)
     prompt: str = "auto"  # "tokens" (ViTs, the paper's), "image" (any model), "auto"
     prompt_tokens: int = 3  # the paper's number of prompt tokens
     # CMA-ES initial step size; None: 1.0 for tokens (the authors' code), 0.1 for the image
@@ -68,6 +91,13 @@ class FOAConfig(AdaptConfig):
     prompt_grid: int = 4  # image prompt: side of the low-resolution additive prompt; 0: none
     affine: bool = True  # image prompt: per-channel input gain and bias
     align_weight: float | None = None  # lambda; None: 0.4 * batch / 64
+    fitness: str = "squared"  # "squared" (the authors') or "norm" (L2 norms)
+    # "class_token" (the authors', where the model has one), "mean" (all tokens / pooled maps),
+    # "auto": the class token on a model with a token sequence, else "mean"
+    features: str = "auto"
+    predict: str = "best"  # "best" (this batch's best candidate) or "incumbent" (a pass of its own)
+    shift_update: str = "candidates"  # "candidates" (the authors') or "prediction"
+    cma_start: str = "zero"  # "zero" (the authors') or "prompt" (centred at the VPT init)
     shift: bool = True
     shift_momentum: float = 0.9
     batch_stats: bool = True
@@ -83,10 +113,19 @@ class FOAConfig(AdaptConfig):
             isinstance(self.sigma0, int | float) and math.isfinite(self.sigma0) and self.sigma0 > 0
         ):
             raise ValueError(f"FOAConfig.sigma0 must be positive or None, got {self.sigma0!r}")
-        if self.prompt not in ("auto", "tokens", "image"):
-            raise ValueError(
-                f"FOAConfig.prompt must be 'auto', 'tokens' or 'image', got {self.prompt!r}"
-            )
+        for name, allowed in (
+            ("prompt", ("auto", "tokens", "image")),
+            ("fitness", ("squared", "norm")),
+            ("features", ("auto", "class_token", "mean")),
+            ("predict", ("best", "incumbent")),
+            ("shift_update", ("candidates", "prediction")),
+            ("cma_start", ("zero", "prompt")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"FOAConfig.{name} must be one of {', '.join(map(repr, allowed))}, got "
+                    f"{getattr(self, name)!r}"
+                )
         if isinstance(self.prompt_tokens, bool) or not (
             isinstance(self.prompt_tokens, int) and self.prompt_tokens >= 1
         ):
@@ -341,11 +380,15 @@ class FOA(TestTimeMethod):
             )
         self.prompt: InputPrompt | TokenPrompt = self._choose_prompt(view, config, shape)
         self.sigma0 = config.sigma0 or (1.0 if self.prompt.kind == "tokens" else 0.1)
+        self.features = config.features
+        if self.features == "auto":
+            self.features = "class_token" if self.prompt.kind == "tokens" else "mean"
         view.freeze()
         if config.batch_stats and any(n.has_statistics for n in view.norms()):
             view.set_norm_mode("batch")
         layers = feature_layers(view, config.feature_layers)
-        self.recorder = FeatureRecorder(view, layers)
+        class_token = self.features == "class_token"
+        self.recorder = FeatureRecorder(view, layers, token=0 if class_token else None)
         self.recorder.shift_momentum = config.shift_momentum
         if batches:
             found = source_statistics(view, self.recorder, batches)
@@ -354,8 +397,9 @@ class FOA(TestTimeMethod):
                 view, self.recorder, layers, None, config.source_batch_size, "foa"
             )
         self.source_stats = found[0] if found is not None else None
-        if self.source_stats is not None and config.shift:
-            self.recorder.shift_target = self.source_stats[-1].mean
+        self.shift_target = (
+            self.source_stats[-1].mean if self.source_stats is not None and config.shift else None
+        )
         self._cma = cma
         self.recorder.skip_tokens = self.prompt.skip_tokens
         self._init_state()
@@ -392,8 +436,9 @@ class FOA(TestTimeMethod):
         cfg = self.config
         self.randn = _RandN(cfg.seed)
         start = self.prompt.initial(cfg.seed)
+        centre = np.zeros_like(start) if cfg.cma_start == "zero" else start
         self.es = self._cma.CMAEvolutionStrategy(
-            start,
+            centre,
             self.sigma0,
             {"popsize": cfg.population, "randn": self.randn, "verbose": -9, "seed": cfg.seed + 1},
         )
@@ -419,8 +464,13 @@ class FOA(TestTimeMethod):
         if self.source_stats is not None:
             lam = self.config.align_weight
             lam = 0.4 * logits.shape[0] / 64 if lam is None else lam
+            squared = self.config.fitness == "squared"
             for s, src in zip(self.recorder.collected(), self.source_stats, strict=True):
-                fitness = fitness + lam * ((s.mean - src.mean).norm() + (s.std - src.std).norm())
+                d_mean, d_std = s.mean - src.mean, s.std - src.std
+                if squared:
+                    fitness = fitness + lam * (d_std.square().sum() + d_mean.square().sum())
+                else:
+                    fitness = fitness + lam * (d_mean.norm() + d_std.norm())
         return float(fitness)
 
     def adapted_parameters(self) -> list[nn.Parameter]:
@@ -430,32 +480,81 @@ class FOA(TestTimeMethod):
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         with self.recorder.attached():  # the recording hooks for this step only
-            return self._step(x)
-
-    def _step(self, x: torch.Tensor) -> torch.Tensor:
-        recorder = self.recorder
-        # The prediction: the incumbent, with the output shift (its EMA sees this batch once).
-        self._try(None)
-        recorder.shift_enabled, recorder.update_ema = True, True
-        logits = self.view.model(x)
-        # The population: no shift, the fitness judges the prompt alone.
-        recorder.shift_enabled = False
-        candidates = self.es.ask()
-        fitnesses = []
+            logits, chosen, shift = self._step(x)
+        if shift is None:
+            return logits
+        if self.recorder.head is not None:  # the head is linear: shift its output exactly
+            return logits + self.recorder.head.weight.to(shift) @ shift
+        # no head bias to hold the shift: run the chosen prompt once more, shifted at the input
+        self._try(chosen)
         try:
-            for candidate in candidates:
-                self._try(torch.as_tensor(candidate, dtype=torch.float32))
-                recorder.clear()
-                fitnesses.append(self._fitness(self.view.model(x)))
+            with self.recorder.input_shift(shift):
+                return self.view.model(x)
         finally:
             self._try(None)
-            recorder.shift_enabled = True
-            recorder.apply_shift()  # the population ran without it: the prediction's shift back
-        self.es.tell(candidates, fitnesses)
-        self._set_incumbent(
-            torch.as_tensor(candidates[int(np.argmin(fitnesses))], dtype=torch.float32)
-        )
-        return logits
+
+    def _pass(self, x: torch.Tensor, theta: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """Logits of ``x`` with prompt ``theta`` (None: the incumbent), unshifted, and their
+        fitness; the head input's batch mean is left in the recorder."""
+        self._try(theta)
+        self.recorder.clear()
+        logits = self.view.model(x)
+        return logits, self._fitness(logits)
+
+    def _step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One batch: the unshifted logits of the prediction, its prompt, and the shift the
+        prediction gets (None: none)."""
+        cfg, recorder = self.config, self.recorder
+        if recorder.head is not None:
+            recorder.head.write(None)  # the passes judge the prompt alone, unshifted
+        means: list[torch.Tensor] = []  # the head input's batch mean, per pass
+        try:
+            if cfg.predict == "incumbent":  # the prediction: the previous best, a pass of its own
+                chosen, (logits, _) = self.theta, self._pass(x, None)
+                means.append(recorder.collected()[-1].mean)
+                chosen_mean = means[0]
+            asked = self.es.ask()
+            thetas = [torch.as_tensor(c, dtype=torch.float32) for c in asked]
+            if cfg.predict == "best":  # the previous best competes on this batch
+                thetas.append(self.theta)
+            fitnesses: list[float] = []
+            best = 0
+            for i, theta in enumerate(thetas):
+                out, fit = self._pass(x, theta)
+                fitnesses.append(fit)
+                means.append(recorder.collected()[-1].mean)
+                if fit < fitnesses[best] or i == 0:
+                    best, best_logits = i, out
+        finally:
+            self._try(None)
+            recorder.apply_shift()  # the shift the model carried (a failed step changes nothing)
+        # the authors tell CMA-ES the previous best's fitness too (an injected 28th solution)
+        self.es.tell([np.asarray(t, dtype=np.float64) for t in thetas], fitnesses)
+        if cfg.predict == "best":
+            chosen, logits, chosen_mean = thetas[best], best_logits, means[best]
+        self._set_incumbent(thetas[best])
+        shift = None
+        if self.shift_target is not None:
+            shift = self._update_shift(torch.stack(means).mean(0), chosen_mean)
+        return logits, chosen, shift
+
+    def _update_shift(self, all_mean: torch.Tensor, chosen_mean: torch.Tensor) -> torch.Tensor:
+        """Move the head input's EMA on with this batch; return the shift the prediction gets.
+        The model is left carrying ``shift_target - EMA``: the shift for the next batch.
+
+        ``shift_update="candidates"`` (the authors'): the EMA takes the mean over all of the
+        batch's passes, after the prediction, which gets the shift from earlier batches (none on
+        the first). ``"prediction"``: the EMA takes the predicting pass's mean first, and the
+        prediction gets the shift with this batch in it."""
+        recorder, m = self.recorder, self.config.shift_momentum
+        before = recorder.applied_shift
+        candidates = self.config.shift_update == "candidates"
+        mean = all_mean if candidates else chosen_mean
+        ema = recorder.feature_ema
+        recorder.feature_ema = mean if ema is None else m * ema + (1 - m) * mean
+        recorder.applied_shift = self.shift_target - recorder.feature_ema
+        recorder.apply_shift()
+        return before if candidates else recorder.applied_shift
 
     def reset(self) -> None:
         self._init_state()
