@@ -75,7 +75,7 @@ def test_the_vit_report_merges_parts_and_pairs_zoa_with_foa():
     results = zoa_vit.merged([{"setup": setup, "cells": part}, {"setup": setup, "cells": other}])
     assert len(results["cells"]) == 9
     text = zoa_vit.markdown(results)
-    assert "| zoa - foa | ZOA at least 2 points below FOA (<= -2) | -4.0 ± 0.0 |" in text
+    assert "| zoa - foa | ZOA below FOA (paper: -5.0) | -4.0 ± 0.0 |" in text
     assert "| foa - source | FOA beats source (< 0) | +1.0 ± 0.0 |" in text
     with pytest.raises(SystemExit, match="different setups"):
         zoa_vit.merged([{"setup": "a", "cells": []}, {"setup": "b", "cells": []}])

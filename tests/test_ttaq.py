@@ -123,7 +123,9 @@ def test_simulation_reproduces_the_backend_model(backend, float_cnn, calib, held
     # NNCF rounds exact ties (its 8-bit first layer calibrates ranges at k + 0.5 steps) from the
     # range's low end rather than from zero: those elements differ by one step (measured: 6%
     # output difference on the digits CNN at W4A4, 0 once reconstruction puts weights on the grid).
-    assert simulation_gap(sim, qm, held_out) < (0.1 if backend == "nncf" else 1e-3)
+    # Elsewhere the gap is float summation order at rounding ties: 1.1e-3 on an Intel Xeon (its
+    # oneDNN conv kernels), under 1e-3 on an AMD EPYC; a wrong grid or scale costs over 1e-1.
+    assert simulation_gap(sim, qm, held_out) < (0.1 if backend == "nncf" else 3e-3)
     # without shared_inputs the identity paths of NNCF's residual blocks stay float: a function
     # the backend does not compute (what the reconstruction learns on by default), and the same
     # function as before on the backends that quantize per consumer
@@ -131,7 +133,7 @@ def test_simulation_reproduces_the_backend_model(backend, float_cnn, calib, held
         view, float_cnn, learn_act_scales=True, probe=held_out[:8], shared_inputs=False
     )
     gap = simulation_gap(unshared, qm, held_out)
-    assert gap > 0.1 if backend == "nncf" else gap < 1e-3
+    assert gap > 0.1 if backend == "nncf" else gap < 3e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
