@@ -47,6 +47,7 @@ from .methods.foa import FOAConfig
 from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins, plugin_manager
 from .view import (
+    SOURCE_SAMPLE_SIZE,
     Block,
     Grid,
     NormLayer,
@@ -133,9 +134,12 @@ def quantize(
 ) -> torch.nn.Module:
     """Quantize a float model with ``backend`` at ``bits`` (``"w4a4"``, ``4``, ``(4, 8)``).
 
-    ``calib``: calibration batches (an iterable of input tensors, or one tensor). The returned model
-    is the backend's own kind; ``model`` itself is not modified. ``options`` go to
-    :class:`QuantConfig` (e.g. ``first_last_bits=None``).
+    ``calib``: calibration batches (an iterable of input tensors or ``(x, y)`` pairs, e.g. a
+    ``DataLoader``, or one tensor). Only what is used is read from it: the first
+    ``calib_batches`` batches (8 by default) the backend calibrates on, and as many more as make
+    up 512 images for the source statistics below; a loader over a whole training set is never
+    read in full. The returned model is the backend's own kind; ``model`` itself is not
+    modified. ``options`` go to :class:`QuantConfig` (e.g. ``first_last_bits=None``).
 
     The returned model carries, outside its state dict, the statistics of itself on the first 512
     calibration images that forward-only methods (``zoa``, ``foa``) and the adapter's preparation
@@ -155,7 +159,11 @@ def quantize(
         )
     if calib is None:
         raise ValueError("quantize needs calibration data: calib=<batches of inputs>")
-    batches = calibration_batches(calib, "quantize")
+    # Only what is used is read: the adapter calibrates on the first config.calib_batches
+    # batches, and the source statistics are measured on the first SOURCE_SAMPLE_SIZE images.
+    batches = calibration_batches(
+        calib, "quantize", batches=config.calib_batches, images=SOURCE_SAMPLE_SIZE
+    )
     result = plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
@@ -323,10 +331,18 @@ def reconstruct(
 
     ``method``: ``"ttaq"`` (default: QDrop + PEM + PCR + L_logits), ``"qdrop"``, ``"brecq"``, any
     installed plugin's, or a config object; ``options`` go to the method's config (e.g.
-    ``iters=500``). ``calib``: clean calibration batches (256-1024 images). Returns the model,
-    still of its backend's kind, with the learned rounding and step sizes in the backend's own
-    state. ``inplace=False`` (the default) works on a copy; on an error, an in-place model is put
-    back as it was.
+    ``iters=500``). ``calib``: clean calibration images: batches (tensors or ``(x, y)`` pairs, a
+    ``DataLoader``) or one tensor (256-1024 images). Returns the model, still of its backend's
+    kind, with the learned rounding and step sizes in the backend's own state.
+    ``inplace=False`` (the default) works on a copy; on an error, an in-place model is put back as
+    it was.
+
+    ``calib`` is read once, lazily: a method whose config says how many images it uses
+    (``calib_images``: ``brecq`` / ``qdrop`` / ``ttaq`` use the first 1024, BRECQ's and QDrop's
+    ImageNet setting) gets those as one tensor, and nothing past them (and past the 512 the
+    source statistics are measured on) is read, so a shuffled loader over a training set is
+    fine; in-memory data with more images than that is cut, with a warning. Any other method gets
+    every batch, as a list.
     """
     if isinstance(method, ReconstructConfig):
         if options:
@@ -345,8 +361,8 @@ def reconstruct(
             f"fp_model must be the float torch.nn.Module, got {type(fp_model).__name__}"
         )
     quant_view(qmodel)  # fail on an unknown model before paying for a copy
-    if not isinstance(calib, torch.Tensor) and not isinstance(calib, Sequence):
-        calib = list(calib)  # read twice: by the method, then for the source statistics
+    # read once, and only what is used: the method reads it, then the source statistics
+    calib = _reconstruction_data(calib, config)
     if not inplace:
         qmodel = copy_model(qmodel)
     view = quant_view(qmodel)
@@ -368,6 +384,46 @@ def reconstruct(
             f"no installed plugin provides reconstruction method {config.method!r}"
         )
     return result
+
+
+def _reconstruction_data(
+    calib: Iterable[Any] | torch.Tensor, config: ReconstructConfig
+) -> list[torch.Tensor] | torch.Tensor:
+    """``calib`` read once for :func:`reconstruct`: its method reads it, then the source
+    statistics are measured on its first :data:`~qtta_plugins.view.SOURCE_SAMPLE_SIZE` images.
+
+    A config with ``calib_images`` (the block-wise reconstructions: they draw mini-batches at
+    random from the whole set, so they hold it) gets one tensor of the first
+    ``max(calib_images, SOURCE_SAMPLE_SIZE)`` images, and the batches it was made of are let go:
+    one copy in memory (none when ``calib`` is one tensor, which is sliced). Without it, the list
+    of every batch (a plugin that did not say what it uses may use everything)."""
+    limit = getattr(config, "calib_images", None)
+    if limit is None:
+        return calibration_batches(calib, "reconstruction")
+    wanted = max(int(limit), SOURCE_SAMPLE_SIZE)
+    batches = calibration_batches(calib, "reconstruction", images=wanted)
+    if isinstance(calib, torch.Tensor | Sequence):
+        # in memory, so counted for free: a cut the caller may not expect is said
+        given = sum(int(b.shape[0]) for b in calibration_batches(calib, "reconstruction") if b.ndim)
+        if given > limit:
+            warnings.warn(
+                f"{config.method} reconstruction uses the first {limit} of the {given} "
+                f"calibration images ({type(config).__name__}.calib_images)",
+                stacklevel=3,
+            )
+    kept, count = [], 0
+    for b in batches:
+        if b.ndim == 0:
+            raise ValueError("calibration batches must hold images (N, ...), not a 0-d tensor")
+        b = b.detach()[: wanted - count]
+        kept.append(b)
+        count += b.shape[0]
+    if len(kept) == 1:
+        return kept[0]
+    try:
+        return torch.cat(kept)
+    except RuntimeError as exc:
+        raise ValueError(f"calibration batches do not share one image shape: {exc}") from None
 
 
 def select_subnet(

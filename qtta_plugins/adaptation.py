@@ -67,18 +67,54 @@ def _unpack(item: Any) -> _Item:
     )
 
 
-def calibration_batches(calib: Any, purpose: str) -> list[torch.Tensor]:
-    """Calibration data as a list of input tensors: one tensor, or an iterable of tensors,
-    ``(x, y)`` pairs or objects with ``.x``. Raises naming what is wrong; ``purpose`` says who
-    needs the data (``"quantize"``, ``"reconstruction"``)."""
-    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)
-    batches = [b[0] if isinstance(b, tuple | list) else getattr(b, "x", b) for b in batches]
-    if not batches:
-        raise ValueError(f"calib is empty: {purpose} needs at least one calibration batch")
-    for b in batches:
+def calibration_batches(
+    calib: Any,
+    purpose: str,
+    *,
+    batches: int | None = None,
+    images: int | None = None,
+) -> list[torch.Tensor]:
+    """Calibration data as a list of input tensors, read lazily: only what is used.
+
+    ``calib``: one tensor (a single batch), or an iterable of tensors, ``(x, y)`` pairs (what a
+    ``DataLoader`` over a labelled data set yields) or objects with ``.x``. Reading stops as soon as
+    the list holds at least ``batches`` batches *and* at least ``images`` images (``None``: no bound
+    on that count; both ``None``: the whole iterable), so a ``DataLoader`` over a training set is
+    read for the few batches a caller keeps, never in full. Batches are kept whole: the caller
+    trims what it does not use.
+
+    Raises naming what is wrong, before reading further: ``TypeError`` for ``calib`` that is not a
+    tensor or an iterable; :class:`BadBatchError` for a batch that is not a floating-point tensor;
+    ``ValueError`` when there is no batch at all. ``purpose`` says who needs the data
+    (``"quantize"``, ``"reconstruction"``)."""
+    if isinstance(calib, torch.Tensor):
+        items: Iterable[Any] = (calib,)
+    elif isinstance(calib, Iterable) and not isinstance(calib, str | bytes | dict):
+        items = calib
+    else:
+        raise TypeError(
+            f"calib must be a tensor or an iterable of batches (tensors, (x, y) pairs, a "
+            f"DataLoader), not {type(calib).__name__}: {purpose} reads calibration images from it"
+        )
+    bounded = batches is not None or images is not None
+    kept: list[torch.Tensor] = []
+    count = 0
+    for item in items:
+        b = item[0] if isinstance(item, tuple | list) and item else getattr(item, "x", item)
         if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise BadBatchError("calibration batches must be floating-point tensors")
-    return batches
+            what = f"a {b.dtype} tensor" if isinstance(b, torch.Tensor) else type(b).__name__
+            raise BadBatchError(
+                f"calibration batches must be floating-point tensors (or (x, y) pairs of them); "
+                f"batch {len(kept)} is {what}"
+            )
+        kept.append(b)
+        count += b.shape[0] if b.ndim else 1
+        enough = (batches is None or len(kept) >= batches) and (images is None or count >= images)
+        if bounded and enough:
+            break  # what the caller uses is in hand: the rest is never read
+    if not kept:
+        raise ValueError(f"calib is empty: {purpose} needs at least one calibration batch")
+    return kept
 
 
 def check_batch(
@@ -88,15 +124,25 @@ def check_batch(
 
     A batch on the CPU moves to the model's device (what a data loader yields); a batch on
     another accelerator, or on the meta device, is refused rather than copied behind the user's
-    back."""
+    back. Nothing is changed by a refused batch: every check runs before the caller's step.
+
+    The NaN / Inf check needs the answer on the host before the step may change anything, and a
+    device cannot answer without a host sync. So it runs where the batch is: a CPU batch (a data
+    loader's, also when the model is on a GPU) is checked on the CPU *before* it is copied, which
+    costs no device sync, and the copy is asynchronous when the batch is in pinned memory
+    (``DataLoader(pin_memory=True)``): such a batch reaches a CUDA model without any host sync
+    here. Only a batch the caller already placed on the accelerator is checked there, at the price
+    of one sync on a one-element flag (at the start of a step the device has this batch's
+    reduction queued, nothing else of ours). Removing that one too would mean raising after the
+    step and rolling it back, which the step's own post-update check could fold in; refusing
+    before any change was preferred."""
     if not isinstance(x, torch.Tensor):
         raise BadBatchError(f"batch must be a torch.Tensor, got {type(x).__name__}")
-    if device is not None and x.device != device:
-        if x.device.type != "cpu" or device.type == "meta":
-            raise BadBatchError(
-                f"batch is on {x.device}, the model on {device}: move it there (x.to('{device}'))"
-            )
-        x = x.to(device)
+    move = device is not None and x.device != device
+    if move and (x.device.type != "cpu" or device.type == "meta"):  # type: ignore[union-attr]
+        raise BadBatchError(
+            f"batch is on {x.device}, the model on {device}: move it there (x.to('{device}'))"
+        )
     if not x.is_floating_point():
         raise BadBatchError(
             f"batch has dtype {x.dtype}; expected a floating-point tensor "
@@ -109,9 +155,12 @@ def check_batch(
             f"batch has shape {tuple(x.shape)}; this model expects (N, "
             f"{', '.join(map(str, sample_shape))})"
         )
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
+    # where x is now: on the CPU before any copy (no device sync), or already on the device
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())  # counted on the error path only
         raise BadBatchError(f"batch contains {bad} NaN or Inf value(s) out of {x.numel()}")
+    if move:
+        x = x.to(device, non_blocking=x.is_pinned())
     return x
 
 

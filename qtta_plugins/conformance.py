@@ -17,7 +17,16 @@ Run them with the pytest plugin this package declares (``pytest --qtta-backend=m
         check(case)  # AssertionError naming what does not conform
 
 Each check takes a :class:`Case` and works on copies of its quantized model. A check that does not
-apply to the case (no export, a family without batch norms) calls ``pytest.skip``.
+apply to the case (a family without batch norms, an export the adapter declares it cannot make)
+calls ``pytest.skip``.
+
+Export: an adapter either exports (``qtta_export`` returns the exported model) or *declares* that it
+cannot: its ``qtta_export`` raises :class:`~qtta_plugins.exporting.UnsupportedExportError` naming
+what its backend's path does not take, for this model (NNCF's ``strip`` below 8 bits) or for any
+(``"mybackend has no export path: deploy the quantized model as it is"``). Either way the user of
+:func:`qtta_plugins.export` learns why, and the kit skips :func:`check_export_keeps_predictions`
+with that reason. An adapter that does not implement ``qtta_export`` for its backend at all fails
+that check: an export that was forgotten must not pass as one that cannot exist.
 """
 
 from __future__ import annotations
@@ -342,8 +351,10 @@ def check_a_new_view_puts_back_the_source_momentum(case: Case) -> None:
 
 
 def check_export_keeps_predictions(case: Case) -> None:
-    """``qtta_plugins.export`` (where the adapter implements it) predicts what the model does on
-    running statistics, and leaves it untouched."""
+    """``qtta_plugins.export`` predicts what the model does on running statistics, and leaves
+    it untouched; or the adapter declares that it cannot export this model (its ``qtta_export``
+    raises ``UnsupportedExportError``: skipped with its reason). No adapter answering
+    ``qtta_export`` for the backend fails (see the module docstring)."""
     from .exporting import UnsupportedExportError
 
     qmodel, _ = case.fresh()
@@ -351,7 +362,12 @@ def check_export_keeps_predictions(case: Case) -> None:
     try:
         exported = qtta_plugins.export(qmodel)
     except UnsupportedExportError as exc:
-        pytest.skip(f"export: {exc}")
+        assert adapter_answers_export(qmodel, case.backend), (
+            f"the {case.backend!r} adapter implements no qtta_export hook for its backend. "
+            "Implement it, or declare that the backend has no export: a qtta_export that raises "
+            "qtta_plugins.exporting.UnsupportedExportError saying why (qtta_plugins.conformance)"
+        )
+        pytest.skip(f"the {case.backend} adapter declares it cannot export this model: {exc}")
     changed = [k for k, v in qmodel.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"export changed the caller's model: {changed[:5]}"
     with torch.no_grad():
@@ -361,6 +377,23 @@ def check_export_keeps_predictions(case: Case) -> None:
     diff = float((out - ref).abs().max() / ref.abs().max())
     assert agreement >= EXPORT_AGREEMENT, f"exported predictions agree on {agreement:.3f}"
     assert diff < EXPORT_LOGIT_RTOL, f"max |logit difference| {diff:.3g} of the largest |logit|"
+
+
+def adapter_answers_export(qmodel: nn.Module, backend: str) -> bool:
+    """Whether an installed adapter answers the ``qtta_export`` hook for ``backend`` on
+    ``qmodel``: returns an export, or raises ``UnsupportedExportError`` (its declaration that it
+    cannot). ``False``: every implementation returned ``None``, i.e. none serves the backend, and
+    :func:`qtta_plugins.export` raised its own "implements no export" error. Runs on a copy."""
+    from .exporting import UnsupportedExportError
+    from .plugins import plugin_manager
+
+    try:
+        result = plugin_manager().hook.qtta_export(
+            model=copy.deepcopy(qmodel), backend=backend, path=None, options={}
+        )
+    except UnsupportedExportError:
+        return True
+    return result is not None
 
 
 def run_exported(exported: object, x: torch.Tensor) -> torch.Tensor:

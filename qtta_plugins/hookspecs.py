@@ -8,10 +8,13 @@ Two kinds of plugins implement these hooks:
 * **methods** (``source``, ``norm``, ``tent``, later ZOA, TTAQ, RTF-Q, ...) work only on that view and
   so run on every backend.
 
-Every hook is ``firstresult``: each implementation looks at the request (the backend or method name
-in ``config`` or ``backend``, or the model's type) and returns ``None`` when it is not the one
-addressed, so the first plugin that recognises the request answers. A plugin is registered either by the core (the
-built-in methods) or through the ``qtta_plugins`` entry-point group, the same way for both.
+Two hooks declare what a plugin provides and are called on every plugin, their lists concatenated:
+``qtta_methods`` and ``qtta_backends``. Every other hook is ``firstresult``: each implementation
+looks at the request (the backend or method name in ``config`` or ``backend``, or the model's type)
+and returns ``None`` when it is not the one addressed, so the first plugin that recognises the
+request answers. A plugin is registered either by the core (the built-in methods) or through the
+``qtta_plugins`` entry-point group, the same way for both. How the core calls each hook:
+``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -144,4 +147,9 @@ def qtta_export(
       does not support (a bit-width, a kind of model, a file for an in-memory path) before
       touching anything, and :class:`~qtta_plugins.errors.BackendNotInstalledError` naming the pip
       command when the exporter needs a package that is missing.
+
+    A backend with no export path at all still implements this hook, raising
+    ``UnsupportedExportError`` that says so for each of its models: that is its declaration. The
+    conformance kit fails an adapter that leaves the hook out (an export forgotten, not one that
+    cannot exist); :mod:`qtta_plugins.conformance`.
     """

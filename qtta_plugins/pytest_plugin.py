@@ -23,6 +23,10 @@ inputs)::
     def test_kit(check, qtta_case):
         check(qtta_case)
 
+An adapter without an export path declares it (its ``qtta_export`` raises
+``UnsupportedExportError`` saying so) and the export check is skipped with that reason; one that
+does not implement ``qtta_export`` fails it (:mod:`qtta_plugins.conformance`).
+
 A session that passes no ``--qtta-*`` option is left as it was: nothing is collected, no fixture is
 autouse, nothing is printed, and this module imports neither torch nor any backend (the kit is
 imported by the fixtures, when a test asks for them).

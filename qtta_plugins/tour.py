@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,21 +244,33 @@ def _zoa_part(result, qmodel, calib, test, stream, progress, say):
 
 def _deployable(qmodel: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """What the backend deploys, where its export gives a torch module our view recognises
-    (torchao: the integer Q/DQ graph); otherwise the quantized model itself."""
+    (torchao: the integer Q/DQ graph); otherwise the quantized model itself, with a warning that
+    says so: the ZOA rows then show adaptation of the fake-quantized model, not of the deployed
+    one (Brevitas deploys an ONNX graph; NNCF's ``strip`` takes 8-bit quantizers only)."""
     from .errors import UnknownBackendError
     from .exporting import UnsupportedExportError
 
+    backend = quant_view(qmodel).backend
     try:
         exported = export(qmodel)
-    except UnsupportedExportError:
-        exported = None
-    if isinstance(exported, torch.nn.Module):
-        try:
-            quant_view(exported)
-        except (UnknownBackendError, TypeError, ValueError):
-            pass
+    except UnsupportedExportError as exc:  # the backend's own path refuses this model
+        why = f"{backend}'s export does not take this model ({exc})"
+    else:
+        if not isinstance(exported, torch.nn.Module):
+            why = f"{backend}'s export gives a {type(exported).__name__}, not a torch module"
         else:
-            return exported, "the exported integer model"
+            try:
+                quant_view(exported)
+            except UnknownBackendError:  # a deployable module no adapter can adapt
+                why = f"no installed adapter recognises {backend}'s exported model"
+            else:
+                return exported, "the exported integer model"
+    warnings.warn(
+        f"the ZOA part adapts the fake-quantized model, not the deployed one: {why}. Its rows "
+        "show what ZOA, FOA and BN-adapt do on the fake-quantized model, and its time per batch "
+        "is that model's, not the deployed model's",
+        stacklevel=3,
+    )
     return qmodel, "the fake-quantized model"
 
 

@@ -1,4 +1,4 @@
-"""The uniform view of a quantized model (DESIGN §3).
+"""The uniform view of a quantized model (docs/design.md, "The uniform view").
 
 Methods never touch backend classes: an adapter wraps a backend's model in a :class:`QuantView`, and
 methods read and change the model only through it. The view wraps the model object itself; copying,
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import math
+import re
 import warnings
 import weakref
 from abc import ABC, abstractmethod
@@ -363,19 +365,45 @@ def kept_source_statistics(model: nn.Module) -> SourceStatistics | None:
     return _get_meta(model, _SOURCE_STATS)  # type: ignore[return-value]
 
 
+#: a memory address in a repr (``<... at 0x7f...>``): differs between a model and its deep copy
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _tensor_digest(t: torch.Tensor) -> bytes:
+    """Bytes that change whenever ``t``'s values do, equal for equal tensors (a deep copy's too).
+
+    A plain dense tensor: its raw bytes. A traceable tensor subclass (torchao's packed weights,
+    ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ...): its type, its metadata and, recursively,
+    the inner tensors ``__tensor_flatten__`` names (the integer data, scales, zero points), which
+    are what it computes with. Anything else (torch's quantized or sparse tensors, subclasses
+    without ``__tensor_flatten__``): its ``torch.save`` serialization, which holds its values.
+    """
     t = t.detach()
-    try:
+    if (
+        type(t) is torch.Tensor
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_meta
+    ):
         return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
-        # a tensor subclass (torchao's packed weights) without a byte view: its layout only
-        return repr((type(t).__name__, tuple(t.shape), str(t.dtype))).encode()
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, context = flatten()
+        parts = [type(t).__qualname__.encode(), _ADDRESS.sub("", repr(context)).encode()]
+        for name in names:
+            inner = getattr(t, name)
+            parts += [f"{name}|{inner.dtype}|{tuple(inner.shape)}".encode(), _tensor_digest(inner)]
+        return b"|".join(parts)
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    return buffer.getvalue()
 
 
 def state_fingerprint(view: QuantView) -> str:
     """A digest of everything a model's function depends on that a view can change: every
-    state-dict tensor (names, dtypes, shapes, bytes) and each quantizer's bit-width and switch.
-    Equal fingerprints: statistics measured on one model hold for the other.
+    state-dict tensor (names, dtypes, shapes and values; a tensor subclass such as torchao's
+    packed weights by its inner tensors, :func:`_tensor_digest`) and each quantizer's bit-width
+    and switch. Equal fingerprints: statistics measured on one model hold for the other.
 
     Batch norms' ``num_batches_tracked`` counters are left out: they do not change what the model
     computes, and torchao's train-mode pt2e graph increments them on every forward, so merely

@@ -219,19 +219,32 @@ def methods_for(model: nn.Module) -> list[tuple[str, dict]]:
     return methods
 
 
-def test_every_method_runs_and_the_users_model_is_untouched(case, rgb):
+def test_every_method_does_what_it_is_for_and_the_users_model_is_untouched(case, rgb):
+    """Every applicable method runs, leaves the user's model alone, and does what it is for:
+    ``source`` computes what the model computes on its running statistics; ``norm`` normalises
+    with the test batch's statistics, so its logits move off source's; Tent and ZOA move norm
+    affines; Tent + ABL adapts otherwise than Tent (the same first step: ABL's statistics start
+    uniform; its second differs); FOA moves its prompt or its output shift."""
     _, _, route, model, qmodel = case
     calib, x, y = rgb
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
     stream = [(x[:16], y[:16]), (x[16:32], y[16:32])]
+    logits, runs = {}, {}
     for method, options in methods_for(model):
         batches = stream
         if method == "foa":  # 28 forward passes a batch (CMA-ES): one batch says it runs
             batches = stream[:1]
             if route == "toolchain":  # no calibration sample is kept on a toolchain's model
                 options = {"source_data": calib}
-        run = qtta_plugins.adapt(qmodel, batches, method, **options)
-        assert run.predictions.shape == (16 * len(batches),), method
+        name = method + ("+abl" if options.get("abl") else "")
+        run = qtta_plugins.adapt(qmodel, None, method, **options)
+        if method == "foa":
+            prompt = run.method.theta.clone()
+            assert run.method.recorder.applied_shift is None  # no shift before the first batch
+        out = torch.cat([run.step(bx, by).detach() for bx, by in batches])
+        logits[name], runs[name] = out, run
+        assert run.predictions.shape == (16 * len(batches),), name
+        assert torch.equal(run.predictions, out.argmax(1)), name
         assert run.model is not qmodel
         if method in ("tent", "zoa"):
             moved = [
@@ -242,10 +255,31 @@ def test_every_method_runs_and_the_users_model_is_untouched(case, rgb):
                     strict=True,
                 )
             ]
-            assert any(moved), f"{method} adapted nothing"
+            assert any(moved), f"{name} adapted nothing"
+        if method == "foa":
+            shift = run.method.recorder.applied_shift
+            moved_shift = shift is not None and bool(shift.abs().sum() > 0)
+            assert moved_shift or not torch.equal(run.method.theta, prompt), "foa adapted nothing"
+    plain, _ = fresh(case)  # the user's model on its running statistics
+    with torch.no_grad():
+        expected = torch.cat([plain(bx) for bx, _ in stream])
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(logits["source"], expected, rtol=1e-5, atol=1e-5 * scale)
+    if "norm" in logits:
+        # test-batch statistics are not the running ones: BN-adapt computes another function
+        assert rel_error(logits["norm"], logits["source"]) > 1e-3
+    abl_moved = [
+        not torch.equal(a, b)
+        for a, b in zip(
+            runs["tent"].view.norm_parameters(),
+            runs["tent+abl"].view.norm_parameters(),
+            strict=True,
+        )
+    ]
+    assert any(abl_moved), "Tent + ABL adapted exactly as Tent"
     after = qmodel.state_dict()
     assert set(after) == set(before)
-    # torchao's pt2e QAT graphs count num_batches_tracked on every forward (DESIGN §7)
+    # torchao's pt2e QAT graphs count num_batches_tracked on every forward (docs/design.md)
     assert all(torch.equal(before[k], after[k]) for k in before if "num_batches" not in k)
 
 

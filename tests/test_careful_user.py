@@ -176,6 +176,74 @@ def test_reconstruct_measures_the_statistics_again(small):
     assert not _no_source_warnings(caught) and run.method.source_stats is not None
 
 
+def test_a_model_that_cannot_be_copied_keeps_no_feature_statistics_and_says_so(small, monkeypatch):
+    """The one failure measuring the source statistics expects: no copy of the model to measure
+    on (``copy.deepcopy`` refuses an object in it). quantize still returns the model, warns with
+    what is lost, and ZOA then asks for clean data instead of running without it unannounced."""
+    from qtta_plugins.methods import features
+
+    model, batches = small
+
+    def refuse(model: nn.Module) -> nn.Module:
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+    monkeypatch.setattr(features, "copy_model", refuse)
+    with pytest.warns(UserWarning, match=r"could not copy the model.*_thread\.lock.*alignment"):
+        qmodel = qtta_plugins.quantize(model, "torchao", "w8a8", batches)
+    monkeypatch.undo()
+    stats = kept_source_statistics(qmodel)
+    assert stats is not None and not stats.measured
+    with pytest.warns(UserWarning, match=r"could not measure source statistics"):
+        run = qtta_plugins.adapt(qmodel, None, "zoa")
+    assert run.method.recorder.shift_target is None
+
+
+def test_a_fault_while_measuring_the_source_statistics_is_raised(small, monkeypatch):
+    """Any other failure is a fault and surfaces: it used to become a warning, and ZOA / FOA
+    quietly lost their alignment and output shift."""
+    from qtta_plugins.methods import features
+
+    model, batches = small
+
+    def fault(*args: object) -> None:
+        raise RuntimeError("a fault in the feature recorder")
+
+    monkeypatch.setattr(features, "_measure_features", fault)
+    with pytest.raises(RuntimeError, match=r"a fault in the feature recorder"):
+        qtta_plugins.quantize(model, "torchao", "w8a8", batches)
+
+
+def test_the_tour_says_when_zoa_adapts_the_fake_quantized_model(small, monkeypatch):
+    """The demo's ZOA part adapts what the backend deploys; where that is not a model our view
+    adapts, it falls back to the fake-quantized model and says so. A fault in the export is
+    raised, not taken for a backend without an integer model."""
+    from qtta_plugins import tour
+    from qtta_plugins.exporting import UnsupportedExportError
+
+    model, batches = small
+    qmodel = qtta_plugins.quantize(model, "torchao", "w8a8", batches)
+
+    def unsupported(m: nn.Module) -> object:
+        raise UnsupportedExportError("strip supports 8-bit quantizers only")
+
+    for export, why in [
+        (unsupported, r"does not take this model \(strip supports 8-bit"),
+        (lambda m: b"an ONNX graph", r"gives a bytes, not a torch module"),
+        (lambda m: nn.Linear(2, 2), r"no installed adapter recognises"),
+    ]:
+        monkeypatch.setattr(tour, "export", export)
+        with pytest.warns(UserWarning, match=r"adapts the fake-quantized model.*" + why):
+            deployed, what = tour._deployable(qmodel)
+        assert deployed is qmodel and what == "the fake-quantized model"
+
+    def fault(m: nn.Module) -> object:
+        raise RuntimeError("a fault in the exporter")
+
+    monkeypatch.setattr(tour, "export", fault)
+    with pytest.raises(RuntimeError, match=r"a fault in the exporter"):
+        tour._deployable(qmodel)
+
+
 def test_nncf_recalibrates_from_the_kept_measurements(small):
     """Running variances far from any batch's leave NNCF's activation ranges, calibrated under
     them, too narrow for batch statistics: adapt recalibrates them from what quantize measured,
@@ -245,8 +313,11 @@ def test_labels_of_shape_n_by_1_are_refused_naming_the_shapes(qcnn, digits):
     assert run.batches == 0 and run.predictions.numel() == 0 and not run.results
     with pytest.raises(BadBatchError, match=r"\(8, 1\)"):
         qtta_plugins.adapt(qcnn["w4a4"], [(x, y[:, None])], "norm")
-    run.step(x, y)
-    assert 0 <= run.errors()["mean"] <= 100
+    logits = run.step(x, y)
+    # the error counts exactly the predictions that differ from these labels
+    expected = 100.0 * float((logits.argmax(1) != y).sum()) / len(y)
+    assert run.errors() == {"stream": expected, "mean": expected}
+    assert run.results["stream"].n == len(y)
 
 
 # --- 4. the global RNGs --------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The conformance kit as a pytest plugin (``pytest11`` entry point ``qtta``).
 
 A throwaway distribution (modules plus a ``.dist-info`` with ``qtta_plugins`` entry points, on
-``PYTHONPATH``, as pip would install it) brings two fake backend adapters: ``fakeq`` conforms,
-``brokenq`` is the same adapter whose quantizers ignore being switched off. ``pytest
---qtta-backend=...`` in a subprocess must run the kit's checks on both and report exactly that.
+``PYTHONPATH``, as pip would install it) brings two fake backend adapters: ``fakeq`` conforms (it
+has no export path, and declares so), ``brokenq`` is the same adapter whose quantizers ignore being
+switched off and which leaves the export hook out without a word. ``pytest --qtta-backend=...`` in a
+subprocess must run the kit's checks on both and report exactly that.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtta_plugins import hookimpl
+from qtta_plugins.exporting import UnsupportedExportError
 from qtta_plugins.view import (
     Grid, QuantizerHandle, QuantLayer, QuantView, module_norms, round_ste, set_module_norm_mode,
 )
@@ -168,16 +170,24 @@ def make_plugin(backend, broken):
         model.__dict__["_fake_order"], model.__dict__["_fake_backend"] = order, backend
         return model
 
-    return qtta_backends, qtta_quant_view, qtta_quantize
+    @hookimpl
+    def qtta_export(model, backend, path, options):
+        if backend != FakeView.backend:
+            return None
+        # the declaration: this backend has no export path
+        raise UnsupportedExportError(f"{backend} has no export path: its models deploy as they are")
+
+    return qtta_backends, qtta_quant_view, qtta_quantize, qtta_export
 
 
-qtta_backends, qtta_quant_view, qtta_quantize = make_plugin("fakeq", broken=False)
+qtta_backends, qtta_quant_view, qtta_quantize, qtta_export = make_plugin("fakeq", broken=False)
 '''
 
 BROKEN_ADAPTER = """
 from qtta_fakeq_plugin import make_plugin
 
-qtta_backends, qtta_quant_view, qtta_quantize = make_plugin("brokenq", broken=True)
+# no qtta_export here: the export is left out, not declared impossible
+qtta_backends, qtta_quant_view, qtta_quantize, _ = make_plugin("brokenq", broken=True)
 """
 
 
@@ -231,10 +241,10 @@ def test_the_kit_passes_a_conforming_adapter_and_fails_a_broken_one(fake_distrib
         "--qtta-backend=fakeq",
         "--qtta-backend=brokenq",
         "--qtta-family=bncnn",
-        # every check on the conforming adapter; on the broken one, the check its defect breaks
-        # and one it does not (the rest would only repeat the conforming adapter's run)
+        # every check on the conforming adapter; on the broken one, the checks its defects break
+        # and one they do not (the rest would only repeat the conforming adapter's run)
         "-k",
-        "fakeq or quantization_off or snapshot",
+        "fakeq or quantization_off or snapshot or export",
         f"--junitxml={report}",
     )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # some test failed
@@ -245,13 +255,18 @@ def test_the_kit_passes_a_conforming_adapter_and_fails_a_broken_one(fake_distrib
         check = next(c for c in checks if name.endswith(f"-{c}]"))
         found[backend][check] = outcome
     expected = dict.fromkeys(checks, "passed")
-    expected["export_keeps_predictions"] = "skipped"  # the fake adapters implement no export
+    expected["export_keeps_predictions"] = "skipped"  # fakeq declares it has no export
     assert found["fakeq"] == expected, proc.stdout[-3000:]
     assert found["brokenq"] == {
         "quantization_off_reproduces_the_float_model": "failed",
         "snapshot_and_restore_are_exact": "passed",
+        "export_keeps_predictions": "failed",  # no export, and no word that there is none
     }, proc.stdout[-3000:]
     assert "every quantizer off, the output differs from float" in proc.stdout
+    assert "the 'brokenq' adapter implements no qtta_export hook" in proc.stdout
+    skips = [c for c in ET.parse(report).getroot().iter("testcase") if "fakeq" in c.get("name")]
+    reasons = [s.get("message", "") for c in skips for s in c.iter("skipped")]
+    assert any("fakeq has no export path" in r for r in reasons), reasons
 
 
 def test_an_unknown_backend_fails_with_the_installed_ones_named(fake_distribution):

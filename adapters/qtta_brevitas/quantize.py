@@ -25,7 +25,7 @@ Calibration: ``brevitas.graph.calibrate.calibration_mode`` on the model in eval 
 use their running statistics; only the activation quantizers collect statistics, averaged over the
 calibration batches), then each weight quantizer is initialised once so that every threshold is a
 materialised parameter in the state dict. This is the plain "MSE / min-max calibration without
-reconstruction" baseline of DESIGN §4; reconstruction methods improve on it.
+reconstruction" baseline (docs/design.md, "Where each method lives"); reconstruction improves on it.
 
 ``correct_bn=True`` (off by default; also read from a ``bn_correction`` field of the config, should
 :class:`~qtta_plugins.config.QuantConfig` grow one) additionally shifts the batch norms' running

@@ -70,6 +70,10 @@ class BalancedLoss:
             k = logits.shape[1]
             self.class_freq = torch.full((k,), 1.0 / k, device=logits.device)
             self.grad_mag = torch.ones(k, device=logits.device)
+        elif self.class_freq.device != logits.device:
+            # statistics loaded from a state saved on another device follow the model's outputs
+            self.class_freq = self.class_freq.to(logits.device)
+            self.grad_mag = self.grad_mag.to(logits.device)
         adjusted = abl_adjusted_logits(
             logits, self.class_freq, self.grad_mag, self.tau_f, self.tau_g
         )

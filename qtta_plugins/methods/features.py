@@ -470,8 +470,18 @@ def measure_source_statistics(
     keep it on the model as :class:`~qtta_plugins.view.SourceStatistics`, replacing any kept
     before; ``keep_sample=True`` keeps the inputs themselves instead (methods then measure on the
     model as it is when they start). The model is not changed: features are measured on a copy,
-    prepared for adaptation the way :func:`qtta_plugins.adapt` prepares one."""
+    prepared for adaptation the way :func:`qtta_plugins.adapt` prepares one.
+
+    One failure is expected and only warned about: a model that cannot be deep-copied (an
+    object in it that ``copy.deepcopy`` refuses), or whose copy its adapter no longer
+    recognises. The adapter's statistics are kept, the feature statistics are not, and ``zoa`` /
+    ``foa`` then need clean data at adapt time. Anything else raises: a failure to measure on a
+    copy that exists is a fault, and hiding it would quietly cost those methods their alignment
+    and output shift."""
+    import copy
+
     from .. import quant_view  # the adapters' views; qtta_plugins imports this module
+    from ..errors import UnknownBackendError
 
     keep_source_statistics(model, None)
     sample = first_inputs(batches)
@@ -491,18 +501,21 @@ def measure_source_statistics(
     )
     keep_source_statistics(model, stats)  # the copy's prepare_adaptation reads stats.adapter
     try:
+        # the features are measured on a copy: preparing and tapping it must not change `model`
         work = quant_view(copy_model(model))
-        work.prepare_adaptation()
-        _measure_features(work, batches, stats)
-    except Exception as exc:  # optional: only zoa / foa need these, and can be given data
-        stats.measured.clear()
+    except (RuntimeError, TypeError, copy.Error, UnknownBackendError) as exc:
+        # what deepcopy raises for an object it cannot copy (a lock, a non-leaf tensor, ...),
+        # and a copy no adapter recognises: the model is fine, there is just no copy to measure on
         warnings.warn(
-            f"quantize could not measure source feature statistics on this model "
-            f"({type(exc).__name__}: {exc}); 'zoa' and 'foa' will need source_data=clean_batches, "
-            "or quantize with keep_calibration_sample=True",
+            f"quantize kept no source feature statistics on this model: it could not copy the "
+            f"model to measure them on ({type(exc).__name__}: {exc}). 'zoa' and 'foa' will run "
+            "without feature alignment and output shift unless adapt is given "
+            "source_data=clean_batches (or quantize keeps the images: keep_calibration_sample=True)",
             stacklevel=3,
         )
         return
+    work.prepare_adaptation()
+    _measure_features(work, batches, stats)
 
 
 def _measure_features(

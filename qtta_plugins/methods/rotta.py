@@ -368,7 +368,9 @@ class RoTTA(TestTimeMethod):
         if state["memory"] is not None:
             BalancedMemory.check_state(state["memory"], self.config.memory_capacity)
             memory = self._new_memory(state["memory"]["num_classes"])
-            memory.load_state_dict(state["memory"])
+            # the stored images on the model's device (a state saved on another device included)
+            device = self.student_params[0].device
+            memory.load_state_dict({**state["memory"], "x": state["memory"]["x"].to(device)})
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for name, t in zip(names, [*self.student_params, *self.student_stats], strict=True):

@@ -51,6 +51,15 @@ on the step sizes (lr 4e-5), as BRECQ / QDrop's public code; 1000 iterations per
 the regulariser off for the first 20% of iterations, then beta from 20 to 2; weight elements whose
 nearest grid point is an end of the range keep it, so a per-channel range that a backend recomputes
 from the weights (Brevitas' default) stays where it was.
+
+Memory: every iteration draws its mini-batch at random from the whole calibration set, so the
+reconstruction needs random access to it: it holds the first ``calib_images`` images given (1024 by
+default; :func:`qtta_plugins.reconstruct` reads nothing past them, and hands them over as one
+tensor), their shifted views (PEM / PCR), and, for the block being reconstructed, its float input
+and output, its quantized input (and, for PCR, its quantized input on the shifted views) on all of
+them; a block's captures are let go when the next block starts. Everything lives on the model's
+device. Random draws (mini-batch indices, QDrop masks, shifted views) come from one CPU generator
+seeded with ``seed`` and are moved to that device: a CUDA run draws what the CPU run draws.
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ from ..adaptation import calibration_batches
 from ..config import ReconstructConfig
 from ..hookspecs import hookimpl
 from ..progress import show_progress
-from ..view import Grid, QuantLayer, QuantView, copy_model, round_ste
+from ..view import Grid, QuantLayer, QuantView, copy_model, model_device, round_ste
 from .base import MethodInfo
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
@@ -86,6 +95,10 @@ class TTAQConfig(ReconstructConfig):
     method: str = "ttaq"
     iters: int = 1000  # per block
     batch_size: int = 32
+    # the calibration images used (the first ones given): every iteration draws its mini-batch
+    # from all of them, so they are held, with each block's inputs and outputs on them (BRECQ's
+    # and QDrop's ImageNet setting is 1024)
+    calib_images: int = 1024
     lr_round: float = 1e-3  # Adam on AdaRound's V
     lr_scale: float = 4e-5  # Adam on the activation step sizes (LSQ)
     round_weight: float = 0.01
@@ -124,7 +137,7 @@ class TTAQConfig(ReconstructConfig):
         for name in ("pem", "pcr", "logits"):
             if getattr(self, name) is None:
                 setattr(self, name, ttaq)
-        for name in ("iters", "batch_size"):
+        for name in ("iters", "batch_size", "calib_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TTAQConfig.{name} must be a positive int, got {value!r}")
@@ -190,8 +203,9 @@ class AdaRoundWeight(nn.Module):
     def __init__(self, weight: torch.Tensor, grid: Grid) -> None:
         super().__init__()
         w = weight.detach().float()
-        s = grid.along(grid.scale.detach().float(), w.ndim)
-        zp = grid.along(grid.zero_point.detach().float(), w.ndim)
+        # the grid on the weight's device (an adapter may keep a grid's tensors elsewhere)
+        s = grid.along(grid.scale.detach().float().to(w.device), w.ndim)
+        zp = grid.along(grid.zero_point.detach().float().to(w.device), w.ndim)
         self.register_buffer("s", s)
         self.register_buffer("zp", zp)
         self.qmin, self.qmax = grid.qmin, grid.qmax
@@ -281,7 +295,9 @@ class Simulation:
         shared_inputs: bool = True,
     ) -> None:
         self.view = view
-        self.model = copy_model(fp_model).eval()
+        # on the backend model's device (a float model the caller keeps on the CPU included)
+        device = model_device(view.model)
+        self.model = copy_model(fp_model).eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.acts: dict[str, tuple[ActQuantizer, Any]] = {}  # handle name -> (sim, handle)
@@ -311,7 +327,8 @@ class Simulation:
             aq = layer.input_quantizer
             if aq is not None and aq.enabled:
                 if aq.name not in self.acts:
-                    self.acts[aq.name] = (ActQuantizer(aq.grid(), learn_act_scales), aq)
+                    quantizer = ActQuantizer(aq.grid(), learn_act_scales).to(device)
+                    self.acts[aq.name] = (quantizer, aq)
                 act = self.acts[aq.name][0]
             rounded = view.weight_quantizer_input(layer)
             sim = SimLayer(module, layer.weight.detach().clone(), rounded, weight_grid, act)
@@ -398,7 +415,7 @@ class Simulation:
                 if sim.rounding is not None:
                     self.view.set_layer_weight(layer, sim.rounding(hard=True))
             for act, handle in self.acts.values():
-                if not torch.equal(act.scale, handle.grid().scale.to(act.scale.dtype)):
+                if not torch.equal(act.scale, handle.grid().scale.to(act.scale)):
                     handle.set_grid(act.scale.detach().clone(), act.zero_point.detach().clone())
 
 
@@ -417,9 +434,11 @@ def shifted_views(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) 
     n = x.shape[0]
     shape = (n,) + (1,) * (x.ndim - 1)
     spread = x.std().clamp_min(1e-6)
-    contrast = 1 + strength * 0.2 * (2 * torch.rand(shape, generator=gen) - 1)
-    brightness = strength * 0.2 * spread * (2 * torch.rand(shape, generator=gen) - 1)
-    noise = strength * 0.1 * spread * torch.randn(x.shape, generator=gen)
+    # drawn on the generator's device (the CPU), then moved to the images': the same draws on any
+    # device, and the same arithmetic on the CPU as before
+    contrast = 1 + strength * 0.2 * (2 * torch.rand(shape, generator=gen).to(x.device) - 1)
+    brightness = strength * 0.2 * spread * (2 * torch.rand(shape, generator=gen).to(x.device) - 1)
+    noise = strength * 0.1 * spread * torch.randn(x.shape, generator=gen).to(x.device)
     mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     return (x - mean) * contrast + mean + brightness + noise
 
@@ -510,13 +529,24 @@ def pcr_loss(block: nn.Module, x_shifted: torch.Tensor, clean_output: torch.Tens
 
 
 # --- the reconstruction ------------------------------------------------------------------------------
-def _calibration_tensor(calib: Iterable[Any]) -> torch.Tensor:
-    batches = calibration_batches(calib, "reconstruction")
+def _calibration_tensor(calib: Iterable[Any] | torch.Tensor, limit: int) -> torch.Tensor:
+    """The first ``limit`` calibration images as one tensor, read lazily (nothing past them); a
+    tensor is sliced, not copied (the reconstruction never writes to it)."""
+    batches = calibration_batches(calib, "reconstruction", images=limit)
+    kept: list[torch.Tensor] = []
+    count = 0
     for b in batches:
+        if b.ndim == 0:
+            raise ValueError("calibration batches must hold images (N, ...), not a 0-d tensor")
+        b = b.detach()[: limit - count]
         if not torch.isfinite(b).all():
             raise ValueError("calibration batches contain NaN or Inf")
+        kept.append(b)
+        count += b.shape[0]
+    if len(kept) == 1:
+        return kept[0]
     try:
-        return torch.cat([b.detach() for b in batches])
+        return torch.cat(kept)
     except RuntimeError as exc:
         raise ValueError(f"calibration batches do not share one image shape: {exc}") from None
 
@@ -525,10 +555,15 @@ def reconstruct_view(
     view: QuantView, fp_model: nn.Module, calib: Iterable[Any], config: TTAQConfig
 ) -> Simulation:
     """Reconstruct ``view.model`` block by block against ``fp_model`` and write the result back
-    into it; return the simulation (for :func:`simulation_gap`)."""
-    x = _calibration_tensor(calib)
+    into it; return the simulation (for :func:`simulation_gap`).
+
+    Runs on ``view.model``'s device: the calibration images and the float model's copies are
+    moved there (the caller's ``fp_model`` is not); the random draws come from a CPU generator
+    (see the module docstring)."""
+    device = model_device(view.model)
+    x = _calibration_tensor(calib, config.calib_images).to(device)
     gen = torch.Generator().manual_seed(config.seed)
-    fp = copy_model(fp_model).eval()
+    fp = copy_model(fp_model).eval().to(device)
     for p in fp.parameters():
         p.requires_grad_(False)
     sim = Simulation(view, fp_model, config.learn_act_scales, x[:8], config.shared_inputs)
@@ -595,10 +630,12 @@ def _reconstruct_block(
     )
     try:
         for it in bar:
+            # drawn on the CPU generator, then moved to the data's device (see the module doc)
             idx = torch.randint(0, x.shape[0], (min(cfg.batch_size, x.shape[0]),), generator=gen)
+            idx = idx.to(x.device)
             xin = x_q[idx]
             if cfg.qdrop_p:
-                keep_fp = torch.rand(xin.shape, generator=gen) < cfg.qdrop_p
+                keep_fp = (torch.rand(xin.shape, generator=gen) < cfg.qdrop_p).to(xin.device)
                 xin = torch.where(keep_fp, x_fp[idx], xin)
             out = q_block(xin)
             loss = F.mse_loss(out, y_fp[idx])

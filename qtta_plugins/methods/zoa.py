@@ -1,7 +1,7 @@
 """``zoa``: forward-only continual test-time adaptation with a domain-knowledge bank.
 
 Our implementation of ZOA (zeroth-order adaptation for quantized models), from the algorithm of the
-authors' public code as DESIGN §4 describes it, without that code's known faults (see the notes at
+authors' public code (docs/design.md), without that code's known faults (see the notes at
 the end). Two forward passes per batch, no backward pass and no autograd graph, so it adapts models
 that cannot backpropagate - torchao's ``convert_pt2e`` integer graphs included.
 

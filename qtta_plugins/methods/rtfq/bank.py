@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models import accuracy
-from ...view import copy_model
+from ...view import copy_model, model_device
 from .config import RTFQConfig, Subnet
+from .data import first_images, labelled_batches
 from .layers import SwitchableBatchNorm, SwitchableLayer, _act_range, _channels, _Switch
 
 
@@ -21,16 +22,21 @@ class SubnetBank(nn.Module):
 
     ``model``: the pretrained float model (not modified); ``calib``: unlabelled target images that
     set the initial activation step sizes, each subnet's norm statistics and a materialized
-    subnet's backend calibration. ``table`` is filled by :meth:`evaluate`.
+    subnet's backend calibration: batches (tensors or ``(x, y)`` pairs, a ``DataLoader``), as
+    :func:`qtta_plugins.quantize` takes them, or one ``(N, C, H, W)`` tensor. Only the first
+    ``config.recalib_images`` images are read, and kept (a buffer, on the model's device).
+    ``table`` is filled by :meth:`evaluate`.
     """
 
     def __init__(
-        self, model: nn.Module, calib: torch.Tensor, config: RTFQConfig | None = None
+        self,
+        model: nn.Module,
+        calib: torch.Tensor | Iterable[Any],
+        config: RTFQConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config or RTFQConfig()
-        if not isinstance(calib, torch.Tensor) or calib.ndim != 4 or len(calib) == 0:
-            raise ValueError("calib must be a non-empty (N, C, H, W) tensor of target images")
+        calib = first_images(calib, self.config.recalib_images, "calib")
         if not torch.isfinite(calib).all():
             raise ValueError("calib contains NaN or Inf")
         self.native_resolution = int(calib.shape[-1])
@@ -42,7 +48,8 @@ class SubnetBank(nn.Module):
         self.template = copy_model(model).eval()  # the float original, for materialization
         for p in self.template.parameters():
             p.requires_grad_(False)
-        self.register_buffer("calib", calib.detach().clone()[: self.config.recalib_images])
+        # the images on the model's device, where every pass over them runs
+        self.register_buffer("calib", calib.detach().to(model_device(model), copy=True))
         self.switch = _Switch()
         self.resolution = self.native_resolution
         self.net = copy_model(model).eval()
@@ -149,7 +156,8 @@ class SubnetBank(nn.Module):
             for b in self.config.bits:
                 _, qmax = _act_range(layer.layer_bits[b], layer.act_signed)
                 extent = max(hi[name], -lo[name]) if layer.act_signed else hi[name]
-                layer.act_scale[str(b)] = nn.Parameter(torch.tensor(max(extent, 1e-8) / qmax))
+                step = torch.tensor(max(extent, 1e-8) / qmax, device=layer.weight.device)
+                layer.act_scale[str(b)] = nn.Parameter(step)
         for i, name in enumerate(self.order):
             layer = self.layers[name]
             for earlier in self.order[:i]:
@@ -216,16 +224,32 @@ class SubnetBank(nn.Module):
         return {"macs": macs, "bitops": bitops, "bytes": weight_bytes}
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
-        """Recalibrate every subnet and fill :attr:`rows`: costs and accuracy on ``(x, y)``."""
+    def evaluate(
+        self, x: torch.Tensor | Iterable[Any], y: torch.Tensor | None = None
+    ) -> list[dict[str, Any]]:
+        """Recalibrate every subnet and fill :attr:`rows`: costs and accuracy (%) on the held-out
+        target data: tensors ``x``, ``y``, or ``x`` alone as ``(x, y)`` batches (a ``DataLoader``,
+        read once per subnet). Batches on the CPU move to the bank's device."""
         rows = []
         for subnet in self.config.subnets():
             self.recalibrate(subnet)
             row = {"subnet": subnet, "name": subnet.name, **self.costs(subnet)}
-            row["accuracy"] = accuracy(self, x, y)
+            row["accuracy"] = self._accuracy(x, y)
             rows.append(row)
         self.rows = rows
         return rows
+
+    def _accuracy(self, x: torch.Tensor | Iterable[Any], y: torch.Tensor | None) -> float:
+        """Top-1 accuracy (%) of the bank as it is set, over ``x``'s batches (tensors in chunks of
+        256, as :func:`qtta_plugins.models.accuracy` counts them)."""
+        device = model_device(self)
+        correct = total = 0
+        for bx, by in labelled_batches(x, y, "evaluate"):
+            correct += int((self(bx.to(device)).argmax(1) == by.to(device)).sum())
+            total += len(by)
+        if total == 0:
+            raise ValueError("evaluate: the data holds no image")
+        return 100.0 * correct / total
 
     def table(self) -> list[dict[str, Any]]:
         if not self.rows:
@@ -247,7 +271,7 @@ class SubnetBank(nn.Module):
             w = layer.weight[: layer.out_k, : layer.in_k].detach().clone()
             b = None if layer.bias is None else layer.bias[: layer.out_k].detach().clone()
             old = model.get_submodule(name)
-            if layer.is_conv:
+            if layer.is_conv:  # on the bank's device, as the template's other modules are
                 new: nn.Module = nn.Conv2d(
                     layer.in_k,
                     layer.out_k,
@@ -258,9 +282,10 @@ class SubnetBank(nn.Module):
                     groups=layer.in_k if layer.depthwise else 1,
                     bias=b is not None,
                     padding_mode=old.padding_mode,
+                    device=w.device,
                 )
             else:
-                new = nn.Linear(layer.in_k, layer.out_k, bias=b is not None)
+                new = nn.Linear(layer.in_k, layer.out_k, bias=b is not None, device=w.device)
             new.weight.copy_(w)
             if b is not None:
                 new.bias.copy_(b)
@@ -268,7 +293,7 @@ class SubnetBank(nn.Module):
         for name, (mean, var) in self.norm_stats[subnet].items():
             bn_old, sw = model.get_submodule(name), self.norms[name]
             k = len(mean)
-            bn = nn.BatchNorm2d(k, eps=bn_old.eps, momentum=bn_old.momentum)
+            bn = nn.BatchNorm2d(k, eps=bn_old.eps, momentum=bn_old.momentum, device=mean.device)
             bn.weight.copy_(sw.weight[:k])
             bn.bias.copy_(sw.bias[:k])
             bn.running_mean.copy_(mean)

@@ -4,7 +4,8 @@ distillation, and the gradient averaging across ranks under ``torch.distributed`
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...progress import show_progress
+from ...view import model_device
 from .bank import SubnetBank
 from .config import RTFQConfig, Subnet
+from .data import image_supply, labelled_supply
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -61,17 +64,10 @@ def step_sizes(bank: SubnetBank) -> list[nn.Parameter]:
     )
 
 
-def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - size + 1, size):
-            yield order[i : i + size]
-
-
 def train_bank(
     bank: SubnetBank,
-    source: tuple[torch.Tensor, torch.Tensor],
-    target: torch.Tensor,
+    source: tuple[torch.Tensor, torch.Tensor] | Iterable[Any],
+    target: torch.Tensor | Iterable[Any],
     config: RTFQConfig | None = None,
     *,
     teacher: nn.Module | None = None,
@@ -79,6 +75,17 @@ def train_bank(
     """UDA training of every subnet at once (SandwichQ + multi-bit + distillation, as switched in
     ``config``, default the bank's). Single process, or one rank of an initialised
     ``torch.distributed`` group. Returns the wall time and the last step's loss.
+
+    ``source``: labelled source batches, ``(x, y)`` pairs (a ``DataLoader`` over a labelled set),
+    or one ``(images, labels)`` pair of tensors; ``target``: unlabelled target batches (tensors, or
+    ``(x, y)`` pairs whose labels are not used), or one tensor of images. Each step takes one
+    batch of each: from tensors, ``config.batch_size`` images drawn without replacement under
+    ``config.seed`` (a new permutation each epoch); from batches, the next batch as it comes
+    (their batch size is the loader's), reading the data again from the start when it runs out,
+    so a loader is never held in memory (a one-shot iterator that runs out is an error: the steps
+    done so far stay in the bank). Batches move to the bank's device. Under ``torch.distributed``
+    every rank takes its share of each batch, so every rank must see the same batches (tensors
+    do, under the shared seed; a shuffled loader needs the same seeded generator on each rank).
 
     ``teacher``: a fixed model (say the float model after UDA) whose predictions on each target
     batch, at the images' own resolution, every subnet of the plan is distilled towards (with
@@ -88,9 +95,6 @@ def train_bank(
     import time
 
     cfg = config or bank.config
-    xs, ys = source
-    if len(xs) < cfg.batch_size or len(target) < cfg.batch_size:
-        raise ValueError(f"source and target need at least batch_size={cfg.batch_size} images")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if teacher is not None and not cfg.distill:
@@ -101,8 +105,10 @@ def train_bank(
     world = torch.distributed.get_world_size() if distributed else 1
     rng = random.Random(cfg.seed)  # the same plan on every rank
     gen = torch.Generator().manual_seed(cfg.seed)
-    source_batches = _batches(len(xs), cfg.batch_size, gen)
-    target_batches = _batches(len(target), cfg.batch_size, gen)
+    # both draw lazily from one generator, source first at each step (the order of the draws)
+    source_batches = labelled_supply(source, cfg.batch_size, gen, rank, world)
+    target_batches = image_supply(target, cfg.batch_size, gen, rank, world)
+    device = model_device(bank)
     scales = step_sizes(bank)
     scale_ids = {id(p) for p in scales}
     weights = [p for p in bank.parameters() if p.requires_grad and id(p) not in scale_ids]
@@ -126,11 +132,11 @@ def train_bank(
     # the distillation warm-up starts where the SandwichQ plan does
     warmup_steps = cfg.distill_warmup * (cfg.steps - first_steps)
     for step in bar:
-        i_s, i_t = next(source_batches)[rank::world], next(target_batches)[rank::world]
+        (x_s, y_s), x_t = next(source_batches), next(target_batches)
         distill_weight = cfg.distill_weight * (
             min(1.0, max(0, step - first_steps) / warmup_steps) if warmup_steps > 0 else 1.0
         )
-        x_s, y_s, x_t = xs[i_s], ys[i_s], target[i_t]
+        x_s, y_s, x_t = x_s.to(device), y_s.to(device), x_t.to(device)
         teacher: torch.Tensor | None = None
         if fixed_teacher is not None:
             teacher = _predict(fixed_teacher, x_t)
