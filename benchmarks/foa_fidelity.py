@@ -2,7 +2,11 @@
 differences between the two mattered.
 
     python benchmarks/foa_fidelity.py                   # our rows, cached cell by cell
-    python benchmarks/foa_fidelity.py --render benchmarks/results/foa_fidelity*.json
+    python benchmarks/foa_fidelity.py --render benchmarks/results/foa_fidelity.json \
+        benchmarks/results/foa_fidelity_authors.json
+    python benchmarks/foa_fidelity.py --model small --configs "torchao W8A8" --settings continual \
+        --methods source foa "foa -squared" "foa -class token" "foa -best" "foa -shift" \
+        "foa -zero start" "foa (old)" --out benchmarks/results/foa_fidelity_ablations_small.json
 
 Model: a timm ``VisionTransformer`` (patch 4 on 32 px, 4 blocks of width 96, 3 heads, class
 token) trained here on Fashion-MNIST (:func:`source_vit`, cached). Stream: three corruptions of
@@ -20,6 +24,12 @@ of squared errors; ``-class token``: all-token means at the layer inputs; ``-bes
 the previous incumbent in a pass of its own; ``-shift``: the shift's EMA updated with the
 predicting pass, current batch included; ``-zero start``: CMA-ES centred at the VPT prompt), and
 ``foa (old)`` with all five put back.
+
+``--model small``: the ablation's model, the small timm ViT the test suite ships
+(``tests/fixtures/vit-small-fashion-s0.pt``: 2 blocks of width 64, 80.3% clean), on the same three
+corruptions at 1,280 images each (20 batches of 64 per domain) with 256 clean calibration images,
+the stream on which ``tests/test_foa.py`` checks FOA against source. A fifth of the fidelity ViT's
+cost per cell, so the six ablation rows run on 3 seeds.
 
 The authors' code is not part of this repository (its licence is non-commercial). docs/zoa.md
 gives the procedure by which its figures in ``benchmarks/results/foa_fidelity_authors.json`` were
@@ -64,6 +74,29 @@ CALIB = 512
 #: the ViT and its training recipe
 VIT = {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0, "patch_size": 4}
 TRAINING = {"epochs": 15, "batch_size": 128, "lr": 1e-3, "seed": 0}
+
+
+#: the other model (``--model small``): the suite's shipped small ViT and its stream
+SMALL_VIT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vit-small-fashion-s0.pt"
+PROFILES = {
+    "fidelity": {"per_domain": 2000, "calib": 512},
+    "small": {"per_domain": 1280, "calib": 256},
+}
+
+
+def use_profile(name: str) -> None:
+    """Switch the stream length and calibration size to ``name``'s (module-wide)."""
+    global PER_DOMAIN, CALIB
+    PER_DOMAIN, CALIB = PROFILES[name]["per_domain"], PROFILES[name]["calib"]
+
+
+def small_vit() -> nn.Module:
+    """The test suite's shipped small ViT (``tests/fixtures/make_source_model.py``)."""
+    from qtta_plugins.models import build
+
+    model = build("timm-vit", scale="small")
+    model.load_state_dict(torch.load(SMALL_VIT, weights_only=True))
+    return model.eval()
 
 
 def build_vit() -> nn.Module:
@@ -172,13 +205,18 @@ def run_cell(qmodel: nn.Module, setting: str, method: str, seed: int, calib) -> 
     }
 
 
-def setup_line(model: nn.Module) -> str:
+def setup_line(model: nn.Module, profile: str = "fidelity") -> str:
     _, test = load_source("fashion-mnist", seed=0)
     clean = accuracy(model, to_channels(test.x, 3), test.y)
+    what = (
+        "the test suite's small timm ViT (tests/fixtures/vit-small-fashion-s0.pt: 2 blocks of "
+        "width 64)"
+        if profile == "small"
+        else f"timm ViT (patch 4, 4 blocks of width 96, 3 heads) trained on Fashion-MNIST "
+        f"({TRAINING['epochs']} epochs, batch {TRAINING['batch_size']}, lr {TRAINING['lr']})"
+    )
     return (
-        f"timm ViT (patch 4, 4 blocks of width 96, 3 heads) trained on Fashion-MNIST "
-        f"({TRAINING['epochs']} epochs, batch {TRAINING['batch_size']}, lr {TRAINING['lr']}), "
-        f"float clean accuracy {clean:.1f}% (10,000 test images); stream: "
+        f"{what}, float clean accuracy {clean:.1f}% (10,000 test images); stream: "
         f"{', '.join(STREAM_CORRUPTIONS)} at severity 5, {PER_DOMAIN} images each, batch "
         f"{BATCH_SIZE}; source statistics on {CALIB} clean training images"
     )
@@ -247,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["source", "foa"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="fidelity", choices=list(PROFILES))
     parser.add_argument("--out", default="benchmarks/results/foa_fidelity.json")
     parser.add_argument("--render", nargs="+", default=None, help="print the tables (merged)")
     args = parser.parse_args(argv)
@@ -258,10 +297,11 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown({"setup": setups.pop(), "cells": [c for f in files for c in f["cells"]]}))
         return
     torch.set_num_threads(args.threads)
-    model = source_vit(progress=False)
+    use_profile(args.model)
+    model = small_vit() if args.model == "small" else source_vit(progress=False)
     calib = calibration()
     out = Path(args.out)
-    results = load_or_start(out, setup_line(model), {"cells": []})
+    results = load_or_start(out, setup_line(model, args.model), {"cells": []})
     print(results["setup"], flush=True)
     done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
     for config in args.configs:

@@ -211,48 +211,53 @@ def plot(results: dict, path: str):
     cells = [c for c in results["cells"] if c["seed"] not in DEV_SEEDS]
     err, ratio = summarize(cells), summarize(cells, "time_ratio")
     configs = [c for c in W6A6 if (c, "continual", "source") in err]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    drawn = [
-        v[0] for (c, s, m), v in err.items() if c in configs and s == "continual" and m in HEADLINE
-    ]
+    has_long = any(x["setting"] == "long" for x in cells)
+    fig, axes = plt.subplots(1, 2 if has_long else 1, figsize=(12 if has_long else 7, 4))
+    left, right = (axes[0], axes[1]) if has_long else (axes, None)
+    # the headline rows, and FOA reset at each domain (as its authors run it) where it ran
+    bars = [(m, "continual", m) for m in HEADLINE]
+    if any((c, "reset", "foa") in err for c in configs):
+        bars.insert(HEADLINE.index("foa") + 1, ("foa, reset at each domain", "reset", "foa"))
+    drawn = [err[(c, s, m)][0] for _, s, m in bars for c in configs if (c, s, m) in err]
     low = min(drawn, default=0.0) - 4
-    width = 0.8 / len(HEADLINE)
-    for k, method in enumerate(HEADLINE):
-        stats = [err.get((c, "continual", method)) for c in configs]
-        xs = [i + (k - (len(HEADLINE) - 1) / 2) * width for i in range(len(configs))]
+    width = 0.8 / len(bars)
+    for k, (label, setting, method) in enumerate(bars):
+        stats = [err.get((c, setting, method)) for c in configs]
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(configs))]
         means = [s[0] if s else float("nan") for s in stats]
-        left.bar(xs, means, width, yerr=[s[1] if s else 0 for s in stats], capsize=2, label=method)
+        left.bar(xs, means, width, yerr=[s[1] if s else 0 for s in stats], capsize=2, label=label)
         for x, c in zip(xs, configs, strict=True):
-            r = ratio.get((c, "continual", method))
+            r = ratio.get((c, setting, method))
             if r:  # at the foot of the bar, clear of the error bars
                 left.text(x, low + 0.3, f"{r[0]:.1f}x", ha="center", va="bottom", fontsize=7)
     if drawn:
         left.set_ylim(low, max(drawn) + 3)
     left.set_xticks(range(len(configs)), configs)
     left.set_ylabel("mean error over domains (%)")
-    left.set_title("continual, mean ± sd over seeds · time per batch vs plain inference")
+    left.set_title("mean ± sd over seeds · time per batch vs plain inference")
     left.legend(fontsize=8, loc="upper right")
-    for n, c in enumerate(configs):
-        for method, style in (("zoa", "-o"), ("source", ":")):
-            rounds = [
-                x["round_errors"]
-                for x in cells
-                if (x["config"], x["setting"], x["method"]) == (c, "long", method)
-            ]
-            if rounds:
-                mean = [statistics.mean(r) for r in zip(*rounds, strict=True)]
-                right.plot(
-                    range(1, len(mean) + 1),
-                    mean,
-                    style,
-                    color=f"C{n}",
-                    label=f"{c} {method}",
-                    markersize=3,
-                )
-    right.set_xlabel("round")
-    right.set_ylabel("error (%)")
-    right.set_title("10 rounds of the stream (seed 0)")
-    right.legend(fontsize=7)
+    if right is not None:
+        for n, c in enumerate(configs):
+            for method, style in (("zoa", "-o"), ("source", ":")):
+                rounds = [
+                    x["round_errors"]
+                    for x in cells
+                    if (x["config"], x["setting"], x["method"]) == (c, "long", method)
+                ]
+                if rounds:
+                    mean = [statistics.mean(r) for r in zip(*rounds, strict=True)]
+                    right.plot(
+                        range(1, len(mean) + 1),
+                        mean,
+                        style,
+                        color=f"C{n}",
+                        label=f"{c} {method}",
+                        markersize=3,
+                    )
+        right.set_xlabel("round")
+        right.set_ylabel("error (%)")
+        right.set_title("10 rounds of the stream (seed 0)")
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return fig

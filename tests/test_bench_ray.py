@@ -49,6 +49,7 @@ def outcome(results: bench.Results) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.slow  # starts a local Ray cluster: 18 s alone on 2 cores, over 60 s beside other work
 def test_a_grid_on_local_ray_gives_the_sequential_results(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     pytest.importorskip("brevitas")
