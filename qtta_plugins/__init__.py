@@ -36,6 +36,7 @@ from .config import (
 from .errors import (
     BackendNotInstalledError,
     BadBatchError,
+    SmallBatchError,
     UnknownBackendError,
     UnknownMethodError,
     UnsafeStateError,
@@ -62,6 +63,7 @@ from .view import (
     remember_source_sample,
     source_sample,
 )
+from .window import WindowConfig, Windowed, as_window, check_window_fits
 
 __version__ = "0.1.0"
 
@@ -85,12 +87,14 @@ __all__ = [
     "ReconstructConfig",
     "RoTTAConfig",
     "SARConfig",
+    "SmallBatchError",
     "SourceConfig",
     "SourceStatistics",
     "TentConfig",
     "UnknownBackendError",
     "UnknownMethodError",
     "UnsafeStateError",
+    "WindowConfig",
     "ZOAConfig",
     "adapt",
     "copy_model",
@@ -224,6 +228,7 @@ def adapt(
     progress: bool | None = None,
     reset_every: int | None = None,
     reset_on_shift: bool | None = None,
+    window: int | WindowConfig | None = None,
     **options: Any,
 ) -> Adaptation:
     """Adapt a quantized model online to ``stream``: for each batch, predict, then update.
@@ -249,6 +254,19 @@ def adapt(
     Both may be given. ``run.restarts`` lists the batches before which the run restarted. A bad
     value raises ``ValueError`` before anything is copied or changed.
 
+    Small batches: a method that normalises with, or compares, the statistics of the test batch
+    (``norm``, ``tent``, ``eata``, ``sar``, ``cotta`` on batch-norm models; ``zoa``, ``foa`` on
+    any) refuses a batch smaller than it needs (one image) with
+    :class:`~qtta_plugins.errors.SmallBatchError`, changing nothing. ``window=N`` (or a
+    :class:`~qtta_plugins.window.WindowConfig` with ``update_every=k``) wraps any method in a
+    sliding window of the last ``N`` inputs: each sample is predicted at once (batch norms see the
+    window), and the method adapts on the window each time it has turned over (or every ``k``
+    samples). Predictions and ``errors()`` stay per sample, in stream order; ``reset``, ``save`` /
+    ``load`` carry the window. A window that is not an int >= 1, shorter than the method needs,
+    or longer than a stream that declares its length (a list of batches, a
+    :class:`~qtta_plugins.data.ContinualStream`) raises ``ValueError`` before anything is copied
+    or changed. ``run.method.inner`` is the wrapped method.
+
     If the stream (or a step) raises partway, the error carries the run so far as
     ``err.adaptation``: its predictions, ``errors()`` and state up to the last good batch (the
     failing step changed nothing). ``err.adaptation.run(rest)`` continues; after an in-place run,
@@ -262,6 +280,8 @@ def adapt(
     ``.save(path)`` / ``.load(path)``.
     """
     check_reset_policy(reset_every, reset_on_shift)
+    window_config = as_window(window)
+    check_window_fits(window_config, stream)
     if not inplace:
         quant_view(model)  # fail on an unknown model before paying for a copy
         model = copy_model(model)
@@ -274,6 +294,8 @@ def adapt(
         messages = view.prepare_adaptation() if config.method != "source" else []
         # no global reseeding: methods draw from their own generators, seeded with config.seed
         tta = plugin_manager().hook.qtta_adapt(view=view, config=config)
+        if tta is not None and window_config is not None:
+            tta = Windowed(tta, window_config)  # refuses a window shorter than the method needs
     except BaseException:
         view.restore(before)
         raise

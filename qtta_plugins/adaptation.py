@@ -26,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import AdaptConfig
-from .errors import BadBatchError, UnsafeStateError
+from .errors import BadBatchError, SmallBatchError, UnsafeStateError
 from .methods.base import TestTimeMethod
 from .progress import show_progress
 from .view import QuantView, model_device
+from .window import Windowed
 
 
 @dataclass
@@ -274,6 +275,7 @@ class Adaptation:
         x = check_batch(x, self.sample_shape, model_device(self.model))
         if y is not None:
             check_labels(y, x)
+        self._check_batch_size(x.shape[0])
         restart = self._restart_due(domain, on_shift)
         params = self.method.adapted_parameters()
         if restart:  # the restart is part of the step: a failing step undoes it too
@@ -318,6 +320,22 @@ class Adaptation:
         self._last_domain = domain
         self.batches += 1
         return logits
+
+    def _check_batch_size(self, n: int) -> None:
+        """Raise :class:`SmallBatchError` for a batch smaller than the method adapts on correctly
+        (before anything changes): silently falling to chance is worse than refusing."""
+        need = self.method.min_batch_size()
+        if n >= need:
+            return
+        raise SmallBatchError(
+            f"batch of {n} sample{'s' if n != 1 else ''}: method {self.config.method!r} "
+            f"needs at least {need} per batch on this {self.view.backend} model (it normalises "
+            "with, or compares, the statistics of the test batch, which so few samples cannot "
+            "give). For a stream of single images use a sliding window, "
+            f"adapt(..., window=16) or longer, which adapts on the last 16 inputs; or batch "
+            f"{need} or more images; or a method that needs no batch ('source', or 'rotta' with "
+            "its robust statistics)"
+        )
 
     def _restart_due(self, domain: str, on_shift: bool) -> bool:
         if on_shift and self._last_domain is not None and domain != self._last_domain:
@@ -406,12 +424,30 @@ class Adaptation:
             "sample_shape": self.sample_shape,
             "since_start": self._since_start,
             "last_domain": self._last_domain,
+            "window": self._window_tag(),
         }
+
+    def _window_tag(self) -> tuple[int, int | None] | None:
+        """``(length, update_every)`` of the run's sliding window, ``None`` without one."""
+        if isinstance(self.method, Windowed):
+            return (self.method.window.length, self.method.window.update_every)
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.config.method:
             raise ValueError(
                 f"state is for method {state.get('method')!r}, this adaptation runs {self.config.method!r}"
+            )
+        saved_window = state.get("window")
+        saved_window = tuple(saved_window) if isinstance(saved_window, list | tuple) else None
+        if saved_window != self._window_tag():
+
+            def says(w: tuple[Any, ...] | None) -> str:
+                return "no window" if w is None else f"window={w[0]}, update_every={w[1]}"
+
+            raise ValueError(
+                f"state was saved by a run with {says(saved_window)}; this run has "
+                f"{says(self._window_tag())}: adapt with the same window to load it"
             )
         current = (self.view.snapshot(), self.method._copy_state())
         try:

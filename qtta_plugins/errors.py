@@ -19,6 +19,12 @@ class BadBatchError(QttaError, ValueError):
     """A batch that cannot be adapted on (shape, dtype, NaN / Inf, empty)."""
 
 
+class SmallBatchError(BadBatchError):
+    """A batch with fewer samples than the method needs (one image for a method that normalises
+    with, or aligns, the statistics of the test batch); the message names the batch size and what
+    to use instead (``adapt(..., window=N)``)."""
+
+
 class BackendNotInstalledError(QttaError, ImportError):
     """The backend's package is missing; the message names the pip extra."""
 

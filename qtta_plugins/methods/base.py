@@ -49,6 +49,25 @@ class TestTimeMethod(ABC):
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits for ``x`` (the prediction is made before this batch's update), then adapt."""
 
+    def min_batch_size(self) -> int:
+        """The fewest samples a batch may hold for this method to adapt on it correctly; the core
+        refuses a smaller batch before the model sees it (``SmallBatchError``), and a sliding
+        window (``adapt(..., window=N)``) must be at least this long.
+
+        Default: 2 where the model normalises with the test batch's statistics (a batch norm in
+        norm mode ``"batch"``): one image gives each channel its own statistics only, which
+        normalises the image's content away (measured on the digits BN CNN, W8A8: every such
+        method falls to chance at batch 1 and keeps most of its gain at batch 2). Else 1.
+        Methods whose loss compares batch statistics (ZOA, FOA) say 2 on any model."""
+        return 2 if normalises_with_batch_statistics(self.view) else 1
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits the method gives ``x`` without adapting: the model as the method left it
+        (a sliding window predicts with this between its updates). Override where the method's
+        prediction is more than the model's forward."""
+        return self.view.model(x)
+
     def adapted_parameters(self) -> list[nn.Parameter]:
         """The parameters this method changes (the core backs them up around each step)."""
         return []
@@ -67,6 +86,12 @@ class TestTimeMethod(ABC):
 
     def _copy_state(self) -> dict[str, Any]:
         return copy.deepcopy(self.state_dict())
+
+
+def normalises_with_batch_statistics(view: QuantView) -> bool:
+    """Whether ``view``'s model normalises with the statistics of the batch it is given: a batch
+    norm with running statistics, in norm mode ``"batch"``."""
+    return view.norm_mode == "batch" and any(n.has_statistics for n in view.norms())
 
 
 def refuse_forward_only(view: QuantView, method: str) -> None:

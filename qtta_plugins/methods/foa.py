@@ -473,6 +473,11 @@ class FOA(TestTimeMethod):
                     fitness = fitness + lam * (d_mean.norm() + d_std.norm())
         return float(fitness)
 
+    def min_batch_size(self) -> int:
+        """2 on any model: its fitness aligns the batch's feature means and deviations with the source's (one
+        image has no deviation), and CMA-ES ranks candidates by it."""
+        return max(super().min_batch_size(), 2)
+
     def adapted_parameters(self) -> list[nn.Parameter]:
         # the output shift's head bias (the prompt is a hook, or a buffer of the graph)
         return self.recorder.tensors()

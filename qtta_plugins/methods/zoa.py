@@ -346,6 +346,11 @@ class ZOA(TestTimeMethod):
         self.generator.set_state(state["generator"])
         self._write(self.eps, self.alpha)
 
+    def min_batch_size(self) -> int:
+        """2 on any model: its loss aligns the batch's feature means and deviations with the source's (one image has
+        no deviation) and its SPSA estimate over one image is as noisy as a loss can be."""
+        return max(super().min_batch_size(), 2)
+
     def adapted_parameters(self) -> list[nn.Parameter]:
         return [*self.params, *self.recorder.tensors()]  # the norms, and the shift's head bias
 
