@@ -563,6 +563,7 @@ def test_the_zoa_imagenet_c_config_runs_on_tiny_data_in_its_layouts(tmp_path, re
     assert "| zoa - foa    | ZOA against FOA" in text
 
 
+@pytest.mark.slow  # 27-38 s of reconstruction; the CIFAR-10-C layout itself is read by default above
 def test_the_ttaq_cifar10_c_config_runs_on_tiny_data_in_its_layouts(tmp_path, request, capsys):
     """benchmarks/configs/ttaq_resnet_cifar10_c.yaml as shipped (torchvision ResNet-18, W2A4,
     QDrop and TTAQ reconstructions, Tent and Tent + ABL), on tiny CIFAR-10-C .npy files and a

@@ -14,7 +14,14 @@ from qtta_plugins import SmallBatchError, WindowConfig
 
 pytest.importorskip("torchao")
 
-BACKENDS = ("torchao", "brevitas", "nncf")
+# torchao by default; Brevitas and NNCF (13-80 s a case on 2 busy cores) under -m slow. The
+# refusal and the window sit above the backend (adapt and the method), so torchao's run covers
+# the logic, the other two the backends' norm-mode plumbing.
+BACKENDS = (
+    "torchao",
+    pytest.param("brevitas", marks=pytest.mark.slow),
+    pytest.param("nncf", marks=pytest.mark.slow),
+)
 # the methods that normalise with (or compare) the statistics of the test batch on a BN CNN
 BATCH_STATS = ("norm", "tent", "eata", "sar", "cotta", "zoa", "foa")
 OPTIONS = {
