@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from .adaptation import Adaptation, DomainResult, calibration_batches, check_reset_policy
+from .adaptation import (
+    Adaptation,
+    DomainResult,
+    calibration_batches,
+    calibration_images,
+    check_reset_policy,
+)
 from .config import (
     AdaptConfig,
     CoTTAConfig,
@@ -423,7 +429,6 @@ def _reconstruction_data(
     if limit is None:
         return calibration_batches(calib, "reconstruction")
     wanted = max(int(limit), SOURCE_SAMPLE_SIZE)
-    batches = calibration_batches(calib, "reconstruction", images=wanted)
     if isinstance(calib, torch.Tensor | Sequence):
         # in memory, so counted for free: a cut the caller may not expect is said
         given = sum(int(b.shape[0]) for b in calibration_batches(calib, "reconstruction") if b.ndim)
@@ -433,19 +438,7 @@ def _reconstruction_data(
                 f"calibration images ({type(config).__name__}.calib_images)",
                 stacklevel=3,
             )
-    kept, count = [], 0
-    for b in batches:
-        if b.ndim == 0:
-            raise ValueError("calibration batches must hold images (N, ...), not a 0-d tensor")
-        b = b.detach()[: wanted - count]
-        kept.append(b)
-        count += b.shape[0]
-    if len(kept) == 1:
-        return kept[0]
-    try:
-        return torch.cat(kept)
-    except RuntimeError as exc:
-        raise ValueError(f"calibration batches do not share one image shape: {exc}") from None
+    return calibration_images(calib, "reconstruction", wanted)
 
 
 def select_subnet(

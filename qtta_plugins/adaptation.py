@@ -118,6 +118,26 @@ def calibration_batches(
     return kept
 
 
+def calibration_images(calib: Any, purpose: str, images: int) -> torch.Tensor:
+    """The first ``images`` calibration images as one tensor, read lazily through
+    :func:`calibration_batches` (nothing past them); a single tensor is sliced, not copied.
+    Raises ``ValueError`` for a 0-d batch or batches of different image shapes."""
+    kept: list[torch.Tensor] = []
+    count = 0
+    for b in calibration_batches(calib, purpose, images=images):
+        if b.ndim == 0:
+            raise ValueError("calibration batches must hold images (N, ...), not a 0-d tensor")
+        b = b.detach()[: images - count]
+        kept.append(b)
+        count += b.shape[0]
+    if len(kept) == 1:
+        return kept[0]
+    try:
+        return torch.cat(kept)
+    except RuntimeError as exc:
+        raise ValueError(f"calibration batches do not share one image shape: {exc}") from None
+
+
 def check_batch(
     x: Any, sample_shape: tuple[int, ...] | None, device: torch.device | None = None
 ) -> torch.Tensor:

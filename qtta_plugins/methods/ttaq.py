@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adaptation import calibration_batches
+from ..adaptation import calibration_images
 from ..config import ReconstructConfig
 from ..hookspecs import hookimpl
 from ..progress import show_progress
@@ -532,23 +532,10 @@ def pcr_loss(block: nn.Module, x_shifted: torch.Tensor, clean_output: torch.Tens
 def _calibration_tensor(calib: Iterable[Any] | torch.Tensor, limit: int) -> torch.Tensor:
     """The first ``limit`` calibration images as one tensor, read lazily (nothing past them); a
     tensor is sliced, not copied (the reconstruction never writes to it)."""
-    batches = calibration_batches(calib, "reconstruction", images=limit)
-    kept: list[torch.Tensor] = []
-    count = 0
-    for b in batches:
-        if b.ndim == 0:
-            raise ValueError("calibration batches must hold images (N, ...), not a 0-d tensor")
-        b = b.detach()[: limit - count]
-        if not torch.isfinite(b).all():
-            raise ValueError("calibration batches contain NaN or Inf")
-        kept.append(b)
-        count += b.shape[0]
-    if len(kept) == 1:
-        return kept[0]
-    try:
-        return torch.cat(kept)
-    except RuntimeError as exc:
-        raise ValueError(f"calibration batches do not share one image shape: {exc}") from None
+    x = calibration_images(calib, "reconstruction", limit)
+    if not torch.isfinite(x).all():
+        raise ValueError("calibration batches contain NaN or Inf")
+    return x
 
 
 def reconstruct_view(
