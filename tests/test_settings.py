@@ -57,6 +57,20 @@ def test_continual_is_continual_stream_and_reset_the_same_batches_with_the_flag(
     assert "reset_on_shift=True" in repr(reset)
 
 
+def test_the_clean_domain_is_the_uncorrupted_test_images_in_stream_order():
+    batches = list(stream("continual", corruptions=["clean", "fog"]))
+    fog = list(stream("continual"))[:2]
+    assert [b.domain for b in batches] == ["clean"] * 2 + ["fog"] * 2
+    # the same images and order as a corrupted domain, without the corruption
+    assert all(torch.equal(c.y, f.y) for c, f in zip(batches[:2], fog, strict=True))
+    assert not any(torch.equal(c.x, f.x) for c, f in zip(batches[:2], fog, strict=True))
+    test = data.load_source("digits", n_test=N_TEST)[1]
+    clean = torch.cat([b.x for b in batches[:2]])
+    assert all(any(torch.equal(img, t) for t in test.x) for img in clean)
+    with pytest.raises(ValueError, match="unknown corruption 'clear'"):
+        stream("continual", corruptions=["clear"])
+
+
 def test_gradual_walks_severity_one_to_five_and_back_for_each_corruption():
     gradual = stream("gradual")
     ladder = [f"{c}-{s}" for c in ("fog", "contrast") for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]

@@ -50,6 +50,7 @@ from .disk import (
 from .layouts import ArrayRows, ImageFiles
 from .sources import FASHION_MNIST_DIR, SOURCES, ImageSet, load_source
 from .streams import (
+    CLEAN,
     GRADUAL_SEVERITIES,
     LONG_ROUNDS,
     MIXED,
@@ -65,6 +66,7 @@ from .streams import (
 )
 
 __all__ = [
+    "CLEAN",
     "CORRUPTIONS",
     "DISK_SOURCES",
     "FASHION_MNIST_DIR",

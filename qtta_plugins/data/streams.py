@@ -32,6 +32,10 @@ SETTINGS: tuple[str, ...] = ("continual", "reset", "gradual", "mixed", "dirichle
 """Stream settings accepted by :func:`make_stream` (see there for what each one is)."""
 
 GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+
+#: A domain name that in-memory streams accept beside the corruptions: the test images
+#: uncorrupted (``corruptions=["clean"]`` with method ``source`` measures clean accuracy).
+CLEAN = "clean"
 """The severity ladder of the ``"gradual"`` setting, walked for every corruption in turn."""
 
 LONG_ROUNDS = 10
@@ -401,7 +405,11 @@ def _corrupted_sets(
         raise ValueError(f"per_domain must be an int in [1, {len(test)}], got {per_domain!r}")
     done: dict[tuple[str, int], ImageSet] = {}
     for pair in domains:
-        if pair not in done:
+        if pair in done:
+            continue
+        if pair[0] == CLEAN:  # the uncorrupted test images: a clean-accuracy row on one code path
+            done[pair] = ImageSet(test.x, test.y, f"{test.name}/{CLEAN}")
+        else:
             done[pair] = corrupt_set(test, pair[0], pair[1], seed=seed, progress=progress)
     sets = [done[pair] for pair in domains]
     if per_domain is not None and per_domain < len(test):
@@ -464,8 +472,9 @@ def make_stream(
     (``"gradual"`` with ``order="dirichlet"`` is the library's gradual-correlated setting); the
     ``"dirichlet"`` setting takes only ``"dirichlet"``. ``rounds`` defaults to 1, and to
     :data:`LONG_ROUNDS` for ``"long"`` (which needs at least 2). The other arguments are those of
-    :func:`continual_stream` (``corruptions``: all of :data:`CORRUPTIONS` unless given;
-    ``channels``: 1 unless given). Streams are deterministic under ``seed``.
+    :func:`continual_stream` (``corruptions``: all of :data:`CORRUPTIONS` unless given, and for
+    the in-memory sources :data:`CLEAN` too, the uncorrupted test images; ``channels``: 1 unless
+    given). Streams are deterministic under ``seed``.
 
     Sources on disk (:data:`~qtta_plugins.data.disk.DISK_SOURCES`: ``"cifar10-c"``,
     ``"cifar100-c"``, ``"imagenet-c"``, ``"fashion-mnist-c"``, ``"folder"``, ``"image-list"``)
@@ -554,7 +563,8 @@ def make_stream(
     if not corruptions:
         raise ValueError("corruptions must not be empty")
     for c in corruptions:
-        _check_corruption(c)
+        if c != CLEAN:
+            _check_corruption(c)
     _check_severity(severity)
     _check_positive_int("batch_size", batch_size)
     if order not in ORDERS:
