@@ -31,6 +31,11 @@ corruptions at 1,280 images each (20 batches of 64 per domain) with 256 clean ca
 the stream on which ``tests/test_foa.py`` checks FOA against source. A fifth of the fidelity ViT's
 cost per cell, so the six ablation rows run on 3 seeds.
 
+Why a script and not a ``qtta bench`` config: its rows are compared with the authors' code, run
+outside the repository, and its ``float`` configuration (every quantizer switched off through the
+view) is not a backend of the harness; the measurement is the harness's own (``run_row``: the
+errors, the paired per-batch time ratio) and so are its mean ± sd.
+
 The authors' code is not part of this repository (its licence is non-commercial). docs/zoa.md
 gives the procedure by which its figures in ``benchmarks/results/foa_fidelity_authors.json`` were
 measured on the same model, source data and streams (:func:`stream_for`, :func:`calibration`).
@@ -57,14 +62,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qtta_plugins  # noqa: E402
+from qtta_plugins.bench.cache import write_json_atomic  # noqa: E402
+from qtta_plugins.bench.measure import run_row  # noqa: E402
+from qtta_plugins.bench.tables import mean_sd  # noqa: E402
 from qtta_plugins.data import cache_dir, load_source, make_stream, to_channels  # noqa: E402
 from qtta_plugins.data.corruption import save_atomic  # noqa: E402
 from qtta_plugins.models import accuracy, fit  # noqa: E402
 from qtta_plugins.zoo import import_timm  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import load_or_start, mean_sd, save  # noqa: E402
-from zoa_benchmark import run_row  # noqa: E402
 
 #: the first corruption of the noise, blur and weather families, severity 5
 STREAM_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog")
@@ -205,6 +209,16 @@ def run_cell(qmodel: nn.Module, setting: str, method: str, seed: int, calib) -> 
     }
 
 
+def load_or_start(out: Path, setup: str) -> dict:
+    """The results in ``out`` (exit if they are another setup's), or an empty one for ``setup``."""
+    if not out.exists():
+        return {"setup": setup, "cells": []}
+    previous = json.loads(out.read_text())
+    if previous["setup"] != setup:
+        sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
+    return previous
+
+
 def setup_line(model: nn.Module, profile: str = "fidelity") -> str:
     _, test = load_source("fashion-mnist", seed=0)
     clean = accuracy(model, to_channels(test.x, 3), test.y)
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     model = small_vit() if args.model == "small" else source_vit(progress=False)
     calib = calibration()
     out = Path(args.out)
-    results = load_or_start(out, setup_line(model, args.model), {"cells": []})
+    results = load_or_start(out, setup_line(model, args.model))
     print(results["setup"], flush=True)
     done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
     for config in args.configs:
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                     cell = {"config": config, "setting": setting, "method": method, "seed": seed}
                     cell.update(run_cell(qmodel, setting, method, seed, calib))
                     results["cells"].append(cell)
-                    save(out, results)
+                    write_json_atomic(out, results)
                     print(
                         f"{config:14s} {setting:9s} {method:18s} seed {seed}  error "
                         f"{cell['error']:5.1f}%  x{cell['time_ratio']:5.1f}  "

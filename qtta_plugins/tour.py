@@ -8,7 +8,8 @@ On scikit-learn's bundled digits (nothing is downloaded), with one backend (torc
 2. **ZOA**: the deployable model (what :func:`qtta_plugins.export` gives, where the backend's export
    is a torch module our view recognises: torchao's integer Q/DQ graph; otherwise the quantized
    model), adapted forward-only with ZOA against FOA and BN-adapt (``norm``), with the time per
-   batch as a ratio to plain inference measured in the same run.
+   batch as a ratio to plain inference measured as ``qtta bench`` measures it
+   (:func:`qtta_plugins.bench.measure.run_row`: paired batch by batch in the same run).
 3. **RTF-Q**: a small bank of quantized subnets (width x resolution x bits) trained briefly for one
    target domain (digits under fog), ``select_subnet`` under three MAC budgets, and each
    materialized model's accuracy next to its table row.
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from . import adapt, export, quant_view, quantize, reconstruct, select_subnet
+from .bench.measure import run_row
 from .data import ContinualStream, continual_stream, corrupt_set, load_source
 from .demo import batch_errors, check_prerequisites
 from .models import accuracy, train_source_model
@@ -219,7 +221,6 @@ def _zoa_part(result, qmodel, calib, test, stream, progress, say):
     result.zoa_model = what
     say(f"\n[ZOA] forward-only adaptation of {what}")
     clean = accuracy(deployed, test.x, test.y)
-    plain = _plain_inference_seconds(deployed, stream)
     rows = (
         ("source (no adaptation)", "source", {}),
         ("BN-adapt (norm)", "norm", {}),
@@ -228,14 +229,12 @@ def _zoa_part(result, qmodel, calib, test, stream, progress, say):
     )
     labels = [b.y for b in stream]
     for label, method, options in rows:
-        # one-time set-up (the model's copy, source statistics) is not a per-batch cost
-        run = adapt(deployed, None, method, **options)
-        t = time.perf_counter()
-        run.run(stream, progress=progress)
-        per_batch = (time.perf_counter() - t) / len(stream)
+        # the harness's measurement (qtta bench): each step timed against plain inference of the
+        # same model on the same batch just before it, the median ratio, the first batch left out
+        stats, run = run_row(deployed, stream, method, options, measure_memory=False)
         error = run.errors()["mean"]
         result.curves[label] = batch_errors(run.predictions, labels)
-        note = f"{per_batch / plain:.1f}x plain inference per batch"
+        note = f"{stats['time_ratio']:.1f}x plain inference per batch"
         result.rows.append(
             Row("ZOA", label, clean if method == "source" else None, error, None, note)
         )
@@ -272,22 +271,6 @@ def _deployable(qmodel: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         stacklevel=3,
     )
     return qmodel, "the fake-quantized model"
-
-
-def _plain_inference_seconds(model: torch.nn.Module, stream: ContinualStream) -> float:
-    """Seconds per batch of ``model`` on the stream without adaptation: the fastest of three
-    passes after a warm-up batch (a single pass is at the mercy of whatever else the machine
-    runs; the fastest is the conservative denominator for the methods' ratios)."""
-    batches = [batch.x for batch in stream]
-    passes = []
-    with torch.inference_mode():
-        model(batches[0])
-        for _ in range(3):
-            t = time.perf_counter()
-            for x in batches:
-                model(x)
-            passes.append((time.perf_counter() - t) / len(batches))
-    return min(passes)
 
 
 # --- 3. RTF-Q -----------------------------------------------------------------------------------

@@ -195,6 +195,31 @@ def test_tables_show_mean_sd_with_seed_counts_and_paired_differences():
         bench.markdown(synthetic(), which=["nope"])
 
 
+def test_the_rounds_table_gives_each_row_a_collapse_verdict_naming_the_round():
+    def long_cell(method: str, rounds: list[float], seed: int = 0) -> dict[str, Any]:
+        return {
+            **cell("torchao", method, seed, sum(rounds) / len(rounds)),
+            "setting": "long",
+            "round_errors": rounds,
+        }
+
+    cells = [
+        long_cell("source", [50.0] * 5),
+        long_cell("tent", [30.0, 35.0, 45.0, 55.0, 80.0]),  # above source from round 4
+        long_cell("sar", [30.0, 29.0, 30.5, 32.0, 33.0]),  # > 2 points above its best from round 4
+        long_cell("eata", [30.0, 29.5, 30.5, 30.0, 29.0]),  # stable
+        long_cell("cotta", [30.0, 29.0, 31.5, 30.0, 30.5]),  # rose, but not in the last round
+        long_cell("tent", [30.0, 60.0, 30.0, 30.0, 30.0], seed=1),  # seed 1 has no source row
+    ]
+    [table] = bench.tables.rounds(bench.Results("long", {"tables": {"digits": 1}}, cells))
+    verdict = {(r[1], r[2]): r[-1] for r in table.rows}
+    assert verdict[("tent", "0")] == "collapsed: above source from round 4"
+    assert verdict[("sar", "0")].startswith("degrades") and "from round 4" in verdict[("sar", "0")]
+    assert verdict[("eata", "0")] == verdict[("cotta", "0")] == "stable"
+    assert verdict[("tent", "1")] == "stable"  # no source to compare with: only its own rise
+    assert verdict[("source", "0")] == ""
+
+
 def test_a_plot_draws_the_error_along_the_stream(tmp_path):
     path = bench.plot(synthetic(), tmp_path / "p.png")
     assert path.stat().st_size > 5000

@@ -9,7 +9,8 @@
 * **paired**, per (data, model, setting): for each ``tables.paired`` pair ``[a, b]``, the
   difference ``error(a) - error(b)`` taken seed by seed (the same stream), then its mean ± sd,
   and the per-seed differences;
-* **rounds**, for streams of several rounds (the ``long`` setting): the mean error in each round.
+* **rounds**, for streams of several rounds (the ``long`` setting): the mean error in each round,
+  and whether the row collapsed (:func:`collapse_verdict`).
 
 Standard deviations are the sample's (``statistics.stdev``); one seed shows ± 0.0 and ``(n=1)``.
 """
@@ -188,6 +189,25 @@ def paired(results: Results) -> list[Table]:
     return tables
 
 
+def collapse_verdict(errors: Sequence[float], source: Sequence[float] | None) -> str:
+    """Whether a row collapsed over the rounds of a long stream, and from which round.
+
+    ``collapsed``: from the first round whose error is above the ``source`` row's in that round
+    (adapting then does worse than not adapting); ``degrades``: its error rises more than 2
+    points above its best round and is still so in the last round; otherwise ``stable``.
+    """
+    e = list(errors)
+    worse = [r for r, x in enumerate(e) if source is not None and r < len(source) and x > source[r]]
+    best = min(range(len(e)), key=e.__getitem__)
+    # a lasting rise: the last round more than 2 points above the best one
+    rising = [r for r in range(best + 1, len(e)) if e[r] > e[best] + 2.0]
+    if worse:
+        return f"collapsed: above source from round {worse[0] + 1}"
+    if rising and e[-1] > e[best] + 2.0:
+        return f"degrades: > 2 points above its best round ({best + 1}) from round {rising[0] + 1}"
+    return "stable"
+
+
 def rounds(results: Results) -> list[Table]:
     index, digits = _Index(results), _digits(results)
     cells = [c for c in index.cells if c.get("round_errors")]
@@ -198,10 +218,18 @@ def rounds(results: Results) -> list[Table]:
         these = [
             c for c in cells if (c["data"], c["model"], c["setting"]) == (data, model, setting)
         ]
+        source = {
+            (column_label(c), c["seed"]): c["round_errors"] for c in these if c["row"] == "source"
+        }
         n = max(len(c["round_errors"]) for c in these)
         rows = []
         for c in these:
             e = c["round_errors"]
+            verdict = (
+                ""
+                if c["row"] == "source"
+                else collapse_verdict(e, source.get((column_label(c), c["seed"])))
+            )
             rows.append(
                 [
                     column_label(c),
@@ -210,11 +238,15 @@ def rounds(results: Results) -> list[Table]:
                     *[f"{x:.{digits}f}" for x in e],
                     *[""] * (n - len(e)),
                     f"{e[-1] - e[0]:+.{digits}f}",
+                    verdict,
                 ]
             )
-        title = f"{_group_title(setting, data, model)}: mean error % in each round"
+        title = (
+            f"{_group_title(setting, data, model)}: mean error % in each round (verdict against "
+            "the source row of the same config and seed, where there is one)"
+        )
         headers = ["config", "row", "seed", *[str(r + 1) for r in range(n)], "last - first"]
-        tables.append(Table(title, headers, rows))
+        tables.append(Table(title, [*headers, "verdict"], rows))
     return tables
 
 
@@ -236,6 +268,7 @@ def markdown(results: Results, which: Sequence[str] = TABLES) -> str:
 __all__ = [
     "TABLES",
     "Table",
+    "collapse_verdict",
     "domains",
     "markdown",
     "mean_sd",
