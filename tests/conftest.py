@@ -22,7 +22,9 @@ os.environ.setdefault("QTTA_QUIET", "1")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# two threads in one process; one per process when pytest-xdist runs two (README's `-n 2`): small
+# models gain little from a second thread, and two processes on two cores never oversubscribe
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 SEED = 0

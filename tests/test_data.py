@@ -11,8 +11,6 @@ import torch
 
 from qtta_plugins import data
 
-torch.set_num_threads(2)
-
 N_TEST = 40
 
 

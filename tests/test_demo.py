@@ -17,10 +17,14 @@ def short_tour(tmp_path_factory):
     """The whole tour on a short stream (20 images per corruption), with 2 reconstruction
     iterations and 2 bank steps: every part, every call, the files."""
     out = tmp_path_factory.mktemp("tour")
-    torch.set_num_threads(2)
-    result = tour.run_tour(
-        iters=2, bank_steps=2, per_domain=20, out_dir=out, progress=False, echo=False
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the demo's own count
+    try:
+        result = tour.run_tour(
+            iters=2, bank_steps=2, per_domain=20, out_dir=out, progress=False, echo=False
+        )
+    finally:
+        torch.set_num_threads(threads)  # the rest of this process's tests keep the suite's
     return result, out
 
 
