@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .fakequant import fake_quant
+
 
 def least_error_ratio(
     ratios: Iterable[float | torch.Tensor], error: Callable[[float], torch.Tensor]
@@ -45,7 +47,7 @@ def symmetric_weight_error(w: torch.Tensor, qmax: int) -> Callable[[torch.Tensor
 
     def error(threshold: torch.Tensor) -> torch.Tensor:
         scale = (threshold / qmax)[:, None]
-        return ((torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale - flat) ** 2).sum(1)
+        return ((fake_quant(flat, scale, None, -qmax, qmax) - flat) ** 2).sum(1)
 
     return error
 

@@ -22,6 +22,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .fakequant import fake_quant
+from .fakequant import (
+    round_ste as round_ste,
+)  # re-exported: adapters write their own quantizers with it
 from .prefix import PrefixCache, prefix_cache
 
 NormMode = Literal["source", "batch"]
@@ -90,12 +94,6 @@ class Grid:
         return t.reshape(shape)
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity in the backward pass (the straight-through estimator
-    that quantization-aware training and reconstruction learn through)."""
-    return (x.round() - x).detach() + x
-
-
 def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``, ``s`` and ``zp`` broadcast along
     ``grid.ch_axis``.
@@ -108,8 +106,7 @@ def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """
     s = grid.along(grid.scale.to(x.dtype), x.ndim)
     zp = grid.along(grid.zero_point.to(x.dtype), x.ndim)
-    q = torch.clamp(torch.round(x / s) + zp, grid.qmin, grid.qmax)
-    return (q - zp) * s
+    return fake_quant(x, s, zp, grid.qmin, grid.qmax)
 
 
 class QuantizerHandle(ABC):

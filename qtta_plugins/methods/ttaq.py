@@ -78,9 +78,10 @@ from tqdm.auto import tqdm
 
 from ..adaptation import calibration_images
 from ..config import ReconstructConfig
+from ..fakequant import fake_quant
 from ..hookspecs import hookimpl
 from ..progress import show_progress
-from ..view import Grid, QuantLayer, QuantView, copy_model, model_device, round_ste
+from ..view import Grid, QuantLayer, QuantView, copy_model, model_device
 from .base import MethodInfo
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
@@ -188,8 +189,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.grid.along(self.scale, x.ndim)
         zp = self.grid.along(self.zero_point, x.ndim)
-        q = torch.clamp(round_ste(x / s) + zp, self.qmin, self.qmax)
-        return (q - zp) * s
+        return fake_quant(x, s, zp, self.qmin, self.qmax, ste=True)
 
 
 class AdaRoundWeight(nn.Module):

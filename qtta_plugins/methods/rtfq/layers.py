@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...view import round_ste
+from ...fakequant import fake_quant
 
 
 # --- the switchable network ------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def _quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
     scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12) / qmax
     scale = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    return torch.clamp(round_ste(w / scale), -qmax, qmax) * scale
+    return fake_quant(w, scale, None, -qmax, qmax, ste=True)
 
 
 def _act_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -95,7 +95,7 @@ class SwitchableLayer(nn.Module):
         bits = self.switch.bits
         if bits is not None:
             scale, qmin, qmax = self.act_grid(bits)
-            x = torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+            x = fake_quant(x, scale, None, qmin, qmax, ste=True)
             w = _quantize_weight(w, self.layer_bits[bits])
         if self.is_conv:
             groups = in_k if self.depthwise else 1
