@@ -1,7 +1,8 @@
 """``brecq``, ``qdrop`` and ``ttaq``: block-wise PTQ reconstruction, plain and stable under shift.
 
 Our formulation of TTAQ's reconstruction (Xiao et al., arXiv 2412.09899; the paper's method section
-is not available offline, DESIGN §4 gives the algorithm) on top of the BRECQ / QDrop baseline.
+is not available offline: this docstring gives the algorithm as we run it, docs/ttaq.md its
+measurements) on top of the BRECQ / QDrop baseline.
 
 Where it works: in a *simulation* of the backend's quantized model, built from the float original
 ``fp_model`` (blocks are its modules, named as the view names them) and the grids the backend applies
@@ -32,7 +33,7 @@ the float model / in the simulation with every earlier block already reconstruct
   layer, in the float model, between the calibration images and shifted views of them
   (:func:`shifted_views`). Same units as the reconstruction error, so ``pem_weight = 1`` weighs the
   expected shift error like the clean error. ``pem_on="weight"`` penalises ``W^`` itself, i.e. the
-  target is the float model on the *clean* input (DESIGN §4's first form): that pulls weights toward
+  target is the float model on the *clean* input (our formulation's first form): that pulls weights toward
   zero and cost clean accuracy on the dev stream, so it is kept only for comparison.
 - PCR: ``X^_q`` is the simulation's block input for the shifted view of the same image; the
   consistency target ``B_q(X_q)`` is not differentiated (the clean path is what reconstruction fits).
@@ -110,7 +111,7 @@ class TTAQConfig(ReconstructConfig):
     qdrop_p: float | None = None  # None: 0.5 for qdrop / ttaq, 0 for brecq
     pem: bool | None = None  # None: on for ttaq
     pem_weight: float = 1.0
-    pem_on: str = "error"  # "error": (W^ - W) under the shift; "weight": W^ itself (DESIGN's form)
+    pem_on: str = "error"  # "error": (W^ - W) under the shift; "weight": W^ itself (the first form)
     pcr: bool | None = None
     pcr_weight: float = 0.1
     logits: bool | None = None

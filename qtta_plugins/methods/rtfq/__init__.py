@@ -1,7 +1,7 @@
 """``rtfq``: one set of weights holding many quantized subnets, trained once for a target domain.
 
-Our formulation of RTF-Q (Du et al., arXiv 2408.05752; the paper has no public code, DESIGN §4 gives
-the algorithm). A :class:`SubnetBank` wraps a pretrained float CNN (its weights load directly: the
+Our formulation of RTF-Q (Du et al., arXiv 2408.05752; the paper has no public code: this docstring
+and docs/rtfq.md give the algorithm as we run it). A :class:`SubnetBank` wraps a pretrained float CNN (its weights load directly: the
 largest subnet *is* the model) and switches three dimensions at run time:
 
 - width: each conv keeps its first ``round(width * C_out)`` output channels and reads as many input
