@@ -464,7 +464,7 @@ def test_reconstruction_writes_back_on_shipped_models(family, backend, float_mod
         if q is not None and q.enabled:
             grid, w = q.grid(), view.weight_quantizer_input(layer)
             tol = 1e-5 * float(grid.scale.max())
-            assert torch.allclose(qtta_plugins.fake_quantize(w, grid), w, atol=tol), layer.name
+            assert torch.allclose(qtta_plugins.view.fake_quantize(w, grid), w, atol=tol), layer.name
 
 
 @pytest.mark.parametrize("family, epochs", [("resnet18", 3), ("mobilenet_v2", 10)])

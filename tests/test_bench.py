@@ -433,7 +433,7 @@ class SameInputsQuantizeOnce:
             self.hits += 1
         else:
             self.done[key] = self.real(model, backend, bits, calib, **options)
-        return qtta_plugins.copy_model(self.done[key])
+        return qtta_plugins.view.copy_model(self.done[key])
 
 
 # one backend by default (the layouts are read before any backend sees a batch); all under -m slow

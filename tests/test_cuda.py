@@ -78,7 +78,7 @@ def held_out(digits) -> tuple[torch.Tensor, torch.Tensor]:
 def on_cuda(model: torch.nn.Module, backend: str) -> torch.nn.Module:
     """A copy of ``model`` on the GPU (its kept source statistics travel with it); NNCF's
     quantizers need their CUDA extension: without ``nvcc`` to build it, the test skips."""
-    gpu = qtta_plugins.copy_model(model).to("cuda")
+    gpu = qtta_plugins.view.copy_model(model).to("cuda")
     if backend == "nncf":
         import nncf
 

@@ -291,7 +291,7 @@ class _NoExportAdapter:
 
 
 def test_an_adapter_without_export_is_named():
-    pm = qtta_plugins.plugin_manager()
+    pm = qtta_plugins.plugins.plugin_manager()
     adapter = _NoExportAdapter()
     pm.register(adapter, name="noexport-test")
     try:
@@ -308,5 +308,5 @@ def test_an_adapter_without_export_is_named():
 def test_export_hook_states_its_contract():
     doc = inspect.getdoc(hookspecs.qtta_export) or ""
     assert len(doc.split()) >= 20
-    assert "qtta_export" in qtta_plugins.plugin_manager().hook.__dict__
+    assert "qtta_export" in qtta_plugins.plugins.plugin_manager().hook.__dict__
     assert qtta_plugins.export.__doc__

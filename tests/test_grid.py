@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import qtta_plugins
-from qtta_plugins import Grid, fake_quantize
-from qtta_plugins.view import QuantizerHandle, QuantView
+from qtta_plugins.view import Grid, QuantizerHandle, QuantView, fake_quantize
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*fast_hadamard_transform.*:UserWarning"),
@@ -167,7 +166,7 @@ def qmodel(request, originals):
     backend, bits = request.param
     if backend == "torchao":
         pytest.importorskip("torchao")
-    model = qtta_plugins.copy_model(originals(backend, bits))
+    model = qtta_plugins.view.copy_model(originals(backend, bits))
     return backend, bits, model
 
 
@@ -359,7 +358,7 @@ def test_model_after_write_back_and_restore(qmodel, images):
 # --- backend specifics ---------------------------------------------------------------------------
 def test_torchao_qat_graph_weight_is_folded_with_its_batch_norm(qcnn):
     """The QAT graph quantizes ``w * gamma / sqrt(var + eps)``, not the conv weight itself."""
-    view = qtta_plugins.quant_view(qtta_plugins.copy_model(qcnn["w4a4"]))
+    view = qtta_plugins.quant_view(qtta_plugins.view.copy_model(qcnn["w4a4"]))
     layer = next(x for x in view.layers() if x.name == "layer1.conv1")
     assert not torch.allclose(view.weight_quantizer_input(layer), layer.weight)
     target = snapped(view.weight_quantizer_input(layer), layer.weight_quantizer.grid())
@@ -370,7 +369,7 @@ def test_torchao_qat_graph_weight_is_folded_with_its_batch_norm(qcnn):
 
 
 def test_torchao_set_grid_switches_the_observer_off_and_sets_its_range(qcnn, images):
-    model = qtta_plugins.copy_model(qcnn["w8a8"])
+    model = qtta_plugins.view.copy_model(qcnn["w8a8"])
     view = qtta_plugins.quant_view(model)
     handle = view.layers()[1].input_quantizer
     handle.module.enable_observer()
@@ -605,7 +604,7 @@ def test_nncf_log_storage_in_a_model_is_restored(originals, images):
     its grid is set, and snapshot / restore puts it back (NNCF's state dict holds only a copy)."""
     from qtta_nncf._backend import nncf_module
 
-    model = qtta_plugins.copy_model(originals("nncf", "w4a4"))
+    model = qtta_plugins.view.copy_model(originals("nncf", "w4a4"))
     view = qtta_plugins.quant_view(model)
     old_handle = view.layers()[1].weight_quantizer
     old = old_handle.module

@@ -23,7 +23,30 @@ def test_every_hookspec_states_its_contract():
         spec = getattr(hookspecs, name)
         doc = inspect.getdoc(spec) or ""
         assert len(doc.split()) >= 20, f"{name} needs a docstring that states the contract"
-        assert name in qtta_plugins.plugin_manager().hook.__dict__
+        assert name in qtta_plugins.plugins.plugin_manager().hook.__dict__
+
+
+def test_the_public_face_is_verbs_configs_errors_and_user_types():
+    import warnings
+
+    face = set(qtta_plugins.__all__)
+    assert set(dir(qtta_plugins)) == face
+    # the names the docs use are there; the internals are not
+    for name in ("TTAQConfig", "RTFQConfig", "SubnetBank", "train_bank", "make_stream"):
+        assert name in face
+    for name in ("QttaError", "UnsupportedExportError", "SmallBatchError"):
+        assert name in face and issubclass(getattr(qtta_plugins, name), qtta_plugins.QttaError)
+    internals = {"Grid", "QuantizerHandle", "fake_quantize", "copy_model", "plugin_manager"}
+    assert not face & internals
+    # an internal still resolves for old code, with a warning naming where it lives now
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from qtta_plugins.view import copy_model
+
+        assert qtta_plugins.copy_model is copy_model
+    assert any("qtta_plugins.view" in str(w.message) for w in caught)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        qtta_plugins.nope  # noqa: B018
 
 
 def test_builtin_methods_and_torchao_adapter_are_registered():
@@ -127,7 +150,7 @@ def test_importing_the_core_imports_no_backend():
     code = textwrap.dedent(
         """
         import sys, qtta_plugins
-        qtta_plugins.plugin_manager()
+        qtta_plugins.plugins.plugin_manager()
         qtta_plugins.list_plugins()
         bad = [m for m in sys.modules if m.split('.')[0] in ('torchao', 'brevitas', 'nncf')]
         assert not bad, bad

@@ -258,7 +258,7 @@ def test_tent_with_reset_every_is_the_rdumb_baseline_on_a_long_stream(qm):
 
 
 def test_bad_reset_values_raise_before_anything_changes(qm):
-    model = qtta_plugins.copy_model(qm)
+    model = qtta_plugins.view.copy_model(qm)
     view = qtta_plugins.quant_view(model)
     before = view.snapshot()
     batches = list(stream("continual"))

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import qtta_plugins
-from qtta_plugins import Grid
 from qtta_plugins.methods.ttaq import (
     SimLayer,
     Simulation,
@@ -20,6 +19,7 @@ from qtta_plugins.methods.ttaq import (
     reconstruct_view,
     simulation_gap,
 )
+from qtta_plugins.view import Grid
 
 BACKENDS = ("torchao", "brevitas", "nncf")
 
@@ -144,7 +144,7 @@ def test_write_back_is_exact(backend, float_cnn, calib, held_out) -> None:
     qm = _backend_model(backend, float_cnn, calib)
     view = qtta_plugins.quant_view(qm)
     nearest = {
-        layer.name: qtta_plugins.fake_quantize(
+        layer.name: qtta_plugins.view.fake_quantize(
             view.weight_quantizer_input(layer), layer.weight_quantizer.grid()
         )
         for layer in view.layers()
@@ -173,7 +173,7 @@ def test_write_back_is_exact(backend, float_cnn, calib, held_out) -> None:
         if q is not None and q.enabled:
             grid, w = q.grid(), view.weight_quantizer_input(layer)
             assert torch.allclose(
-                qtta_plugins.fake_quantize(w, grid), w, atol=1e-5 * float(grid.scale.max())
+                qtta_plugins.view.fake_quantize(w, grid), w, atol=1e-5 * float(grid.scale.max())
             )
 
 
@@ -201,7 +201,7 @@ def test_public_reconstruct_copies_and_keeps_the_backend_kind(float_cnn, calib, 
 
 
 def test_bad_input_names_the_problem_and_changes_nothing(float_cnn, calib, qcnn) -> None:
-    qm = qtta_plugins.copy_model(qcnn["w4a4"])
+    qm = qtta_plugins.view.copy_model(qcnn["w4a4"])
     state = {k: v.clone() for k, v in qm.state_dict().items()}
     with pytest.raises(ValueError, match="NaN"):
         qtta_plugins.reconstruct(qm, float_cnn, [calib[0] * float("nan")], inplace=True)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import qtta_plugins
-from qtta_plugins.view import model_device
+from qtta_plugins.view import copy_model, model_device
 
 _PAGE_KB = 1024
 
@@ -176,7 +176,7 @@ def run_row(
     device = model_device(model)
     plain = None
     if measure_time:
-        plain = plain_model if plain_model is not None else qtta_plugins.copy_model(model)
+        plain = plain_model if plain_model is not None else copy_model(model)
         plain.eval()
     config_given = not isinstance(method, str) and method is not None
     run = qtta_plugins.adapt(

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import qtta_plugins
+from qtta_plugins.view import copy_model
 
 from .cache import CellCache
 from .config import Bench, ModelSpec
@@ -286,7 +287,7 @@ def _reconstructed(
     )[:24]
     path = CellCache(bench.config.cache).models_dir() / f"{spec['quantize']['backend']}-{key}.pt"
     if path.is_file():
-        qm = qtta_plugins.copy_model(base)
+        qm = copy_model(base)
         qm.load_state_dict(torch.load(path, map_location=spec["device"], weights_only=True))
         if kept_source_statistics(qm) is not None:
             from ..methods.features import measure_source_statistics
