@@ -137,8 +137,13 @@ class NormConfig(AdaptConfig):
     method: str = "norm"
 
 
-#: Tent's SGD learning rate when ``TentConfig.lr`` is None, by the kind of norm it adapts
-TENT_DEFAULT_LR = {"batch": 1e-2, "layer": 1e-3}
+#: The SGD learning rate of the gradient methods that adapt norm affines (Tent, EATA, SAR) when
+#: their config's ``lr`` is None, by the kind of norm they adapt: batch norms' where the model has
+#: any, else layer / group norms' (chosen for Tent: 1e-2 on the digits-C dev stream, 1e-3 on
+#: held-out seeds of the ViT's stream, docs/zoa.md; EATA and SAR take the same SGD step on the same
+#: parameters with entropy losses, and 1e-2 lost to source on the LayerNorm ViT)
+DEFAULT_LR = {"batch": 1e-2, "layer": 1e-3}
+TENT_DEFAULT_LR = DEFAULT_LR  # the name before EATA and SAR shared it
 
 
 @dataclass
@@ -149,7 +154,7 @@ class TentConfig(AdaptConfig):
     implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
     ``lr=None`` (the default) picks by what Tent adapts: 1e-2 for batch norms (chosen on the
     digits-C dev stream), 1e-3 for a model with layer / group norms only (chosen on held-out seeds
-    of the ViT's stream; ``docs/zoa.md``); :data:`TENT_DEFAULT_LR` holds both.
+    of the ViT's stream; ``docs/zoa.md``); :data:`DEFAULT_LR` holds both (EATA and SAR share it).
 
     ``abl=True`` adds TTAQ's adaptive balanced loss (ABL, Xiao et al. 2024; our formulation, see
     :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy is taken on the logits
@@ -176,20 +181,26 @@ class TentConfig(AdaptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lr is not None and (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, int | float)
-            or not (math.isfinite(self.lr) and self.lr > 0)
-        ):
-            raise ValueError(
-                f"TentConfig.lr must be a positive finite number or None (the default for the "
-                f"model's norms), got {self.lr!r}"
-            )
+        _check_lr(self)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.steps < 1:
             raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
         check_abl_options(self)
+
+
+def _check_lr(config: object) -> None:
+    """``lr``: a positive finite number, or None for :data:`DEFAULT_LR` by the model's norms."""
+    lr = config.lr  # type: ignore[attr-defined]
+    if lr is not None and (
+        isinstance(lr, bool)
+        or not isinstance(lr, int | float)
+        or not (math.isfinite(lr) and lr > 0)
+    ):
+        raise ValueError(
+            f"{type(config).__name__}.lr must be a positive finite number or None (the default "
+            f"for the model's norms), got {lr!r}"
+        )
 
 
 def _check_positive(config: object, *fields: str) -> None:
@@ -218,9 +229,9 @@ class EATAConfig(AdaptConfig):
 
     Defaults and where they come from:
 
-    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's batch-norm default here (``TentConfig``:
-      1e-2, 0.9), so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet
-      ResNet-50. (Not chosen for layer-norm models: EATA was not measured on the ViT.)
+    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's defaults (``lr=None``: by the model's norm
+      family, :data:`DEFAULT_LR`: 1e-2 with batch norms, 1e-3 with layer norms only; momentum 0.9),
+      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50.
     * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``; relative to ``ln K``, so it carries over
       to any number of classes.
     * ``d_margin = 0.4``: the paper's 0.05 is for ImageNet (K = 1000), where the cosine between a
@@ -247,7 +258,7 @@ class EATAConfig(AdaptConfig):
     """
 
     method: str = "eata"
-    lr: float = 1e-2
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     reliable_filter: bool = True
@@ -269,7 +280,8 @@ class EATAConfig(AdaptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "lr", "e_margin", "d_margin", "fisher_alpha")
+        _check_lr(self)
+        _check_positive(self, "e_margin", "d_margin", "fisher_alpha")
         _check_unit(self, "momentum", low_open=False, high_open=True)
         _check_unit(self, "probs_momentum", low_open=False, high_open=True)
         _check_nonnegative(self, "weight_decay")
@@ -296,9 +308,10 @@ class SARConfig(AdaptConfig):
 
     Defaults and where they come from:
 
-    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's batch-norm default here (``TentConfig``:
-      1e-2, 0.9), so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet
-      ResNet-50 (batch 64). (Not chosen for layer-norm models: SAR was not measured on the ViT.)
+    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's defaults (``lr=None``: by the model's norm
+      family, :data:`DEFAULT_LR`: 1e-2 with batch norms, 1e-3 with layer norms only; momentum 0.9),
+      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50
+      (batch 64).
     * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``, relative to ``ln K``.
     * ``rho = 0.05``: the paper's SAM radius (SAM's default).
     * ``reset_constant = 0.2``: the paper's ``e_m``, an entropy in nats, kept as is (public
@@ -310,7 +323,7 @@ class SARConfig(AdaptConfig):
     """
 
     method: str = "sar"
-    lr: float = 1e-2
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     reliable_filter: bool = True
@@ -323,7 +336,8 @@ class SARConfig(AdaptConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "lr", "e_margin", "rho", "reset_constant")
+        _check_lr(self)
+        _check_positive(self, "e_margin", "rho", "reset_constant")
         _check_unit(self, "momentum", low_open=False, high_open=True)
         _check_unit(self, "ema_momentum", low_open=False, high_open=True)
         _check_nonnegative(self, "weight_decay")

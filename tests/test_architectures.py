@@ -283,18 +283,24 @@ def test_every_method_does_what_it_is_for_and_the_users_model_is_untouched(case,
     assert all(torch.equal(before[k], after[k]) for k in before if "num_batches" not in k)
 
 
-def test_tents_default_step_follows_the_norms_it_adapts(case):
-    """Tent's lr=None: 1e-2 where it adapts batch norms, 1e-3 on layer norms (each chosen on a
-    dev stream of that kind of model, docs/zoa.md); an explicit lr is kept."""
-    from qtta_plugins.methods.tent import Tent
+@pytest.mark.parametrize("method", ["tent", "eata", "sar"])
+def test_the_default_step_follows_the_norms_it_adapts(case, method):
+    """Tent's, EATA's and SAR's lr=None: 1e-2 where they adapt batch norms, 1e-3 on layer norms
+    (chosen for Tent on a dev stream of each kind of model, docs/zoa.md); an explicit lr is kept."""
+    from qtta_plugins.methods import eata, sar, tent
 
+    cls, config = {
+        "tent": (tent.Tent, qtta_plugins.TentConfig),
+        "eata": (eata.EATA, qtta_plugins.EATAConfig),
+        "sar": (sar.SAR, qtta_plugins.SARConfig),
+    }[method]
     model = case[3]
     _, view = fresh(case)
-    assert Tent(view, qtta_plugins.TentConfig()).optimizer.param_groups[0]["lr"] == (
+    assert cls(view, config()).optimizer.param_groups[0]["lr"] == (
         1e-2 if has_batch_norm(model) else 1e-3
     )
     _, view = fresh(case)
-    assert Tent(view, qtta_plugins.TentConfig(lr=5e-4)).optimizer.param_groups[0]["lr"] == 5e-4
+    assert cls(view, config(lr=5e-4)).optimizer.param_groups[0]["lr"] == 5e-4
 
 
 def test_norm_is_refused_clearly_without_batch_norms(case, rgb):

@@ -43,7 +43,11 @@ def test_the_tour_has_each_part_and_its_rows(short_tour):
         assert expected in names
     ttaq = [r for r in result.rows if r.part == "TTAQ"]
     assert all(r.error is not None and r.error_dirichlet is not None for r in ttaq)
-    assert all(0 <= r.error <= 100 and 0 <= r.clean <= 100 for r in ttaq)
+    # measured on this short tour: clean 96.6-97.4% at W4A4, Tent's rows 27.7-31.0% error against
+    # 73.3% for the same W4A4 model without adaptation (chance: 90%)
+    assert all(r.clean > 90 for r in ttaq), [(r.name, r.clean) for r in ttaq]
+    source = next(r for r in result.rows if r.name == "source (no adaptation)")
+    assert all(r.error < source.error - 20 for r in ttaq), [(r.name, r.error) for r in ttaq]
     # the table prints every row once, its parts in order
     table = result.table()
     assert all(r.name in table for r in result.rows)

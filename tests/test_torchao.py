@@ -38,8 +38,10 @@ def qvit():
 def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(
     float_cnn, qcnn, clean_batch, digits
 ):
-    """Measured (seed 0, these 200 images; float accuracy 99.5%): relative output error 0.022 /
-    0.24 / 2.47 and accuracy 99.5 / 98.5 / 11.5% for W8A8 / W4A4 / W2A4 on source statistics.
+    """Measured (the shipped source model, seed 0, these 200 images; float accuracy 99.5%; the
+    shared range rule): relative output error 0.021 / 0.32 / 1.15 and accuracy 99.5 / 96.5 / 18.0%
+    for W8A8 / W4A4 / W2A4 on source statistics (an Intel Xeon; the model is shipped, so the
+    bounds sit near these figures rather than wide enough for two machines' trainings).
     Plain min-max PTQ at 2-bit weights collapses to chance there, so its accuracy cannot tell a
     working W2A4 from a broken one; the cause is the batch-norm statistics the 2-bit weights
     invalidate, not lost information: on the batch's own statistics the working W2A4 is 55.5%
@@ -57,11 +59,9 @@ def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(
         acc[bits] = float((out.argmax(1) == labels).float().mean())
     assert errors["w8a8"] < 0.05, errors
     assert errors["w4a4"] < 0.35, errors
-    assert errors["w2a4"] < 3.5, errors
+    assert errors["w2a4"] < 1.5, errors
     assert errors["w8a8"] < errors["w4a4"] < errors["w2a4"], errors
-    # W4A4 98.5% with one machine's source model, 94.0% with an AMD EPYC machine's (the same
-    # training ends elsewhere there); the bound holds for both
-    assert acc["w8a8"] > 0.97 and acc["w4a4"] > 0.92, acc
+    assert acc["w8a8"] > 0.98 and acc["w4a4"] > 0.94, acc
     w2 = copy.deepcopy(qcnn["w2a4"])  # the session's model stays on source statistics
     qtta_plugins.quant_view(w2).set_norm_mode("batch")
     with torch.no_grad():

@@ -51,7 +51,7 @@ from ..view import QuantView
 from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state, softmax_entropy
 from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
 from .features import source_batches
-from .tent import collect_norm_affines, train_norm_affines
+from .tent import collect_norm_affines, default_lr, train_norm_affines
 
 __all__ = ["EATA", "diagonal_fisher", "eata_loss", "eata_selection"]
 
@@ -153,7 +153,10 @@ class EATA(ExposesBalancedLoss, TestTimeMethod):
             )
         train_norm_affines(view, self.params)
         self.optimizer = torch.optim.SGD(
-            self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            self.params,
+            lr=config.lr if config.lr is not None else default_lr(view),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
         self.device = self.params[0].device
         self.fisher: list[torch.Tensor] | None = None

@@ -45,7 +45,7 @@ from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import softmax_entropy
 from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
-from .tent import collect_norm_affines, train_norm_affines
+from .tent import collect_norm_affines, default_lr, train_norm_affines
 
 __all__ = ["SAR"]
 
@@ -63,7 +63,10 @@ class SAR(TestTimeMethod):
         self.params = collect_norm_affines(view, "sar")
         train_norm_affines(view, self.params)
         self.optimizer = torch.optim.SGD(
-            self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            self.params,
+            lr=config.lr if config.lr is not None else default_lr(view),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
         self.initial = [p.detach().clone() for p in self.params]
         self._init_state()

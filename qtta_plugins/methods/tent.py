@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TENT_DEFAULT_LR, AdaptConfig, TentConfig
+from ..config import DEFAULT_LR, AdaptConfig, TentConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import (
@@ -82,11 +82,15 @@ def tent_parameters(view: QuantView) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def default_tent_lr(view: QuantView) -> float:
-    """Tent's learning rate when the config leaves it out: batch norms' if the model has any (those
-    are what Tent adapts then), else layer norms' (:data:`~qtta_plugins.config.TENT_DEFAULT_LR`)."""
+def default_lr(view: QuantView) -> float:
+    """The SGD learning rate of Tent, EATA and SAR when their config leaves it out: batch norms' if
+    the model has any (those are what they adapt then), else layer norms'
+    (:data:`~qtta_plugins.config.DEFAULT_LR`)."""
     has_batch_norm = any(n.kind == "batch" for n in view.norms())
-    return TENT_DEFAULT_LR["batch" if has_batch_norm else "layer"]
+    return DEFAULT_LR["batch" if has_batch_norm else "layer"]
+
+
+default_tent_lr = default_lr  # the name before EATA and SAR shared it
 
 
 def collect_norm_affines(view: QuantView, method: str) -> list[nn.Parameter]:
@@ -123,7 +127,7 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
         super().__init__(view, config)
         self.params = collect_norm_affines(view, "tent")
         train_norm_affines(view, self.params)
-        lr = config.lr if config.lr is not None else default_tent_lr(view)
+        lr = config.lr if config.lr is not None else default_lr(view)
         self.optimizer = torch.optim.SGD(
             self.params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
