@@ -10,13 +10,16 @@ top-1 agreement, what quantization itself changes (quantizers off), and the mode
 sensitivity*: how far multiplying the input by ``1 + 1e-6 * noise`` moves the quantized model
 (the float model moves by ~1e-6). An export's arithmetic flips rounding ties the way such noise
 does, so it cannot be asked to agree more closely than that (docs/architectures.md).
+
+Not a ``qtta bench`` config: a harness cell adapts a quantized model over a stream and measures
+errors and cost, while this compares one model's logits with those of its exported deployment
+form (an ONNX session, an integer graph), which no cell runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import tempfile
 import warnings
@@ -29,10 +32,11 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
+from qtta_plugins.bench.cache import write_json_atomic  # noqa: E402
 from qtta_plugins.data import load_source, to_channels  # noqa: E402
 from qtta_plugins.models import build, train_source_model  # noqa: E402
 
-RECIPES = {"timm-vit": {"lr": 1e-3}}  # as benchmarks/architectures.py trains them
+RECIPES = {"timm-vit": {"lr": 1e-3}}  # as benchmarks/configs/architectures.yaml trains them
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     if args.out:
-        Path(args.out).write_text(json.dumps({"setup": vars(args), "results": results}, indent=1))
+        write_json_atomic(Path(args.out), {"setup": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ MACs, BitOPs, weight bytes and accuracy on the held-out target split. Wall times
 this run. Results go to a JSON file, one piece at a time (a rerun computes only what it lacks);
 ``--render`` merges files, prints the tables over seeds (mean ± sd) and the targets as paired
 differences.
+
+Not a ``qtta bench`` config: a harness cell adapts a quantized model online over a stream, while
+RTF-Q trains a bank of subnets offline on source and target data (``train_bank``) and evaluates
+the subnets it selects on a held-out split. Its JSON is written whole or not at all by the
+harness's ``write_json_atomic``, and its mean ± sd is the harness tables' ``mean_sd``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
+from qtta_plugins.bench.cache import write_json_atomic  # noqa: E402
+from qtta_plugins.bench.tables import mean_sd  # noqa: E402
 from qtta_plugins.data import corrupt_set, load_source, to_channels  # noqa: E402
 from qtta_plugins.methods.rtfq import (  # noqa: E402
     RTFQConfig,
@@ -63,9 +70,6 @@ from qtta_plugins.methods.rtfq import (  # noqa: E402
     uda_loss,
 )
 from qtta_plugins.models import accuracy, input_channels, train_source_model  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import load_or_start, mean_sd, save  # noqa: E402
 
 SEPARATE = (Subnet(0.5, 24, 4), Subnet(0.5, 32, 6), Subnet(0.75, 28, 6), Subnet(1.0, 32, 8))
 BANKS = {
@@ -81,6 +85,17 @@ SOURCE_TRAINING = {
     ("resnet18", "mnist->digits"): ("mnist", {"epochs": 8}),
     ("resnet18", "fashion->fashion-fog"): ("fashion-mnist", {"epochs": 3, "max_train": 20000}),
 }
+
+
+def load_or_start(out: Path, setup: str) -> dict:
+    """The results in ``out`` (exit if they are another setup's), or a new ``{"setup", "runs"}``:
+    a rerun computes only what the file lacks."""
+    if not out.exists():
+        return {"setup": setup, "runs": []}
+    previous = json.loads(out.read_text())
+    if previous["setup"] != setup:
+        sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
+    return previous
 
 
 def task_data(task: str, seed: int, quick: bool, model_name: str = "bncnn") -> dict:
@@ -119,7 +134,7 @@ def float_uda(
     model, source, target, steps: int, batch: int, lr: float, seed: int, im_weight: float = 1.0
 ):
     """The float model trained on the bank's UDA loss (same batches, same optimizer);
-    ``im_weight=0`` leaves source cross-entropy alone (``rtfq_untrained.py``)."""
+    ``im_weight=0`` leaves source cross-entropy alone (the untrained-bank experiment of docs/rtfq.md)."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=RTFQConfig.im_weight,
         help="weight of information maximisation in every UDA loss: float UDA, subnets, banks "
-        "(fog: 0.1, chosen on dev seed 3 with rtfq_dev.py)",
+        "(fog: 0.1, chosen on dev seed 3, docs/rtfq.md)",
     )
     parser.add_argument(
         "--banks", nargs="*", default=None, choices=list(BANKS), help="bank rows to run (all)"
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         setup += ", quick splits"
     out = Path(args.out or f"benchmarks/results/rtfq_{args.model}.json")
-    results = load_or_start(out, setup, {"runs": []})
+    results = load_or_start(out, setup)
     for seed in args.seeds:
         for task in args.tasks:
             entry = next(
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                 steps,
                 seed,
                 first_seed=seed == args.seeds[0],
-                checkpoint=lambda: save(out, results),
+                checkpoint=lambda: write_json_atomic(out, results),
             )
     if args.plot:
         plot(results, args.plot)

@@ -10,6 +10,11 @@ seed. Accuracy (%) per method and batch size; a method that refuses the batch si
 error's class. The last column is batch 1 with ``window=--window``. One thread. This is a small
 sanity check of the refusal and the window, not the benchmark of issue 38 part 4 (ResNet-18 and
 the ViT on Fashion-MNIST-C, several seeds, cost): that has not been run.
+
+Not yet a ``qtta bench`` config: a config has one batch size (a column here is a run with
+``batch_size=N``), but ``adapt``'s ``window`` is not an option a method row takes, and a method
+that refuses a batch size (``SmallBatchError``) fails its cell instead of being recorded as
+refused.
 """
 
 from __future__ import annotations

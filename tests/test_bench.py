@@ -529,6 +529,9 @@ def test_the_shipped_configs_load_and_expand():
         counts[path.stem] = len(bench.expand(config))
     assert counts == {
         "smoke": 4,
+        # clean error: 4 models x 3 backends x 2 bits; the stream at W8A8: 3 BN models x 3
+        # backends x 4 methods, the ViT (no norm) x 3 backends x 3 methods
+        "architectures": 4 * 3 * 2 + 3 * 3 * 4 + 3 * 3,
         "baselines": 253,  # the script's published plan (244 run, 9 diagnostics not yet)
         # the W6A6 headline on 3 seeds, FOA reset at each domain, the long stream on seed 0
         "zoa_vit": 4 * 3 * 3 + 3 * 3 + 2 * 3,
