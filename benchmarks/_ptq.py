@@ -1,7 +1,7 @@
 """The benchmarks' PTQ variants, their calibration draw, and a disk cache of reconstructed models.
 
-A reconstruction of ResNet-18 at W2A4 takes minutes on two cores, and two benchmarks build the same
-ones (``lowbit_ptq`` for clean accuracy, ``ttaq_benchmark`` for adaptation after it). Each
+A reconstruction of ResNet-18 at W2A4 takes minutes on two cores, so ``lowbit_ptq`` keeps the ones
+it builds (the harness, ``qtta bench``, keeps its own: ``qtta_plugins.bench.runner``). Each
 reconstructed model is kept as its state dict, keyed by everything that made it; loading it into
 a fresh ``quantize`` of the same calibration gives the same model bit for bit (checked on every
 backend: the write-back keeps the backend's own parameters and buffers).

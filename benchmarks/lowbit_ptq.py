@@ -12,6 +12,11 @@ draws the calibration images (``--calib`` clean training images) and seeds the r
 source model is the same for every seed (its training seed is 0), so the spread is that of PTQ.
 Accuracy is on ``--n-test`` clean test images. Rows are cached in the results JSON: a rerun
 computes only the (backend, bits, ptq, seed) cells it lacks, so a long grid can be run piecewise.
+
+Not yet a harness config (issue 35): its cells are clean accuracy on one test split for every
+seed (seed 0's), so that the spread over seeds is PTQ's alone; the harness draws an in-memory test
+split by the cell's seed, and on digits the split of seed 1 or 2 holds images the seed-0 source
+model was trained on. A data option that fixes the test split over seeds would make it one.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ accuracy on the digits test split (the figure a speed change must not move).
 runs other work, two threads slow every backend's reconstruction several-fold (docs/backends.md,
 "Reconstruction cost on NNCF"). Exit status 1 when NNCF's total over torchao's exceeds
 ``--max-ratio`` (default 2) at any thread count.
+
+Not a harness config: it compares two backends' reconstruction wall times back to back and
+profiles where NNCF's spends them (a ratio of reconstruction times, not the harness's time per
+batch against plain inference), and neither is a cell; docs/backends.md ("Reconstruction cost on
+NNCF") publishes its figures.
 """
 
 from __future__ import annotations

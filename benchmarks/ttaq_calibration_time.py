@@ -5,6 +5,10 @@
 torchao at W4A4 and W2A4; min-max PTQ, then ``qdrop`` and ``ttaq`` (1000 iterations per block,
 batch 32, seed 0), each with its wall time and clean accuracy on 2000 Fashion-MNIST test images.
 Run it alone: the times are absolute seconds on this machine.
+
+Not a harness config: its figure is the wall time of ``reconstruct`` run alone, which a harness
+cell records only in passing (``reconstruct_seconds``, and not at all when the reconstructed model
+comes from the cache); docs/ttaq.md ("Reconstruction time") publishes it.
 """
 
 from __future__ import annotations
