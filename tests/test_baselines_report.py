@@ -95,24 +95,6 @@ def test_the_vit_report_keeps_the_dev_seed_out_of_the_means():
     )
 
 
-def test_the_detector_report_pairs_with_and_without_seed_by_seed():
-    import zoa_detector
-
-    cells = [
-        {"n_per_domain": 64, "seed": s, "detector": d, "error": e, "firings": f}
-        for s, d, e, f in (
-            (0, True, 66.0, 9),
-            (0, False, 64.0, 0),
-            (1, True, 65.0, 8),
-            (1, False, 64.0, 0),
-            (2, True, 70.0, 9),  # seed 2 lacks its pair: left out of the row
-        )
-    ]
-    text = zoa_detector.markdown(cells)
-    assert "| 64 | 65.5 ± 0.7 (n=2) | 8.5 | 64.0 ± 0.0 (n=2) | 0.0 |" in text
-    assert "-1.5 ± 0.7 (n=2) (-2.0 / -1.0) |" in text
-
-
 def test_the_vit_plot_draws_the_headline_and_the_rounds(tmp_path):
     import zoa_vit
 
