@@ -1,14 +1,19 @@
 """The memory one adaptation step needs, against plain inference, measured the same way for every
 row (issue 15, part 5).
 
+Not a config: a warm step's own working memory needs each row in a fresh process with glibc's mmap
+threshold fixed, where a harness cell measures its whole adaptation loop, set-up included, in one
+process (``peak_extra_mb``); the peak itself is the harness's (``qtta_plugins.bench.measure
+.PeakMemory``: the kernel's high-water mark, reset before and read after the measured steps).
+
     python benchmarks/step_memory.py                     # ResNet-18, W8A8, batch 64 and 256
     python benchmarks/step_memory.py --backends brevitas --batch-sizes 256
 
 Each (backend, row, batch size) runs in a fresh process: the cached ResNet-18 of
-benchmarks/zoa_cost.py, quantized W8A8 by ``qtta_plugins.quantize``, two warm-up steps on a batch
+benchmarks/configs/zoa_cost.yaml, quantized W8A8 by ``qtta_plugins.quantize``, two warm-up steps on a batch
 of Fashion-MNIST test images (the lazy set-up: prefix probe, source statistics, optimizer state),
 then the resident set size is read, the kernel's high-water mark is reset (``/proc/self/clear_refs``)
-and three more steps run. A step's working memory is the high-water mark over the resident size
+and three more steps run (``PeakMemory`` does both). A step's working memory is the high-water mark over the resident size
 before it: what the step allocates and frees, activations kept for a backward pass included.
 glibc's malloc runs with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so that every tensor
 of more than 64 KiB comes from, and goes back to, the kernel: otherwise freed warm-up buffers are
@@ -18,7 +23,6 @@ kept in the heap and later steps reuse them unseen. Linux only. Run it alone on 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -42,14 +46,6 @@ ROWS = {
 }
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` field in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def child(backend: str, row: str, batch_size: int, threads: int) -> dict[str, float]:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     os.environ.setdefault("QTTA_QUIET", "1")
@@ -57,6 +53,7 @@ def child(backend: str, row: str, batch_size: int, threads: int) -> dict[str, fl
     import torch
 
     import qtta_plugins
+    from qtta_plugins.bench.measure import PeakMemory
     from qtta_plugins.data import load_source, to_channels
     from qtta_plugins.models import train_source_model
 
@@ -84,13 +81,12 @@ def child(backend: str, row: str, batch_size: int, threads: int) -> dict[str, fl
 
     for _ in range(2):
         step()
-    gc.collect()
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    for _ in range(3):
-        step()
-    peak = _status("VmHWM")
-    return {"step_mb": (peak - before) / 1024, "rss_mb": before / 1024}
+    with PeakMemory() as memory:  # the resident size, then the high-water mark reset to it
+        for _ in range(3):
+            step()
+    if memory.method != "VmHWM":
+        raise RuntimeError(f"step_memory needs Linux's VmHWM; got {memory.method}")
+    return {"step_mb": memory.extra_mb, "rss_mb": memory.start_kb / 1024}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         "--child", nargs=3, metavar=("BACKEND", "ROW", "BATCH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
+    from qtta_plugins.bench.cache import write_json_atomic
+
     if args.child:
         backend, row, batch = args.child
         print(json.dumps(child(backend, row, int(batch), args.threads)))
@@ -147,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {backend} | {batch} | {row} | {measured['step_mb']:.1f} | {ratio:.2f}x |",
                     flush=True,
                 )
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+                write_json_atomic(Path(args.out), results)
 
 
 if __name__ == "__main__":

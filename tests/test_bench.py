@@ -537,6 +537,14 @@ def test_the_shipped_configs_load_and_expand():
         "zoa_vit": 4 * 3 * 3 + 3 * 3 + 2 * 3,
         "zoa_vit_b16_imagenet_c": 4 * 3,  # 4 methods x 3 backends, seed 0
         "ttaq_resnet_cifar10_c": 2 * 3 * 3,  # qdrop / ttaq x source / tent / abl x 3 backends
+        # ttaq_benchmark.py's plans (their blocks: tests/test_bench_ttaq_configs.py)
+        "ttaq_resnet18": 369,
+        "ttaq_resnet18_w4a4": 414,
+        # 8 rows x 3 backends x 2 bits, ZOA's 10 rounds at W4A4, each model's clean accuracy
+        "zoa_benchmark": 8 * 3 * 2 + 3 + 3 * 2,
+        # ResNet-18: 9 rows x 3 backends on seed 0, 5 on seeds 1 and 2; the ViT (torchao): 6 + 4 x 2
+        "zoa_cost": 9 * 3 + 5 * 3 * 2 + 6 + 4 * 2,
+        "zoa_rounds": 3 * 3 + 3,  # ZOA's defaults on every backend, its old settings on torchao
     }
 
 

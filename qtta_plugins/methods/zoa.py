@@ -28,11 +28,12 @@ Forward and adapt, per batch ``x``:
 4. ``eps`` takes an SGD step with weight decay (which pulls it back to the stored mix); ``alpha`` an
    AdamW step (``torch.optim.AdamW``), once the bank holds a domain.
 
-Doing less work (docs/zoa.md, benchmarks/zoa_cost.py): pass 2 starts at the first adapted norm
-from pass 1's values there (``reuse_prefix``, :mod:`qtta_plugins.prefix`); ``norm_layers="late"``
-adapts only the later half of the middle blocks, so that start moves back; ``skip_converged`` runs
-pass 1 only once the loss has settled within a domain (PACE's fallback to one pass), until the
-detector fires, the loss moves or a periodic probe updates.
+Doing less work (docs/zoa.md; measured by ``qtta bench benchmarks/configs/zoa_cost.yaml``): pass 2
+starts at the first adapted norm from pass 1's values there (``reuse_prefix``,
+:mod:`qtta_plugins.prefix`); ``norm_layers="late"`` adapts only the later half of the middle
+blocks, so that start moves back; ``skip_converged`` runs pass 1 only once the loss has settled
+within a domain (PACE's fallback to one pass), until the detector fires, the loss moves or a
+periodic probe updates.
 
 The output shift (from FOA) adds ``mean_src - EMA(mean_batch)`` to the last layer's input; the EMA
 restarts at a detected domain change.
