@@ -144,8 +144,9 @@ def _print_plan(planned: list[Any], missing: list[str]) -> None:
         [i, "cached" if p.cached else "to run", *p.cell.labels().values(), p.key]
         for i, p in enumerate(planned)
     ]
-    headers = ["#", "status", "data", "model", "backend", "bits", "reconstruct", "method",
-               "setting", "seed", "key"]  # fmt: skip
+    # the labels' names: the grid's axes, and batch where the batch size is one
+    labels = list(planned[0].cell.labels()) if planned else []
+    headers = ["#", "status", *labels, "key"]
     print(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
     cached = sum(p.cached for p in planned)
     print(f"\n{len(planned)} cells: {cached} cached, {len(planned) - cached} to run")

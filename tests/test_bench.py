@@ -225,6 +225,118 @@ def test_a_plot_draws_the_error_along_the_stream(tmp_path):
     assert path.stat().st_size > 5000
 
 
+# ----------------------------------------------------------------------------- split, window, batch
+
+
+def test_split_seed_fixes_the_test_split_and_the_seed_draws_the_rest(tmp_path):
+    """data.split_seed: every seed's stream holds the same test images (the seed still orders
+    them and draws the corruption); with split_seed equal to the seed it is make_stream's stream,
+    batch for batch; and a config without it keeps its cells' keys (no split_seed in the spec)."""
+    data = {"source": "digits", "corruptions": ["clean", "fog"]}  # the whole split: 500 images
+    plain = bench.load_config(digits_config(tmp_path, data=data, seeds=[0, 1]))
+    fixed = bench.load_config(digits_config(tmp_path, data={**data, "split_seed": 0}, seeds=[0, 1]))
+    assert "split_seed" not in bench.cell_spec(plain, bench.expand(plain)[0])["data"]
+    assert bench.cell_spec(fixed, bench.expand(fixed)[0])["data"]["split_seed"] == 0
+
+    def images(config: bench.Bench, seed: int, domain: str) -> tuple[list, list]:
+        cell = next(c for c in bench.expand(config) if c.seed == seed)
+        stream = runner.cell_stream(config, cell, None, 1)
+        batches = [b for b in stream if b.domain == domain]
+        x = torch.cat([b.x for b in batches])
+        return sorted(x.flatten(1).sum(1).tolist()), [b.y.tolist() for b in batches]
+
+    # without split_seed the seeds draw other test images (on digits, seed 1's split holds images
+    # of seed 0's training split); with it, the same images in another order
+    assert images(plain, 0, "clean")[0] != images(plain, 1, "clean")[0]
+    clean0, order0 = images(fixed, 0, "clean")
+    clean1, order1 = images(fixed, 1, "clean")
+    assert clean0 == clean1 and order0 != order1
+    # the cell's seed still draws the corruption: fog of seed 1 on the same images differs
+    assert images(fixed, 0, "fog")[0] != images(fixed, 1, "fog")[0]
+    # split_seed == seed: make_stream's own stream (per_domain: a subset the seed draws)
+    data = {**data, "per_domain": 16}
+    same = bench.load_config(digits_config(tmp_path, data={**data, "split_seed": 1}, seeds=[1]))
+    one = bench.load_config(digits_config(tmp_path, data=data, seeds=[1]))
+    for setting in ("continual", "gradual", "mixed"):
+        cell = bench.expand(one)[0]
+        cell = bench.grid.Cell(**{**cell.labels(), "setting": setting})
+        got = list(runner.cell_stream(same, cell, None, 1))
+        want = list(runner.cell_stream(one, cell, None, 1))
+        assert [b.domain for b in got] == [b.domain for b in want]
+        assert all(
+            torch.equal(g.x, w.x) and torch.equal(g.y, w.y) for g, w in zip(got, want, strict=True)
+        )
+
+
+def test_a_clean_error_on_one_split_is_the_same_for_every_seed(tmp_path):
+    """lowbit_ptq's cells: 'source' on the clean domain of one split (split_seed) gives one error
+    whatever the seed (the seed only orders the images); each seed's own split gives others."""
+    data = {"source": "digits", "corruptions": ["clean"], "split_seed": 0}
+    changes = {"methods": {"source": {}}, "seeds": [0, 1, 2], "batch_size": 64}
+    results = bench.run(bench.load_config(digits_config(tmp_path, data=data, **changes)))
+    errors = [c["error"] for c in results.cells]
+    assert len(errors) == 3 and len(set(errors)) == 1 and results.cells[0]["images"] == 500
+
+
+def test_a_window_a_refused_batch_size_and_a_batch_size_axis(tmp_path, monkeypatch):
+    """batch_size as a list is a grid axis with a 'batch' label; a row's window goes to adapt; a
+    method that refuses the batch size is a refused cell (error class and message, no error),
+    the grid goes on, and the tables say 'refused'. A config of one batch size has no label, and
+    its cell has the key of the same cell in the axis."""
+    data = {"source": "digits", "corruptions": ["fog"], "per_domain": 10}
+    methods = {"norm": {}, "norm w4": {"method": "norm", "window": 4}}
+    plan = [
+        {"methods": ["norm"], "batch_size": [10, 1]},
+        {"methods": ["norm w4"], "batch_size": [1]},
+    ]
+    config = bench.load_config(
+        digits_config(
+            tmp_path, data=data, methods=methods, seeds=[0], batch_size=[10, 1], plan=plan
+        )
+    )
+    assert [str(c).rsplit("|", 1)[1].strip() for c in bench.expand(config)] == [
+        "batch 10",
+        "batch 1",
+        "batch 1",
+    ]
+    lines: list[str] = []
+    results = bench.run(config, progress=False, echo=lines.append)
+    by = {(c["method"], c["batch"]): c for c in results.cells}
+    refused = by[("norm", 1)]
+    assert refused["error"] is None and refused["errors"] == {}
+    assert refused["refused"]["error"] == "SmallBatchError"
+    assert "batch of 1 sample" in refused["refused"]["message"]
+    assert "refused (SmallBatchError)" in lines[1]
+    assert by[("norm", 10)]["error"] is not None and by[("norm", 10)]["batches"] == 1
+    windowed = by[("norm w4", 1)]
+    assert windowed["batches"] == 10 and windowed["spec"]["method"]["window"] == {
+        "length": 4,
+        "update_every": None,
+    }
+    # the window is adapt's: the same predictions as the Python API with window=4
+    qmodel = runner._QUANT.items[next(reversed(runner._QUANT.items))]
+    stream = runner.cell_stream(config, bench.expand(config)[2], None, 1)
+    api = qtta_plugins.adapt(qmodel, list(stream), "norm", window=4, progress=False, seed=0)
+    sha = hashlib.sha256(api.predictions.to(torch.int64).numpy().tobytes()).hexdigest()
+    assert windowed["predictions_sha256"] == sha
+    text = bench.markdown(results)
+    assert "torchao W8A8 · batch 1" in text and "| refused " in text
+    # one batch size: no label, and the key of the axis's batch-10 cell (the cache is shared)
+    single = bench.load_config(
+        digits_config(tmp_path, data=data, methods={"norm": {}}, seeds=[0], batch_size=10)
+    )
+    cell = bench.expand(single)[0]
+    assert cell.batch is None and "batch" not in cell.labels()
+    assert bench.plan(single)[0].key == by[("norm", 10)]["key"]
+    # refused cells are results: the rerun computes nothing, and a results file renders them
+    counting = Counting()
+    monkeypatch.setattr(runner, "run_cell", counting)
+    bench.run(config, progress=False)
+    assert counting.calls == 0
+    assert "refused" in bench.markdown(bench.Results.load(tmp_path / "tiny.json"))
+    bench.plot(results, tmp_path / "p.png")
+
+
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -232,7 +344,22 @@ def test_a_plot_draws_the_error_along_the_stream(tmp_path):
     ("change", "message"),
     [
         ({"batchsize": 8}, r"'batchsize'.*Did you mean: 'batch_size'"),
-        ({"batch_size": "eight"}, r"'batch_size'.*could not be converted to Integer"),
+        ({"batch_size": "eight"}, r"'batch_size' must be an int >= 1, got 'eight'"),
+        ({"batch_size": [8, 0]}, r"'batch_size\[1\]' must be an int >= 1, got 0"),
+        ({"batch_size": [8, 8]}, r"'batch_size': \[8, 8\] names a batch size twice"),
+        (
+            {"methods": {"norm": {"window": 0}}},
+            r"'methods\.norm\.window': window must be a number of samples >= 1",
+        ),
+        (
+            {"methods": {"norm": {"window": {"length": 4, "every": 2}}}},
+            r"'methods\.norm\.window\.every': not a field of WindowConfig",
+        ),
+        (
+            {"data": {"source": "cifar10-c", "root": "/d", "split_seed": 0}},
+            r"'data\.split_seed': not taken here",
+        ),
+        ({"data": {"source": "digits", "split_seed": -1}}, r"'data\.split_seed' must be an int"),
         (
             {"data": {"source": "digits", "sevrity": 5}},
             r"'data\.sevrity'.*Did you mean: 'severity'",
@@ -545,6 +672,12 @@ def test_the_shipped_configs_load_and_expand():
         # ResNet-18: 9 rows x 3 backends on seed 0, 5 on seeds 1 and 2; the ViT (torchao): 6 + 4 x 2
         "zoa_cost": 9 * 3 + 5 * 3 * 2 + 6 + 4 * 2,
         "zoa_rounds": 3 * 3 + 3,  # ZOA's defaults on every backend, its old settings on torchao
+        # lowbit_ptq.py's plans: min-max at 2 bits x 3 backends, QDrop at W2A4 x 3 backends, TTAQ
+        # and its 3 ablations on Brevitas W2A4; the ResNet-18: 4 bits x 3 backends, QDrop at W2A4
+        "lowbit_ptq_bncnn": (2 * 3 + 3 + 4) * 3,
+        "lowbit_ptq_resnet18": (4 * 3 + 3) * 3,
+        # small_batch.py: 9 methods x 5 batch sizes, each method through a window at batch 1
+        "small_batch": 9 * 5 + 9,
     }
 
 

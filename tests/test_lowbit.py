@@ -2,8 +2,8 @@
 
 torchao's weight ranges come from the shared MSE search (as Brevitas' and NNCF's do), W6A6 is a
 setting every backend takes, and the backends' clean accuracies agree: the same targets as the
-ResNet-18 benchmark (``benchmarks/lowbit_ptq.py``), checked on the digits CNN (W2A4 needs a long
-reconstruction, so its check is marked slow).
+ResNet-18 benchmark (``benchmarks/configs/lowbit_ptq_resnet18.yaml``), checked on the digits
+CNN (W2A4 needs a long reconstruction, so its check is marked slow).
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def test_backends_agree_at_w2a4_after_qdrop(float_cnn, calib, held_out) -> None:
     """Issue 14's W2A4 target at the small CNN's scale: after ``qdrop`` (200 iterations per block)
     every backend within 5 points of the best. With min-max weight ranges torchao stayed at chance
     (9 %); with per-backend activation rules torchao and NNCF ended 9.5 and 18.3 points below
-    Brevitas. Measured with the shared ranges (benchmarks/lowbit_ptq.py, 1024 calibration images,
-    3 seeds): Brevitas 67.8, NNCF 69.1, torchao 69.1 %."""
+    Brevitas. Measured with the shared ranges (benchmarks/lowbit_ptq.py at 18fa82c, now
+    benchmarks/configs/lowbit_ptq_bncnn.yaml; 1024 calibration images, 3 seeds): Brevitas 67.8,
+    NNCF 69.1, torchao 69.1 %."""
     if len(BACKENDS) < 2:
         pytest.skip("needs two backends")
     x, y = held_out

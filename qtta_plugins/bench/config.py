@@ -28,9 +28,19 @@ SCHEMA_VERSION = 1
 DEVICES = ("cpu", "cuda")
 DRAWS = ("first", "seeded")
 TRANSFORM_KINDS = ("timm", "torchvision", "eval", "callable")
-PLAN_AXES = ("data", "model", "backends", "bits", "reconstruct", "methods", "settings", "seeds")
+PLAN_AXES = (
+    "data",
+    "model",
+    "backends",
+    "bits",
+    "reconstruct",
+    "methods",
+    "settings",
+    "seeds",
+    "batch_size",
+)
 #: options of a method row that the harness takes itself (the rest go to the method's config)
-ROW_OPTIONS = ("method", "reset_every")
+ROW_OPTIONS = ("method", "reset_every", "window")
 
 
 class BenchConfigError(ValueError):
@@ -47,7 +57,10 @@ class BenchConfigError(ValueError):
 class DataSpec:
     """A test stream: :func:`qtta_plugins.data.make_stream`'s source and arguments (the setting,
     seed and batch size come from the grid; images on disk go through the model's
-    ``transform``). ``channels``: default the model's input channels."""
+    ``transform``). ``channels``: default the model's input channels. ``split_seed`` (in-memory
+    sources): the seed of the test split (``load_source(..., seed=split_seed)``), one split for
+    every cell, while the cell's seed still draws the rest (corruption noise, ``per_domain``
+    subset, order); ``None``: the cell's seed draws the split too."""
 
     name: str | None = None
     source: str | None = None
@@ -64,6 +77,7 @@ class DataSpec:
     class_order: Any = None
     channels: int | None = None
     num_workers: int | None = None
+    split_seed: int | None = None
 
 
 @dataclass
@@ -186,7 +200,8 @@ class BenchConfig:
     methods: dict[str, Any] = field(default_factory=dict)
     settings: list[str] = field(default_factory=lambda: ["continual"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    batch_size: int = 64
+    # an int, or a list of them: a grid axis (the cells then carry a ``batch`` label)
+    batch_size: Any = 64
     method_seed: int | None = None
     reset_every: int | None = None
     device: str = "cpu"
@@ -201,12 +216,23 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class MethodRow:
-    """One row of ``methods``: the adapt ``method``, its config ``options``, ``reset_every``."""
+    """One row of ``methods``: the adapt ``method``, its config ``options``, ``reset_every`` and
+    ``window`` (``adapt``'s sliding window: an int, or a mapping of
+    :class:`~qtta_plugins.WindowConfig` fields; ``None``: none)."""
 
     name: str
     method: str
     options: dict[str, Any]
     reset_every: int | None
+    window: int | dict[str, Any] | None = None
+
+    def window_config(self) -> Any:
+        """``window`` as a :class:`~qtta_plugins.WindowConfig` (``None``: no window)."""
+        from ..window import WindowConfig, as_window
+
+        return (
+            WindowConfig(**self.window) if isinstance(self.window, dict) else as_window(self.window)
+        )
 
 
 @dataclass(frozen=True)
@@ -236,6 +262,19 @@ class Bench:
 
     def model_spec(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
+
+    @property
+    def batch_axis(self) -> bool:
+        """Whether the batch size is a grid axis (``batch_size`` a list, or named by a ``plan``
+        block): the cells then carry a ``batch`` label."""
+        return isinstance(self.config.batch_size, list) or any(
+            "batch_size" in block for block in self.config.plan or []
+        )
+
+    def batch_sizes(self) -> list[int]:
+        """The config's batch sizes (one, or the axis's)."""
+        b = self.config.batch_size
+        return list(b) if isinstance(b, list) else [b]
 
     def as_dict(self) -> dict[str, Any]:
         """The config as plain data (what the results file records)."""
@@ -389,9 +428,20 @@ def validate(config: BenchConfig, path: Path | None = None) -> Bench:
         if isinstance(d.class_order, str):
             d.class_order = _path(d.class_order)
         _source_options(where, d.source, d)
-        for key in ("severity", "per_domain", "n_test", "rounds", "channels", "num_workers"):
+        keys = (
+            "severity",
+            "per_domain",
+            "n_test",
+            "rounds",
+            "channels",
+            "num_workers",
+            "split_seed",
+        )
+        for key in keys:
             _non_negative_int(
-                f"{where}.{key}", getattr(d, key), minimum=0 if key == "num_workers" else 1
+                f"{where}.{key}",
+                getattr(d, key),
+                minimum=0 if key in ("num_workers", "split_seed") else 1,
             )
     _unique("data", [d.name for d in datas])
     for i, m in enumerate(models):
@@ -455,7 +505,7 @@ def validate(config: BenchConfig, path: Path | None = None) -> Bench:
         _choice(f"settings[{i}]", s, SETTINGS)
     for i, seed in enumerate(_list(config.seeds, "seeds")):
         _non_negative_int(f"seeds[{i}]", seed, minimum=0)
-    _non_negative_int("batch_size", config.batch_size, minimum=1)
+    _batch_sizes("batch_size", config.batch_size)
     _non_negative_int("method_seed", config.method_seed, minimum=0)
     _non_negative_int("reset_every", config.reset_every, minimum=1)
     _non_negative_int("threads", config.threads, minimum=1)
@@ -565,7 +615,9 @@ def _source_options(where: str, source: str, spec: Any) -> None:
         ]
         kind = f"{source!r} is in memory"
     else:
-        wrong = [k for k in ("n_test",) if getattr(spec, k, None) is not None]
+        # calibration's split_seed has a default (0); the data's is None unless given
+        disk_wrong = ("n_test", "split_seed") if isinstance(spec, DataSpec) else ("n_test",)
+        wrong = [k for k in disk_wrong if getattr(spec, k, None) is not None]
         kind = f"{source!r} is read from disk (use per_domain for a shorter stream)"
     if wrong:
         raise BenchConfigError(f"config key '{where}.{wrong[0]}': not taken here: {kind}")
@@ -659,6 +711,7 @@ def _method_rows(config: BenchConfig) -> dict[str, MethodRow]:
         method = options.pop("method", name)
         reset_every = options.pop("reset_every", config.reset_every)
         _non_negative_int(f"{key}.reset_every", reset_every, minimum=1)
+        window = _window(options.pop("window", None), f"{key}.window")
         if method not in installed:
             close = difflib.get_close_matches(str(method), sorted(installed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -668,7 +721,7 @@ def _method_rows(config: BenchConfig) -> dict[str, MethodRow]:
                 "otherwise says which with 'method:')"
             )
         _build_options(installed[method].config_cls, method, options, key)
-        rows[str(name)] = MethodRow(str(name), method, options, reset_every)
+        rows[str(name)] = MethodRow(str(name), method, options, reset_every, window)
     return rows
 
 
@@ -757,6 +810,8 @@ def _plan(
                         )
                 elif axis == "seeds":
                     _non_negative_int(f"{key}.seeds[{j}]", v, minimum=0)
+                elif axis == "batch_size":
+                    _non_negative_int(f"{key}.batch_size[{j}]", v, minimum=1)
                 elif axis == "bits":
                     from ..config import parse_bits
 
@@ -764,6 +819,48 @@ def _plan(
                         parse_bits(v)
                     except (TypeError, ValueError) as err:
                         raise BenchConfigError(f"config key '{key}.bits[{j}]': {err}") from None
+
+
+def _batch_sizes(key: str, value: Any) -> None:
+    """An int >= 1, or a non-empty list of distinct ones (a grid axis)."""
+    if isinstance(value, list):
+        if not value:
+            raise BenchConfigError(f"config key '{key}' must be an int >= 1 or a non-empty list")
+        for i, v in enumerate(value):
+            _non_negative_int(f"{key}[{i}]", v, minimum=1)
+        if len(set(value)) != len(value):
+            raise BenchConfigError(f"config key '{key}': {value!r} names a batch size twice")
+        return
+    if value is None:
+        raise BenchConfigError(f"config key '{key}' must be an int >= 1 or a list of them")
+    _non_negative_int(key, value, minimum=1)
+
+
+def _window(value: Any, key: str) -> int | dict[str, Any] | None:
+    """A row's ``window``: ``None``, an int (its length) or a mapping of ``WindowConfig`` fields
+    (``length``, ``update_every``); checked by building it, errors naming the key."""
+    from ..window import WindowConfig
+
+    if value is None:
+        return None
+    try:
+        if isinstance(value, Mapping):
+            value = dict(value)
+            names = {f.name for f in fields(WindowConfig)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise BenchConfigError(
+                    f"config key '{key}.{unknown[0]}': not a field of WindowConfig; fields: "
+                    f"{', '.join(sorted(names))}"
+                )
+            WindowConfig(**value)
+        else:
+            WindowConfig(value)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, BenchConfigError):
+            raise
+        raise BenchConfigError(f"config key '{key}': {err}") from None
+    return value
 
 
 def _paired(tables: TablesSpec) -> None:

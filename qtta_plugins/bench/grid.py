@@ -1,7 +1,9 @@
 """A config's grid: its independent cells, and the key that says what each one computes.
 
 A cell is one adaptation run: data x model x backend x bits x reconstruction x method (with its
-options) x setting x seed. Without a ``plan`` the cells are the product of the config's axes; a
+options) x setting x seed, and x batch size when ``batch_size`` is a list (then, and only then, a
+cell carries a ``batch`` label: a config of one batch size has the cells and keys it had before
+the axis existed). Without a ``plan`` the cells are the product of the config's axes; a
 ``plan`` is a list of blocks, each a product over the axes it names (the others: all of the
 config's), and the grid is their union in block order (a cell two blocks share runs once).
 
@@ -29,11 +31,15 @@ from .config import SCHEMA_VERSION, Bench
 AXES = ("data", "model", "backend", "bits", "reconstruct", "method", "setting", "seed")
 """A cell's coordinates, in the order the tables and the results list them."""
 
+OPTIONAL_AXES = ("batch",)
+"""Coordinates a cell has only in some grids: ``batch`` where the batch size is a grid axis."""
+
 
 @dataclass(frozen=True, order=True)
 class Cell:
     """One cell of the grid: names of its data, model, reconstruction and method rows, the
-    backend, the bit-width (lower case, ``w4a4``), the stream setting and the seed."""
+    backend, the bit-width (lower case, ``w4a4``), the stream setting and the seed; ``batch``,
+    the batch size, where it is a grid axis (``None``: the config's one ``batch_size``)."""
 
     data: str
     model: str
@@ -43,14 +49,19 @@ class Cell:
     method: str
     setting: str
     seed: int
+    batch: int | None = None
 
     def labels(self) -> dict[str, Any]:
-        return {a: getattr(self, a) for a in AXES}
+        labels = {a: getattr(self, a) for a in AXES}
+        if self.batch is not None:
+            labels["batch"] = self.batch
+        return labels
 
     def __str__(self) -> str:
         return (
             f"{self.data} | {self.model} | {self.backend} {self.bits.upper()} | "
             f"{self.reconstruct} + {self.method} | {self.setting} | seed {self.seed}"
+            + (f" | batch {self.batch}" if self.batch is not None else "")
         )
 
 
@@ -67,6 +78,7 @@ def expand(bench: Bench) -> list[Cell]:
         "methods": list(bench.methods),
         "settings": list(config.settings),
         "seeds": list(config.seeds),
+        "batch_size": bench.batch_sizes() if bench.batch_axis else [None],
     }
     blocks = config.plan or [{}]
     cells: dict[Cell, None] = {}
@@ -85,11 +97,20 @@ def _product(axes: dict[str, list[Any]]) -> Iterator[Cell]:
                 for seed in axes["seeds"]:
                     for rec in axes["reconstruct"]:
                         for data in axes["data"]:
-                            for setting in axes["settings"]:
-                                for method in axes["methods"]:
-                                    yield Cell(
-                                        data, model, backend, bits, rec, method, setting, int(seed)
-                                    )
+                            for batch in axes["batch_size"]:
+                                for setting in axes["settings"]:
+                                    for method in axes["methods"]:
+                                        yield Cell(
+                                            data,
+                                            model,
+                                            backend,
+                                            bits,
+                                            rec,
+                                            method,
+                                            setting,
+                                            int(seed),
+                                            None if batch is None else int(batch),
+                                        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +124,8 @@ def cell_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
     data = asdict(bench.data_spec(cell.data))
     data.pop("name")
     data.pop("num_workers")  # how many processes decode the images changes no image
+    if data["split_seed"] is None:  # the default: the keys of configs without it stay as they were
+        data.pop("split_seed")
     model = asdict(bench.model_spec(cell.model))
     model.pop("name")
     model["weights_sha256"] = file_digest(model["weights"]) if model["weights"] else None
@@ -124,10 +147,15 @@ def cell_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
         "method": method_spec(bench, cell),
         "setting": cell.setting,
         "seed": cell.seed,
-        "batch_size": config.batch_size,
+        "batch_size": cell_batch_size(bench, cell),
         "device": config.device,
         "measure": asdict(config.measure),
     }
+
+
+def cell_batch_size(bench: Bench, cell: Cell) -> int:
+    """The batch size of ``cell``'s stream: its ``batch`` label, else the config's one."""
+    return cell.batch if cell.batch is not None else int(bench.config.batch_size)
 
 
 def reconstruct_spec(bench: Bench, cell: Cell) -> dict[str, Any] | None:
@@ -155,7 +183,10 @@ def method_config(bench: Bench, cell: Cell) -> Any:
 
 def method_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
     row = bench.methods[cell.method]
-    return {"config": _plain(method_config(bench, cell)), "reset_every": row.reset_every}
+    spec = {"config": _plain(method_config(bench, cell)), "reset_every": row.reset_every}
+    if row.window is not None:  # only then: the keys of rows without a window stay as they were
+        spec["window"] = asdict(row.window_config())  # 16 and {length: 16}: one key
+    return spec
 
 
 def _plain(config: Any) -> dict[str, Any]:
@@ -210,4 +241,14 @@ def versions(backend: str) -> dict[str, str]:
     return out
 
 
-__all__ = ["AXES", "Cell", "cell_key", "cell_spec", "expand", "file_digest", "method_config"]
+__all__ = [
+    "AXES",
+    "OPTIONAL_AXES",
+    "Cell",
+    "cell_batch_size",
+    "cell_key",
+    "cell_spec",
+    "expand",
+    "file_digest",
+    "method_config",
+]

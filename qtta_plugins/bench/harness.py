@@ -176,7 +176,10 @@ def _run_here(
 
 
 def describe(cell: Cell, record: dict[str, Any]) -> str:
-    """One line for a computed cell: its labels, error, time ratio, memory and seconds."""
+    """One line for a computed cell: its labels, error, time ratio, memory and seconds (a
+    refused cell: the error class that refused it)."""
+    if record.get("refused"):
+        return f"{cell}  refused ({record['refused']['error']})  ({record['seconds']:.1f} s)"
     ratio = record.get("time_ratio")
     mem = record.get("peak_extra_mb")
     return (

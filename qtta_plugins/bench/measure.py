@@ -152,6 +152,7 @@ def run_row(
     plain_model: torch.nn.Module | None = None,
     reset_every: int | None = None,
     *,
+    window: Any = None,
     measure_time: bool = True,
     measure_memory: bool = True,
 ) -> tuple[dict[str, Any], qtta_plugins.Adaptation]:
@@ -159,7 +160,8 @@ def run_row(
     object); return its measurements and the :class:`~qtta_plugins.Adaptation`.
 
     The run restarts at each domain when the stream says so (``stream.reset_on_shift``, the reset
-    setting) and every ``reset_every`` batches when given. ``plain_model``: what plain inference
+    setting) and every ``reset_every`` batches when given. ``window``: ``adapt``'s sliding window
+    (an int or a :class:`~qtta_plugins.WindowConfig`; ``None``: none). ``plain_model``: what plain inference
     runs (default: a copy of ``model``, in eval mode; pass a compiled copy to time a compiled
     model against itself). Batches go to the model's device before either clock starts.
 
@@ -187,6 +189,7 @@ def run_row(
         inplace=inplace,
         reset_every=reset_every,
         reset_on_shift=getattr(stream, "reset_on_shift", False),
+        window=window,
         **({} if config_given else options),
     )
     calls = [0]

@@ -16,7 +16,7 @@ from typing import Any
 
 from .measure import stream_errors
 from .results import Results
-from .tables import _Index, _unique
+from .tables import _Index, _unique, refused
 
 
 def _visits(cell: dict[str, Any]) -> list[tuple[str, float]]:
@@ -37,15 +37,18 @@ def plot(results: Results, path: str | os.PathLike[str], *, max_panels: int = 12
     import matplotlib.pyplot as plt
 
     index = _Index(results)
-    groups = index.groups("data", "model", "backend", "bits", "setting")
+    index.cells = [c for c in index.cells if not refused(c)]  # no error to draw
+    groups = index.groups("data", "model", "backend", "bits", "setting", "batch")
     if not groups:
         raise ValueError("the results hold no cell to plot")
     shown = groups[:max_panels]
     cols = min(2, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.8 * rows), squeeze=False)
-    for ax, (data, model, backend, bits, setting) in zip(axes.flat, shown, strict=False):
-        cells = index.where(data=data, model=model, backend=backend, bits=bits, setting=setting)
+    for ax, (data, model, backend, bits, setting, batch) in zip(axes.flat, shown, strict=False):
+        cells = index.where(
+            data=data, model=model, backend=backend, bits=bits, setting=setting, batch=batch
+        )
         ticks: list[str] = []
         for label in _unique(c["row"] for c in cells):
             runs = [_visits(c) for c in cells if c["row"] == label]
@@ -61,7 +64,10 @@ def plot(results: Results, path: str | os.PathLike[str], *, max_panels: int = 12
         ax.set_xticks(range(0, len(ticks), step))
         ax.set_xticklabels([t.replace("_", " ") for t in ticks[::step]], rotation=70, fontsize=6)
         ax.set_ylabel("error (%)")
-        ax.set_title(f"{setting} · {data} · {model} · {backend} {str(bits).upper()}", fontsize=9)
+        where = f"{backend} {str(bits).upper()}" + (
+            f" · batch {batch}" if batch is not None else ""
+        )
+        ax.set_title(f"{setting} · {data} · {model} · {where}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(shown) :]:
         ax.set_visible(False)

@@ -22,6 +22,11 @@
       ]
     }
 
+A cell whose method refused the batch size (:class:`qtta_plugins.SmallBatchError`) has
+``"error": null``, ``"errors": {}`` and ``"refused": {"error": "SmallBatchError", "message":
+"..."}`` (its labels, spec, times and environment as any cell's); where the batch size is a grid
+axis every cell also has a ``"batch"`` label.
+
 Errors are in percent. ``time_ratio`` is the median adaptation step over the median plain
 inference of the same quantized model, paired batch by batch (:mod:`qtta_plugins.bench.measure`).
 """

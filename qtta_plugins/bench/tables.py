@@ -13,6 +13,9 @@
   and whether the row collapsed (:func:`collapse_verdict`).
 
 Standard deviations are the sample's (``statistics.stdev``); one seed shows ± 0.0 and ``(n=1)``.
+Where the batch size is a grid axis, each backend and bit-width column is one per batch size
+(``torchao W8A8 · batch 1``). A cell whose method refused the batch size (a ``refused`` record:
+no error) shows ``refused`` where it has no figure, and is left out of every mean and difference.
 """
 
 from __future__ import annotations
@@ -73,7 +76,21 @@ def row_label(cell: dict[str, Any], several_reconstructions: bool) -> str:
 
 
 def column_label(cell: dict[str, Any]) -> str:
-    return f"{cell['backend']} {str(cell['bits']).upper()}"
+    """A cell's column: its backend and bit-width, and its batch size where that is an axis."""
+    label = f"{cell['backend']} {str(cell['bits']).upper()}"
+    return label + (f" · batch {cell['batch']}" if cell.get("batch") is not None else "")
+
+
+def refused(cell: dict[str, Any]) -> bool:
+    """Whether ``cell`` is a method's refusal of its batch size (no error figure)."""
+    return bool(cell.get("refused"))
+
+
+def _figure(cells: list[dict[str, Any]], values: list[float], digits: int) -> str:
+    """``mean_sd`` of ``values``; ``refused`` where there are none and a cell refused."""
+    if not values and any(refused(c) for c in cells):
+        return "refused"
+    return mean_sd(values, digits)
 
 
 class _Index:
@@ -81,8 +98,11 @@ class _Index:
 
     def __init__(self, results: Results) -> None:
         several = len(_unique(c["reconstruct"] for c in results.cells)) > 1
-        # shallow copies with their row label: the results' own cells stay as they are
-        self.cells = [{**c, "row": row_label(c, several)} for c in results.cells]
+        # shallow copies with their row label (and batch: None where it is not an axis): the
+        # results' own cells stay as they are
+        self.cells = [
+            {**c, "row": row_label(c, several), "batch": c.get("batch")} for c in results.cells
+        ]
 
     def groups(self, *axes: str) -> list[tuple[Any, ...]]:
         return _unique(tuple(c[a] for a in axes) for c in self.cells)
@@ -110,9 +130,9 @@ def summary(results: Results) -> list[Table]:
             row = [label]
             for col in columns:
                 these = [c for c in cells if c["row"] == label and column_label(c) == col]
-                errors = [c["error"] for c in these]
+                errors = [c["error"] for c in these if not refused(c)]
                 ratios = [c["time_ratio"] for c in these if c.get("time_ratio") is not None]
-                text = mean_sd(errors, digits)
+                text = _figure(these, errors, digits)
                 if ratios:
                     text += f" · {statistics.mean(ratios):.1f}x"
                 row.append(text)
@@ -129,10 +149,12 @@ def summary(results: Results) -> list[Table]:
 def domains(results: Results) -> list[Table]:
     index, digits = _Index(results), _digits(results)
     tables = []
-    for data, model, backend, bits, setting in index.groups(
-        "data", "model", "backend", "bits", "setting"
+    for data, model, backend, bits, setting, batch in index.groups(
+        "data", "model", "backend", "bits", "setting", "batch"
     ):
-        cells = index.where(data=data, model=model, backend=backend, bits=bits, setting=setting)
+        cells = index.where(
+            data=data, model=model, backend=backend, bits=bits, setting=setting, batch=batch
+        )
         names = _unique(d for c in cells for d in c.get("errors", {}))
         rows = []
         for label in _unique(c["row"] for c in cells):
@@ -140,12 +162,17 @@ def domains(results: Results) -> list[Table]:
             row = [label]
             for d in names:
                 row.append(
-                    mean_sd([c["errors"][d] for c in these if d in c.get("errors", {})], digits)
+                    _figure(
+                        these, [c["errors"][d] for c in these if d in c.get("errors", {})], digits
+                    )
                 )
-            row.append(mean_sd([c["error"] for c in these], digits))
+            row.append(_figure(these, [c["error"] for c in these if not refused(c)], digits))
             rows.append(row)
+        where = f"{backend} {str(bits).upper()}" + (
+            f" · batch {batch}" if batch is not None else ""
+        )
         title = (
-            f"{_group_title(setting, data, model)} · {backend} {str(bits).upper()}: error % per "
+            f"{_group_title(setting, data, model)} · {where}: error % per "
             "domain in stream order, and their mean (mean ± sd over seeds)"
         )
         tables.append(Table(title, ["row", *names, "mean"], rows))
@@ -153,8 +180,9 @@ def domains(results: Results) -> list[Table]:
 
 
 def paired_differences(cells: list[dict[str, Any]], a: str, b: str) -> list[float]:
-    """``error(a) - error(b)`` for each seed that has both rows (seed order)."""
-    by = {(c["row"], c["seed"]): c["error"] for c in cells}
+    """``error(a) - error(b)`` for each seed that has both rows (seed order; refused cells have
+    no error and are left out)."""
+    by = {(c["row"], c["seed"]): c["error"] for c in cells if not refused(c)}
     seeds = sorted({c["seed"] for c in cells})
     return [by[(a, s)] - by[(b, s)] for s in seeds if (a, s) in by and (b, s) in by]
 
@@ -274,6 +302,7 @@ __all__ = [
     "mean_sd",
     "paired",
     "paired_differences",
+    "refused",
     "rounds",
     "signed_mean_sd",
     "summary",
