@@ -68,7 +68,7 @@ from qtta_plugins.bench.tables import mean_sd  # noqa: E402
 from qtta_plugins.data import cache_dir, load_source, make_stream, to_channels  # noqa: E402
 from qtta_plugins.data.corruption import save_atomic  # noqa: E402
 from qtta_plugins.models import accuracy, fit  # noqa: E402
-from qtta_plugins.zoo import import_timm  # noqa: E402
+from qtta_plugins.models.zoo import import_timm  # noqa: E402
 
 #: the first corruption of the noise, blur and weather families, severity 5
 STREAM_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog")

@@ -5,7 +5,7 @@
     python benchmarks/nncf_reconstruct_cost.py --threads 1 2 --methods qdrop --iters 10
                                            # 1 thread, then the demo's default 2: both backends
 
-The demo's own set-up (``qtta_plugins.tour``): the digits BN CNN (``train_source_model("bncnn",
+The demo's own set-up (``qtta_plugins.app.tour``): the digits BN CNN (``train_source_model("bncnn",
 "digits")``, cached), 8 calibration batches of 64 training images, W4A4, ``reconstruct`` with
 ``qdrop`` and ``ttaq`` at the demo's 40 iterations per block, seed 0. Both backends are quantized
 first (NNCF compiles its C++ extension on its first quantizer call, outside the timing); then, per
@@ -44,9 +44,9 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from qtta_plugins import quantize, reconstruct  # noqa: E402
+from qtta_plugins.app.tour import DEMO_ITERS  # noqa: E402
 from qtta_plugins.data import load_source  # noqa: E402
 from qtta_plugins.models import accuracy, train_source_model  # noqa: E402
-from qtta_plugins.tour import DEMO_ITERS  # noqa: E402
 
 BACKENDS = ("torchao", "nncf")  # the order of each pair
 METHODS = ("qdrop", "ttaq")

@@ -120,7 +120,7 @@ def child(args: argparse.Namespace) -> None:
     import qtta_plugins
     from qtta_plugins.data import make_stream
     from qtta_plugins.models import load_model
-    from qtta_plugins.zoo import import_torchvision
+    from qtta_plugins.models.zoo import import_torchvision
 
     warnings.filterwarnings("ignore")  # torchvision's build, torch.export's notes: not measured
     torch.set_num_threads(args.threads)

@@ -133,7 +133,7 @@ def domain_batches(stream_excerpt):
 @pytest.fixture(scope="session")
 def demo_result(tmp_path_factory):
     """The full ``qtta demo`` run (torchao W4A4, source / norm / tent), computed once."""
-    from qtta_plugins.demo import run_demo
+    from qtta_plugins.app.demo import run_demo
 
     plot = tmp_path_factory.mktemp("demo") / "demo.png"
     result = run_demo("torchao", "w4a4", plot=plot, progress=False, echo=False, seed=SEED)

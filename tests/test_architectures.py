@@ -32,8 +32,8 @@ from qtta_plugins.conformance import (
     source_statistics,
 )
 from qtta_plugins.data import to_channels
+from qtta_plugins.models.zoo import import_timm
 from qtta_plugins.plugins import available_backends
-from qtta_plugins.zoo import import_timm
 
 import_timm()  # the [vision] extra, part of [all]: torchvision and timm, through our import shim
 

@@ -25,9 +25,9 @@ from test_disk_data import imagenet as imagenet_tree  # noqa: F401
 
 import qtta_plugins
 from qtta_plugins import bench
+from qtta_plugins.app.cli import main
 from qtta_plugins.bench import runner
 from qtta_plugins.bench.config import BenchConfigError
-from qtta_plugins.cli import main
 
 torch.set_num_threads(1)
 RUN_CELL = runner.run_cell  # the real one, whatever a test has put in its place

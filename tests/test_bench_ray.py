@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("omegaconf")
 
 from qtta_plugins import bench
+from qtta_plugins.app.cli import main
 from qtta_plugins.bench import ray_runner
-from qtta_plugins.cli import main
 
 torch.set_num_threads(1)
 

@@ -217,7 +217,7 @@ def test_the_tour_says_when_zoa_adapts_the_fake_quantized_model(small, monkeypat
     """The demo's ZOA part adapts what the backend deploys; where that is not a model our view
     adapts, it falls back to the fake-quantized model and says so. A fault in the export is
     raised, not taken for a backend without an integer model."""
-    from qtta_plugins import tour
+    from qtta_plugins.app import tour
     from qtta_plugins.exporting import UnsupportedExportError
 
     model, batches = small

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qtta_plugins import cli, tour
+from qtta_plugins.app import cli, tour
 
 pytest.importorskip("torchao")
 
@@ -87,7 +87,7 @@ def test_the_summary_and_the_plots_are_written(short_tour):
 def test_qtta_demo_runs_the_tour_and_methods_runs_the_continual_table(monkeypatch, tmp_path):
     calls: list[tuple[str, dict]] = []
     monkeypatch.setattr(tour, "run_tour", lambda backend, **kw: calls.append(("tour", kw)))
-    import qtta_plugins.demo as demo
+    import qtta_plugins.app.demo as demo
 
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(("continual", kw)))
     monkeypatch.chdir(tmp_path)
@@ -131,7 +131,7 @@ def _pretend_installed(monkeypatch, missing: set[str]) -> None:
 
 @pytest.mark.parametrize("backend", ["torchao", "brevitas", "nncf"])
 def test_the_prerequisite_check_passes_when_everything_is_there(monkeypatch, backend):
-    from qtta_plugins import demo
+    from qtta_plugins.app import demo
 
     _pretend_installed(monkeypatch, set())
     assert demo.missing_prerequisites(backend) == []
@@ -156,7 +156,7 @@ def test_the_prerequisite_check_passes_when_everything_is_there(monkeypatch, bac
 def test_a_missing_package_names_itself_and_the_extra_that_installs_it(
     monkeypatch, backend, missing, named
 ):
-    from qtta_plugins import demo
+    from qtta_plugins.app import demo
     from qtta_plugins.errors import BackendNotInstalledError
 
     _pretend_installed(monkeypatch, missing)
@@ -172,7 +172,7 @@ def test_a_missing_package_names_itself_and_the_extra_that_installs_it(
 def test_the_continual_table_needs_no_export_packages(monkeypatch):
     """``--methods`` never exports: a Brevitas install without onnx runs it, and the tour's
     error says so."""
-    from qtta_plugins import demo
+    from qtta_plugins.app import demo
     from qtta_plugins.errors import BackendNotInstalledError
 
     _pretend_installed(monkeypatch, {"onnx", "onnxscript"})
@@ -185,7 +185,7 @@ def test_a_module_blocked_in_sys_modules_counts_as_missing(monkeypatch):
     """The check itself, not a patched finder: ``sys.modules[name] = None`` makes an import fail."""
     import sys
 
-    from qtta_plugins import demo
+    from qtta_plugins.app import demo
     from qtta_plugins.errors import BackendNotInstalledError
 
     monkeypatch.setitem(sys.modules, "onnxoptimizer", None)
@@ -194,7 +194,7 @@ def test_a_module_blocked_in_sys_modules_counts_as_missing(monkeypatch):
 
 
 def test_an_unknown_backend_is_refused_before_anything_runs():
-    from qtta_plugins import demo
+    from qtta_plugins.app import demo
     from qtta_plugins.errors import UnknownBackendError
 
     with pytest.raises(
@@ -209,7 +209,7 @@ def test_an_unknown_backend_is_refused_before_anything_runs():
 def test_qtta_demo_stops_at_once_with_the_pip_command(monkeypatch, capsys, methods):
     """Nothing is trained or loaded: the check runs before the first step of the tour and of the
     continual table."""
-    import qtta_plugins.demo as demo
+    import qtta_plugins.app.demo as demo
 
     def no_training(*args, **kwargs):
         raise AssertionError("the demo started before checking its prerequisites")
@@ -228,7 +228,7 @@ def test_each_backend_extra_installs_what_its_demo_needs():
     import re
     from pathlib import Path
 
-    from qtta_plugins.demo import DEMO_PREREQUISITES
+    from qtta_plugins.app.demo import DEMO_PREREQUISITES
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

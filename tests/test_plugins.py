@@ -12,7 +12,7 @@ import torch
 
 import qtta_plugins
 from qtta_plugins import hookspecs
-from qtta_plugins.cli import main
+from qtta_plugins.app.cli import main
 from qtta_plugins.plugins import available_backends, available_methods, list_plugins, reload_plugins
 
 HOOKS = ("qtta_quantize", "qtta_reconstruct", "qtta_adapt", "qtta_select_subnet", "qtta_quant_view")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import qtta_plugins
-from qtta_plugins import cli, data
+from qtta_plugins import data
+from qtta_plugins.app import cli
 from qtta_plugins.data import Batch
 
 pytest.importorskip("torchao")
@@ -329,8 +330,8 @@ def test_reset_clears_the_policy_counts_and_save_load_keeps_them(qm, tmp_path):
 
 
 def test_qtta_demo_setting_and_reset_every_route_to_the_continual_table(monkeypatch, tmp_path):
-    import qtta_plugins.demo as demo
-    from qtta_plugins import tour
+    import qtta_plugins.app.demo as demo
+    from qtta_plugins.app import tour
 
     calls: list[dict] = []
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw))
@@ -354,7 +355,7 @@ def test_qtta_demo_setting_and_reset_every_route_to_the_continual_table(monkeypa
 
 
 def test_run_demo_refuses_bad_values_before_training(monkeypatch):
-    import qtta_plugins.demo as demo
+    import qtta_plugins.app.demo as demo
 
     monkeypatch.setattr(demo, "train_source_model", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match="stream setting"):
@@ -366,7 +367,7 @@ def test_run_demo_refuses_bad_values_before_training(monkeypatch):
 
 
 def test_the_demo_on_a_mixed_stream_reports_each_corruption(monkeypatch, tmp_path, float_cnn):
-    import qtta_plugins.demo as demo
+    import qtta_plugins.app.demo as demo
 
     real = demo.make_stream
     monkeypatch.setattr(demo, "make_stream", lambda s, src, **kw: real(s, src, **{**kw, **SMALL}))
@@ -382,7 +383,7 @@ def test_the_demo_on_a_mixed_stream_reports_each_corruption(monkeypatch, tmp_pat
 
 
 def test_the_demo_table_and_plot_of_a_gradual_stream(tmp_path):
-    import qtta_plugins.demo as demo
+    import qtta_plugins.app.demo as demo
 
     gradual = stream("gradual")
     domains = [b.domain for b in gradual]

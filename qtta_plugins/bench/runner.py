@@ -153,7 +153,7 @@ def build_transform(transform: dict[str, Any] | None, model: nn.Module) -> Calla
         for part in attr.split("."):
             factory = getattr(factory, part)
         return factory(**options)
-    from ..zoo import import_torchvision
+    from ..models.zoo import import_torchvision
 
     tv = import_torchvision()
     if kind == "torchvision":

@@ -12,7 +12,7 @@ Decoding: Pillow (``Image.open(...).convert("RGB")``, what torchvision's ImageFo
 installed with the core (matplotlib needs it), it gives the PIL images torchvision's and timm's
 transforms take, and it works where torchvision's own decoder (``torchvision.io.decode_image``)
 does not: a torchvision wheel built for another torch build loads no compiled extension (see
-:mod:`qtta_plugins.zoo`). ``.npy`` rows are not decoded at all: ``uint8`` ``HWC`` to ``float``
+:mod:`qtta_plugins.models.zoo`). ``.npy`` rows are not decoded at all: ``uint8`` ``HWC`` to ``float``
 ``CHW`` (or a PIL image, when a ``transform`` is given).
 """
 
@@ -76,7 +76,7 @@ def timm_transform(model: nn.Module, **overrides: Any) -> Transform:
     """The evaluation transform of a timm model: ``timm.data.create_transform(
     **timm.data.resolve_data_config(overrides, model=model))`` (``overrides``: e.g.
     ``input_size=(3, 32, 32)``, ``crop_pct=1.0``). Needs timm (the ``vision`` extra)."""
-    from ..zoo import import_timm
+    from ..models.zoo import import_timm
 
     timm = import_timm()
     config = timm.data.resolve_data_config(overrides, model=model)

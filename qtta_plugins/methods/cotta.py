@@ -88,7 +88,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def _import_v2() -> Any:
-    from ..zoo import import_torchvision
+    from ..models.zoo import import_torchvision
 
     import_torchvision()  # raises naming the 'vision' extra when torchvision is missing
     from torchvision.transforms import v2

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from . import adapt, quant_view, quantize
-from .adaptation import check_reset_policy
-from .data import (
+from .. import adapt, quant_view, quantize
+from ..adaptation import check_reset_policy
+from ..data import (
     CORRUPTIONS,
     GRADUAL_SEVERITIES,
     SETTINGS,
@@ -29,8 +29,8 @@ from .data import (
     load_source,
     make_stream,
 )
-from .errors import BackendNotInstalledError, UnknownBackendError
-from .models import accuracy, train_source_model
+from ..errors import BackendNotInstalledError, UnknownBackendError
+from ..models import accuracy, train_source_model
 
 _SHORT = {
     "gaussian_noise": "gauss",
@@ -159,7 +159,7 @@ def check_prerequisites(backend: str, *, tour: bool = True) -> None:
             )
         raise BackendNotInstalledError(message)
     if backend not in DEMO_PREREQUISITES:
-        from .plugins import available_backends
+        from ..plugins import available_backends
 
         installed = available_backends()
         if backend not in installed:

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .data import SETTINGS
+from ..data import SETTINGS
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import list_plugins
+    from ..plugins import list_plugins
 
     rows = list_plugins()
     width = max(len(p.name) for p in rows)
@@ -30,8 +30,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.cache_dir:
         os.environ["QTTA_CACHE_DIR"] = args.cache_dir
+    from ..progress import quiet_env
     from .demo import run_demo
-    from .progress import quiet_env
 
     progress = False if args.quiet else None
     stream_flags = [
@@ -90,13 +90,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     file, whose tables and plot are then rendered."""
     from pathlib import Path
 
-    from .progress import quiet_env
+    from ..progress import quiet_env
 
     if args.cache_dir:
         import os
 
         os.environ["QTTA_CACHE_DIR"] = args.cache_dir
-    from . import bench
+    from .. import bench
 
     if args.config.endswith(".json"):
         if args.overrides or args.dry_run or args.ray:

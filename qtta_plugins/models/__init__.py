@@ -2,7 +2,7 @@
 
 Two small families of our own, matching the two quantization routes: a BatchNorm CNN (the pt2e
 route) and a LayerNorm transformer built from Linear layers only (the Linear-only QAT route of
-torchao). And the architectures users ship (:mod:`qtta_plugins.zoo`): torchvision ResNet-18,
+torchao). And the architectures users ship (:mod:`qtta_plugins.models.zoo`): torchvision ResNet-18,
 MobileNetV2, MobileNetV3-Small and a timm ViT, which take RGB input: they are trained and evaluated
 on the gray images replicated to 3 channels (:func:`qtta_plugins.data.to_channels`).
 """
@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import cache_dir, load_source, to_channels
+from ..data.corruption import save_atomic
+from ..data.sources import ImageSet
+from ..progress import show_progress
 from . import zoo
-from .data import cache_dir, load_source, to_channels
-from .data.corruption import save_atomic
-from .data.sources import ImageSet
 from .loading import UntrustedCheckpointError as UntrustedCheckpointError
 from .loading import load_model as load_model
-from .progress import show_progress
 
 
 class SmallBNCNN(nn.Module):
@@ -155,7 +155,7 @@ def _check_arch(arch: str) -> None:
 
 def build(arch: str, num_classes: int = 10, *, scale: zoo.Scale = "full") -> nn.Module:
     """A freshly initialised ``arch`` (one of :data:`ARCHITECTURES`); ``scale`` applies to the
-    shipped architectures (see :func:`qtta_plugins.zoo.build_architecture`)."""
+    shipped architectures (see :func:`qtta_plugins.models.zoo.build_architecture`)."""
     _check_arch(arch)
     if arch in ARCHS:
         return ARCHS[arch](num_classes=num_classes)
@@ -228,7 +228,7 @@ def train_source_model(
     Light augmentation (random shifts of up to 2 px) and AdamW with a one-cycle schedule;
     deterministic under ``seed``. Returned in eval mode. The shipped RGB architectures (see
     :data:`ARCHITECTURES`) train on the gray images replicated to 3 channels, and expect them so;
-    ``scale="small"`` trains their reduced versions (:func:`qtta_plugins.zoo.build_architecture`).
+    ``scale="small"`` trains their reduced versions (:func:`qtta_plugins.models.zoo.build_architecture`).
     ``max_train``: train on a seeded random subset of that many training images (a 2-core CPU
     takes minutes per Fashion-MNIST epoch for a ResNet-18, over 10 for the ViT).
     """

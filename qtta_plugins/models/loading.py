@@ -8,7 +8,7 @@ that holds more (a whole pickled ``nn.Module``, as some RobustBench files are, o
 checkpoint with arbitrary objects) needs a full unpickling, which runs code stored in the file, and
 is read only when the caller says ``trusted=True``.
 
-torchvision and timm are imported on first use, through :mod:`qtta_plugins.zoo` (the ``vision``
+torchvision and timm are imported on first use, through :mod:`qtta_plugins.models.zoo` (the ``vision``
 extra).
 """
 

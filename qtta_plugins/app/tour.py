@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from . import adapt, export, quant_view, quantize, reconstruct, select_subnet
-from .bench.measure import run_row
-from .data import ContinualStream, continual_stream, corrupt_set, load_source
+from .. import adapt, export, quant_view, quantize, reconstruct, select_subnet
+from ..bench.measure import run_row
+from ..data import ContinualStream, continual_stream, corrupt_set, load_source
+from ..models import accuracy, train_source_model
 from .demo import batch_errors, check_prerequisites
-from .models import accuracy, train_source_model
 
 #: reconstruction iterations per block in the demo (the methods' default is 1000)
 DEMO_ITERS = 40  # keep in step with the cli default
@@ -123,7 +123,7 @@ def run_tour(
 ) -> TourResult:
     """Run the tour and return its figures (printing them when ``echo``; writing the summary and
     the plots to ``out_dir`` unless it is ``None``). A backend or package the tour needs that is
-    not installed raises before any training (:func:`~qtta_plugins.demo.check_prerequisites`)."""
+    not installed raises before any training (:func:`~qtta_plugins.app.demo.check_prerequisites`)."""
     check_prerequisites(backend, tour=True)
     if threads:
         torch.set_num_threads(threads)
@@ -246,8 +246,8 @@ def _deployable(qmodel: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     (torchao: the integer Q/DQ graph); otherwise the quantized model itself, with a warning that
     says so: the ZOA rows then show adaptation of the fake-quantized model, not of the deployed
     one (Brevitas deploys an ONNX graph; NNCF's ``strip`` takes 8-bit quantizers only)."""
-    from .errors import UnknownBackendError
-    from .exporting import UnsupportedExportError
+    from ..errors import UnknownBackendError
+    from ..exporting import UnsupportedExportError
 
     backend = quant_view(qmodel).backend
     try:
@@ -275,7 +275,7 @@ def _deployable(qmodel: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 # --- 3. RTF-Q -----------------------------------------------------------------------------------
 def _rtfq_part(result, model, train, test, steps, seed, progress, say):
-    from .methods.rtfq import RTFQConfig, SubnetBank, train_bank
+    from ..methods.rtfq import RTFQConfig, SubnetBank, train_bank
 
     corruption, severity = RTFQ_TARGET
     say(
