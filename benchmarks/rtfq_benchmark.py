@@ -259,7 +259,7 @@ def separate_config(
         distill=distilled,
         distill_warmup=0.0,
         im_weight=im_weight,
-        steps=steps,
+        train_steps=steps,
         seed=seed,
         progress=False,
     )
@@ -280,7 +280,7 @@ def run_task(
     x_test, y_test = data["test"]
     entry["source_only"] = accuracy(data["model"].eval(), x_test, y_test)
     print(f"{task} seed {seed}: source only {entry['source_only']:.1f}", flush=True)
-    base = RTFQConfig(steps=steps, seed=seed, progress=False)
+    base = RTFQConfig(train_steps=steps, seed=seed, progress=False)
     fl = None
     if "float_uda" not in entry or (args.distilled and len(entry["distilled"]) < len(SEPARATE)):
         start = time.perf_counter()
@@ -318,7 +318,7 @@ def run_task(
         if (args.banks is not None and label not in args.banks) or label in entry["banks"]:
             continue
         cfg = RTFQConfig(
-            steps=steps,
+            train_steps=steps,
             seed=seed,
             progress=False,
             distill_warmup=args.distill_warmup,

@@ -27,6 +27,7 @@ from .adaptation import (
     check_reset_policy,
 )
 from .config import (
+    ABLConfig,
     AdaptConfig,
     CoTTAConfig,
     EATAConfig,
@@ -78,6 +79,7 @@ __all__ = [  # noqa: RUF022 (grouped by kind for the reader, not sorted)
     "train_bank",
     "make_stream",
     # one config per choice
+    "ABLConfig",
     "AdaptConfig",
     "CoTTAConfig",
     "EATAConfig",

@@ -7,10 +7,131 @@ plugins subclass :class:`AdaptConfig` (or :class:`ReconstructConfig`) for their 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+# --------------------------------------------------------------------------------------------
+# One name per idea (issue 36). The option names every config here, and every method plugin's,
+# follows:
+#
+# * ``momentum`` is the optimizer's (SGD's) and nothing else.
+# * An exponential moving average's weight is the weight KEPT on the old value, and its option
+#   ends in ``_decay``: ``ema <- decay * ema + (1 - decay) * new``. ``decay`` is what
+#   ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)`` and timm's ``ModelEmaV2(decay=...)``
+#   call that weight, and it reads the right way round (a larger decay forgets more slowly),
+#   where "momentum" means the kept weight in SGD and the *updated* one in torch's BatchNorm.
+#   So: ``teacher_decay`` (CoTTA's and RoTTA's mean teacher), ``rbn_decay`` (RoTTA's robust
+#   batch norm), ``probs_decay`` (EATA), ``loss_decay`` (SAR), ``shift_decay`` and
+#   ``detector_decay`` (ZOA, FOA), ``ABLConfig.decay``.
+# * ``steps``: optimizer steps per test batch (Tent); ``train_steps``: training steps in total
+#   (RTF-Q's bank); ``iters``: reconstruction iterations per block (TTAQ, BRECQ, QDrop).
+#
+# The names before that rename are still accepted where a config is built (the constructor, so
+# also ``adapt(..., **options)`` and the harness's method rows): :class:`OptionsMeta` converts
+# each once, value included where the old one was the fraction updated (RoTTA's ``ema_nu``,
+# ``rbn_momentum``), and warns with a DeprecationWarning naming the new option.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """An option's name before a rename: ``new`` is its name now (``"abl.tau_f"``: the field
+    ``tau_f`` of the embedded config ``abl``), ``convert`` maps an old value to the new one
+    (``None``: the same value), ``how`` says what the conversion is, for the warning."""
+
+    new: str
+    convert: Callable[[Any], Any] | None = None
+    how: str = ""
+
+
+def _kept_from_updated(value: Any) -> Any:
+    """An EMA's updated fraction -> the fraction kept (anything but a number passes through, for
+    the new field's check to name)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    return 1 - value
+
+
+#: the conversion for an old option that held the fraction an EMA *updates*
+UPDATED_TO_KEPT = _kept_from_updated
+
+
+def upgrade_options(cls: type, options: dict[str, Any], *, warn: bool = True) -> dict[str, Any]:
+    """``options`` for ``cls(**options)`` with the old names ``cls.renamed_options`` lists turned
+    into the new ones (values converted), each with a DeprecationWarning naming the new option
+    (``warn=False``: silently, for a stored record). Old and new name together raise
+    ``TypeError``. An embedded option (``"abl.tau_f"``) is folded into the value of its field
+    (see :func:`_fold_embedded`)."""
+    renames: dict[str, Renamed] = getattr(cls, "renamed_options", {})
+    if not renames or not any(name in options for name in renames):
+        return options
+    out = dict(options)
+    embedded: dict[str, dict[str, Any]] = {}
+    for old, rule in renames.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        top, _, sub = rule.new.partition(".")
+        given = options.get(top)
+        if (not sub and rule.new in options) or (sub and isinstance(given, dict) and sub in given):
+            raise TypeError(
+                f"{cls.__name__} got both {old!r} and its new name {rule.new!r}: pass only "
+                f"{rule.new!r}"
+            )
+        new_value = rule.convert(value) if rule.convert is not None else value
+        if warn:
+            how = f" ({rule.how})" if rule.how else ""
+            spelled = f"{top}={{{sub!r}: {new_value!r}}}" if sub else f"{rule.new}={new_value!r}"
+            warnings.warn(
+                f"{cls.__name__}: option {old!r} was renamed {rule.new!r}{how}; pass {spelled}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        if sub:
+            embedded.setdefault(top, {})[sub] = new_value
+        else:
+            out[rule.new] = new_value
+    for top, values in embedded.items():
+        out[top] = _fold_embedded(cls, top, out.get(top, _field_default(cls, top)), values)
+    return out
+
+
+def _field_default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    return None
+
+
+def _fold_embedded(cls: type, field: str, base: Any, values: dict[str, Any]) -> Any:
+    """The value of the embedded config ``field`` once the old flat options ``values`` are in it.
+
+    ``base`` is what was passed for it (or its default). Switched on (``True``, a dict or a config
+    object): the values join it. Off (``False`` / ``None``): it stays off, as the flat options
+    did nothing without the switch before the rename; they are still checked."""
+    embedded_type = cls.embedded_options[field]  # type: ignore[attr-defined]
+    if isinstance(base, embedded_type):
+        return dataclasses.replace(base, **values)
+    if isinstance(base, dict):
+        return {**base, **values}
+    embedded_type(**values)  # the values are checked (and name the new field) even when off
+    return dict(values) if base is True else base
+
+
+class OptionsMeta(type):
+    """The metaclass of the option dataclasses (:class:`AdaptConfig`, :class:`ReconstructConfig`,
+    ``RTFQConfig``): a keyword argument whose name the class lists in ``renamed_options`` is
+    converted by :func:`upgrade_options` before the dataclass's own ``__init__`` sees it, so every
+    subclass, a plugin's included, accepts its old names the same way."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **upgrade_options(cls, kwargs))
+
 
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
 
@@ -81,39 +202,98 @@ class QuantConfig:
         return f"W{self.weight_bits}A{self.act_bits}"
 
 
-def check_abl_options(config: object) -> None:
-    """Validate the ABL fields (``abl``, ``abl_tau_f``, ``abl_tau_g``, ``abl_momentum``) a method's
-    config declares when the method takes TTAQ's adaptive balanced loss (Tent, EATA, CoTTA)."""
-    name = type(config).__name__
-    if not isinstance(config.abl, bool):  # type: ignore[attr-defined]
-        raise ValueError(f"{name}.abl must be True or False, got {config.abl!r}")  # type: ignore[attr-defined]
-    for field in ("abl_tau_f", "abl_tau_g"):
-        value = getattr(config, field)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (math.isfinite(value) and value >= 0)
-        ):
+@dataclass
+class ABLConfig:
+    """TTAQ's adaptive balanced loss (ABL, Xiao et al. 2024; our formulation in
+    :mod:`qtta_plugins.methods.abl` and ``docs/abl.md``), for the methods that offer it (Tent,
+    EATA, CoTTA: their config's ``abl``).
+
+    The loss is taken on the logits ``z~_c = z_c - tau_f * log(pi_c) - tau_g * log(g_c / mean g)``,
+    ``pi`` an EMA of the predicted class frequencies and ``g`` an EMA of each class's share of the
+    loss gradient on the logits, both with weight ``decay`` on the old value. ``tau_f = 1`` is
+    Menon et al.'s Bayes-consistent logit-adjustment weight; ``tau_g`` is smaller because ``g``
+    is a noisier signal that largely tracks ``pi``, so a full weight would count the same
+    imbalance twice. 0 turns a term off.
+
+    A method config takes it as ``abl=ABLConfig(...)``, ``abl=True`` (these defaults), a dict of
+    these fields (``abl={"tau_f": 0.5}``, as a harness config writes it), or ``False`` / ``None``
+    (off). The flat names before issue 36 (``abl_tau_f``, ``abl_tau_g``, ``abl_momentum``) are
+    still accepted, with a DeprecationWarning.
+    """
+
+    tau_f: float = 1.0
+    tau_g: float = 0.25
+    decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        for field in ("tau_f", "tau_g"):
+            value = getattr(self, field)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(
+                    f"ABLConfig.{field} must be a finite number >= 0 (0 turns that term off), "
+                    f"got {value!r}"
+                )
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
             raise ValueError(
-                f"{name}.{field} must be a finite number >= 0 (0 turns that term off), "
-                f"got {value!r}"
+                f"ABLConfig.decay must be in [0, 1) (the weight of the old statistics in the "
+                f"EMA), got {decay!r}"
             )
-    momentum = config.abl_momentum  # type: ignore[attr-defined]
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+
+
+#: the flat ABL options before issue 36, in the configs that offer ABL
+_ABL_RENAMES = {
+    "abl_tau_f": Renamed("abl.tau_f"),
+    "abl_tau_g": Renamed("abl.tau_g"),
+    "abl_momentum": Renamed("abl.decay", how="the same value: the weight kept"),
+}
+
+
+def check_abl_option(config: Any) -> None:
+    """Turn ``config.abl`` into an :class:`ABLConfig` or ``None`` (ABL off): ``True`` is the
+    defaults, a dict its fields; raise ``ValueError`` naming the option otherwise."""
+    name = type(config).__name__
+    value = config.abl
+    if value is None or value is False:
+        config.abl = None
+    elif value is True:
+        config.abl = ABLConfig()
+    elif isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(ABLConfig)})
+        if unknown:
+            raise ValueError(
+                f"{name}.abl: {unknown[0]!r} is not a field of ABLConfig (tau_f, tau_g, decay)"
+            )
+        try:
+            config.abl = ABLConfig(**value)
+        except ValueError as err:
+            raise ValueError(f"{name}.abl: {err}") from None
+    elif not isinstance(value, ABLConfig):
         raise ValueError(
-            f"{name}.abl_momentum must be in [0, 1) (the weight of the old statistics in "
-            f"the EMA), got {momentum!r}"
+            f"{name}.abl must be an ABLConfig, True (its defaults), a dict of its fields, or "
+            f"False / None (off), got {value!r}"
         )
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(metaclass=OptionsMeta):
     """Base of every test-time adaptation method's configuration.
 
     ``method`` names the method plugin; ``seed`` makes the run deterministic: methods draw from
     their own generators seeded with it (the process's global RNGs are left alone). A method plugin that is
     handed a bare ``AdaptConfig`` (the user passed only a name) builds its own defaults from it.
+
+    ``renamed_options``: a subclass's option names from before a rename (old name ->
+    :class:`Renamed`), still accepted when the config is built (see :class:`OptionsMeta`);
+    ``embedded_options``: its fields that hold a config of their own (``abl``: :class:`ABLConfig`).
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {}
+    embedded_options: ClassVar[dict[str, type]] = {}
 
     method: str = "tent"
     seed: int = 0
@@ -156,28 +336,29 @@ class TentConfig(AdaptConfig):
     digits-C dev stream), 1e-3 for a model with layer / group norms only (chosen on held-out seeds
     of the ViT's stream; ``docs/zoa.md``); :data:`DEFAULT_LR` holds both (EATA and SAR share it).
 
-    ``abl=True`` adds TTAQ's adaptive balanced loss (ABL, Xiao et al. 2024; our formulation, see
-    :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy is taken on the logits
-    ``z~_c = z_c - abl_tau_f * log(pi_c) - abl_tau_g * log(g_c / mean_c g)``, with ``pi`` an EMA
-    (``abl_momentum``) of the predicted class frequencies and ``g`` an EMA of each class's share of
-    the loss gradient on the logits. Note the minus signs: a class the stream predicts often, or that
-    the loss already pushes hard, is made *less* likely inside the loss, so entropy minimisation stops
-    feeding it (the prediction itself always uses the raw logits). Off by default, so Tent's results
-    are unchanged. ``abl_tau_f = 1`` is Menon et al.'s Bayes-consistent logit-adjustment weight;
-    ``abl_tau_g`` is smaller because ``g`` is a noisier signal that largely tracks ``pi`` (the
-    dominant class also collects the largest gradients), so a full weight would count the same
-    imbalance twice.
+    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss (ABL, Xiao et al.
+    2024; our formulation, see :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy
+    is taken on the logits ``z~_c = z_c - tau_f * log(pi_c) - tau_g * log(g_c / mean_c g)``, with
+    ``pi`` an EMA (weight ``ABLConfig.decay`` kept) of the predicted class frequencies and ``g`` an
+    EMA of each class's share of the loss gradient on the logits. Note the minus signs: a class the
+    stream predicts often, or that the loss already pushes hard, is made *less* likely inside the
+    loss, so entropy minimisation stops feeding it (the prediction itself always uses the raw
+    logits). Off by default (``abl=None``), so Tent's results are unchanged. ``tau_f = 1`` is
+    Menon et al.'s Bayes-consistent logit-adjustment weight; ``tau_g`` is smaller because ``g``
+    is a noisier signal that largely tracks ``pi`` (the dominant class also collects the largest
+    gradients), so a full weight would count the same imbalance twice.
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = _ABL_RENAMES
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
 
     method: str = "tent"
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
-    steps: int = 1
-    abl: bool = False
-    abl_tau_f: float = 1.0
-    abl_tau_g: float = 0.25
-    abl_momentum: float = 0.9
+    steps: int = 1  # optimizer steps per test batch
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,7 +367,7 @@ class TentConfig(AdaptConfig):
             raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.steps < 1:
             raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
-        check_abl_options(self)
+        check_abl_option(self)
 
 
 def _check_lr(config: object) -> None:
@@ -239,7 +420,7 @@ class EATAConfig(AdaptConfig):
       cosine is about 0.3, so 0.05 would drop almost every sample. 0.4 is what the TTA benchmark
       library (mariodoebler/test-time-adaptation) runs EATA with on CIFAR-10-C (K = 10, as our
       digits and Fashion-MNIST streams).
-    * ``probs_momentum = 0.9``: the paper's EMA weight on the old mean softmax.
+    * ``probs_decay = 0.9``: the paper's EMA weight on the old mean softmax.
     * ``fisher_alpha = 2000``: the paper's. The term's pull per SGD step is ``2 lr alpha F`` of
       the distance to ``theta0``: at most about 0.05 on the digits CNN (torchao W4A4, diagonal
       Fisher up to 1.3e-3, lr 1e-2), far inside SGD's stable range, so the paper's weight
@@ -252,10 +433,16 @@ class EATAConfig(AdaptConfig):
       gradient of the batch's cross-entropy against the model's own predictions, as EATA computes
       it (in batches of 64, the size ``fisher_alpha`` was set for).
 
-    ``abl=True`` takes TTAQ's adaptive balanced loss inside EATA's loss, as Tent does
-    (:class:`TentConfig`): the selected samples' entropies are taken on the adjusted logits;
-    selection, weights and the prediction use the raw logits.
+    ``abl=True`` (or an :class:`ABLConfig`) takes TTAQ's adaptive balanced loss inside EATA's
+    loss, as Tent does (:class:`TentConfig`): the selected samples' entropies are taken on the
+    adjusted logits; selection, weights and the prediction use the raw logits.
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "probs_momentum": Renamed("probs_decay", how="the same value: the weight kept"),
+        **_ABL_RENAMES,
+    }
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
 
     method: str = "eata"
     lr: float | None = None
@@ -265,7 +452,7 @@ class EATAConfig(AdaptConfig):
     e_margin: float = 0.4
     redundancy_filter: bool = True
     d_margin: float = 0.4
-    probs_momentum: float = 0.9
+    probs_decay: float = 0.9
     reweight: bool = True
     fisher: bool | None = None
     fisher_alpha: float = 2000.0
@@ -273,17 +460,15 @@ class EATAConfig(AdaptConfig):
     #: clean source inputs for the Fisher (a tensor, or an iterable of tensors / (x, y) pairs);
     #: default: the calibration sample a model quantized with keep_calibration_sample=True keeps
     source_data: Any = None
-    abl: bool = False
-    abl_tau_f: float = 1.0
-    abl_tau_g: float = 0.25
-    abl_momentum: float = 0.9
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_lr(self)
         _check_positive(self, "e_margin", "d_margin", "fisher_alpha")
         _check_unit(self, "momentum", low_open=False, high_open=True)
-        _check_unit(self, "probs_momentum", low_open=False, high_open=True)
+        _check_unit(self, "probs_decay", low_open=False, high_open=True)
         _check_nonnegative(self, "weight_decay")
         _check_flags(self, "reliable_filter", "redundancy_filter", "reweight")
         if self.fisher is not None and not isinstance(self.fisher, bool):
@@ -292,7 +477,7 @@ class EATAConfig(AdaptConfig):
                 f"False, got {self.fisher!r}"
             )
         _check_int(self, "source_batch_size", 1)
-        check_abl_options(self)
+        check_abl_option(self)
 
 
 @dataclass
@@ -319,8 +504,12 @@ class SARConfig(AdaptConfig):
       (torchao W4A4): the reliable samples' mean entropy is about 0.32 nats on clean images, and
       the loss EMA stayed above 0.36 along a whole digits-C stream (15 domains, seed 1), so 0.2
       flags what it flags on ImageNet, predictions gone to one-hot, and not a confident model.
-    * ``ema_momentum = 0.9``: the paper's EMA weight on the old value of that loss.
+    * ``loss_decay = 0.9``: the paper's EMA weight on the old value of that loss.
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "ema_momentum": Renamed("loss_decay", how="the same value: the weight kept"),
+    }
 
     method: str = "sar"
     lr: float | None = None
@@ -332,24 +521,26 @@ class SARConfig(AdaptConfig):
     rho: float = 0.05
     recovery: bool = True
     reset_constant: float = 0.2
-    ema_momentum: float = 0.9
+    loss_decay: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_lr(self)
         _check_positive(self, "e_margin", "rho", "reset_constant")
         _check_unit(self, "momentum", low_open=False, high_open=True)
-        _check_unit(self, "ema_momentum", low_open=False, high_open=True)
+        _check_unit(self, "loss_decay", low_open=False, high_open=True)
         _check_nonnegative(self, "weight_decay")
         _check_flags(self, "reliable_filter", "sam", "recovery")
 
 
 @dataclass
-class ReconstructConfig:
+class ReconstructConfig(metaclass=OptionsMeta):
     """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...).
 
     ``seed``: methods draw from their own generators seeded with it (the process's global RNGs
     are left alone)."""
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {}
 
     method: str = "ttaq"
     seed: int = 0
@@ -422,7 +613,7 @@ class CoTTAConfig(AdaptConfig):
     the reference setting for CIFAR-10-C).
 
     Parts, each switchable off: ``mean_teacher`` (the teacher is an EMA of the student with weight
-    ``ema_alpha`` on its old value; off: the teacher is the student as of the last step),
+    ``teacher_decay`` on its old value; off: the teacher is the student as of the last step),
     ``augment`` (when the mean confidence of the ``confidence_from`` model, ``"source"`` as in the
     paper or ``"teacher"``, on the batch is below ``confidence_threshold``, the pseudo-labels are
     the teacher's softmax averaged over ``n_augmentations`` augmented copies), ``restore``
@@ -431,10 +622,16 @@ class CoTTAConfig(AdaptConfig):
     copy costs one teacher forward pass, and on 10-class 32 px inputs four already average out
     most of the augmentation noise.
 
-    ``abl=True`` adds TTAQ's adaptive balanced loss to the student's loss (as in
-    :class:`TentConfig`): the cross-entropy to the teacher's soft labels is taken on the adjusted
-    student logits; the prediction is unchanged.
+    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss to the student's
+    loss (as in :class:`TentConfig`): the cross-entropy to the teacher's soft labels is taken on
+    the adjusted student logits; the prediction is unchanged.
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "ema_alpha": Renamed("teacher_decay", how="the same value: the weight kept"),
+        **_ABL_RENAMES,
+    }
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
 
     method: str = "cotta"
     params: str = "all"
@@ -443,17 +640,15 @@ class CoTTAConfig(AdaptConfig):
     momentum: float = 0.9
     weight_decay: float = 0.0
     mean_teacher: bool = True
-    ema_alpha: float = 0.999
+    teacher_decay: float = 0.999
     augment: bool = True
     n_augmentations: int = 4
     confidence_threshold: float = 0.92
     confidence_from: str = "source"
     restore: bool = True
     restore_prob: float = 0.01
-    abl: bool = False
-    abl_tau_f: float = 1.0
-    abl_tau_g: float = 0.25
-    abl_momentum: float = 0.9
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -461,7 +656,7 @@ class CoTTAConfig(AdaptConfig):
             raise ValueError(f"CoTTAConfig.params must be 'all' or 'norm', got {self.params!r}")
         _check_optimizer(self)
         _check_flags(self, "mean_teacher", "augment", "restore")
-        _check_unit(self, "ema_alpha", low_open=False, high_open=True)
+        _check_unit(self, "teacher_decay", low_open=False, high_open=True)
         _check_int(self, "n_augmentations", 1)
         _check_unit(self, "confidence_threshold", low_open=False, high_open=False)
         if self.confidence_from not in ("source", "teacher"):
@@ -470,7 +665,7 @@ class CoTTAConfig(AdaptConfig):
                 f"{self.confidence_from!r}"
             )
         _check_unit(self, "restore_prob", low_open=False, high_open=False)
-        check_abl_options(self)
+        check_abl_option(self)
 
 
 @dataclass
@@ -479,16 +674,34 @@ class RoTTAConfig(AdaptConfig):
     (:mod:`qtta_plugins.methods.rotta`).
 
     Parts, each switchable off: ``rbn`` (robust batch normalisation: global statistics, an EMA
-    with weight ``rbn_momentum`` on each batch's; off: test-batch statistics), ``balanced_memory``
+    with weight ``rbn_decay`` on the old global statistics, ``1 - rbn_decay`` on each batch's;
+    off: test-batch statistics), ``balanced_memory``
     (the category-balanced memory CSTU of ``memory_capacity`` samples, scored by age
     ``lambda_t`` and uncertainty ``lambda_u``; off: a first-in first-out memory of the same size),
-    ``mean_teacher`` (the teacher is an EMA of the student with weight ``ema_nu`` on the student;
-    off: the teacher is the student as of the last step), ``timeliness`` (the loss weighs each
+    ``mean_teacher`` (the teacher is an EMA of the student with weight ``teacher_decay`` on the
+    old teacher, ``1 - teacher_decay`` on the student; off: the teacher is the student as of the
+    last step), ``timeliness`` (the loss weighs each
     memory item by its age; off: uniformly), ``strong_augment`` (the student sees augmented
     memory items; off: the items as they are). The student takes one step every
     ``update_frequency`` test samples, on the memory. ``optimizer`` / ``lr`` / ``momentum`` (SGD
     only) / ``weight_decay``: Adam at 1e-3, the paper's setting; the norm affines adapt.
+
+    The paper's ``alpha = 0.05`` (RBN) and ``nu = 0.001`` (teacher) are the fractions *updated*:
+    ``rbn_decay = 0.95`` and ``teacher_decay = 0.999`` are the same EMAs, written as every config
+    here writes an EMA (the weight kept). The old options ``rbn_momentum`` / ``ema_nu`` held the
+    paper's values and are converted (``1 - value``) when given.
     """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "rbn_momentum": Renamed(
+            "rbn_decay", UPDATED_TO_KEPT, "it held the fraction updated: rbn_decay = 1 - value"
+        ),
+        "ema_nu": Renamed(
+            "teacher_decay",
+            UPDATED_TO_KEPT,
+            "it held the fraction updated: teacher_decay = 1 - value",
+        ),
+    }
 
     method: str = "rotta"
     optimizer: str = "adam"
@@ -496,14 +709,14 @@ class RoTTAConfig(AdaptConfig):
     momentum: float = 0.9
     weight_decay: float = 0.0
     rbn: bool = True
-    rbn_momentum: float = 0.05
+    rbn_decay: float = 0.95
     balanced_memory: bool = True
     memory_capacity: int = 64
     lambda_t: float = 1.0
     lambda_u: float = 1.0
     update_frequency: int = 64
     mean_teacher: bool = True
-    ema_nu: float = 0.001
+    teacher_decay: float = 0.999
     timeliness: bool = True
     strong_augment: bool = True
 
@@ -511,8 +724,8 @@ class RoTTAConfig(AdaptConfig):
         super().__post_init__()
         _check_optimizer(self)
         _check_flags(self, "rbn", "balanced_memory", "mean_teacher", "timeliness", "strong_augment")
-        _check_unit(self, "rbn_momentum", low_open=True, high_open=False)
+        _check_unit(self, "rbn_decay", low_open=False, high_open=True)
         _check_int(self, "memory_capacity", 1)
         _check_int(self, "update_frequency", 1)
-        _check_unit(self, "ema_nu", low_open=False, high_open=False)
+        _check_unit(self, "teacher_decay", low_open=False, high_open=False)
         _check_nonnegative(self, "lambda_t", "lambda_u")

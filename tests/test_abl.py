@@ -11,7 +11,7 @@ from _state import model_state
 
 import qtta_plugins
 from qtta_plugins import BadBatchError
-from qtta_plugins.config import TentConfig
+from qtta_plugins.config import ABLConfig, TentConfig
 from qtta_plugins.methods.tent import abl_adjusted_logits, softmax_entropy, tent_parameters
 
 pytest.importorskip("torchao")
@@ -93,13 +93,11 @@ def test_abl_off_is_plain_tent_bit_for_bit(qcnn, short_stream):
     expected = torch.cat(expected)
 
     default = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "tent")
-    # the ABL knobs do nothing while abl is off
-    off = qtta_plugins.adapt(
-        qcnn["w4a4"], short_stream, TentConfig(abl=False, abl_tau_f=3.0, abl_tau_g=2.0)
-    )
+    # abl=False is ABL off
+    off = qtta_plugins.adapt(qcnn["w4a4"], short_stream, TentConfig(abl=False))
     # and ABL with both weights at zero is the same loss through the ABL code path
     zero = qtta_plugins.adapt(
-        qcnn["w4a4"], short_stream, TentConfig(abl=True, abl_tau_f=0.0, abl_tau_g=0.0)
+        qcnn["w4a4"], short_stream, TentConfig(abl=ABLConfig(tau_f=0.0, tau_g=0.0))
     )
     for run in (default, off, zero):
         assert torch.equal(run.predictions, expected)
@@ -121,7 +119,7 @@ def test_class_frequency_ema_follows_the_predictions(qcnn, digits):
     batches = [
         torch.cat([threes[28 * i : 28 * (i + 1)], others[12 * i : 12 * (i + 1)]]) for i in range(4)
     ]
-    run = qtta_plugins.adapt(qcnn["w4a4"], None, TentConfig(abl=True, abl_momentum=0.5))
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, TentConfig(abl=ABLConfig(decay=0.5)))
     k = 10
     pi = torch.full((k,), 1 / k)
     g_before = torch.ones(k)
@@ -153,7 +151,7 @@ def test_prediction_uses_the_raw_logits(qcnn, short_stream):
     g = torch.linspace(0.5, 1.5, 10)
     state = run.method.state_dict()
     run.method.load_state_dict({**state, "abl": {"class_freq": pi, "grad_mag": g}})
-    adjusted = abl_adjusted_logits(plain, pi, g, ABL.abl_tau_f, ABL.abl_tau_g)
+    adjusted = abl_adjusted_logits(plain, pi, g, ABL.abl.tau_f, ABL.abl.tau_g)
     assert not torch.equal(adjusted.argmax(1), plain.argmax(1))
 
     params = [p.detach().clone() for p in run.method.adapted_parameters()]
@@ -234,24 +232,40 @@ def test_reset_forgets_the_abl_statistics(qcnn, short_stream):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"abl_tau_f": -1.0}, r"TentConfig.abl_tau_f must be a finite number >= 0"),
-        ({"abl_tau_g": float("nan")}, r"TentConfig.abl_tau_g must be a finite number >= 0"),
-        ({"abl_tau_g": "0.5"}, r"TentConfig.abl_tau_g must be a finite number >= 0"),
-        ({"abl_momentum": 1.0}, r"TentConfig.abl_momentum must be in \[0, 1\)"),
-        ({"abl_momentum": -0.1}, r"TentConfig.abl_momentum must be in \[0, 1\)"),
-        ({"abl": "yes"}, r"TentConfig.abl must be True or False"),
+        ({"tau_f": -1.0}, r"TentConfig.abl: ABLConfig.tau_f must be a finite number >= 0"),
+        ({"tau_g": float("nan")}, r"TentConfig.abl: ABLConfig.tau_g must be a finite number >= 0"),
+        ({"tau_g": "0.5"}, r"TentConfig.abl: ABLConfig.tau_g must be a finite number >= 0"),
+        ({"decay": 1.0}, r"TentConfig.abl: ABLConfig.decay must be in \[0, 1\)"),
+        ({"decay": -0.1}, r"TentConfig.abl: ABLConfig.decay must be in \[0, 1\)"),
     ],
 )
 def test_abl_options_are_validated(options, message):
     with pytest.raises(ValueError, match=message):
-        TentConfig(**{"abl": True, **options})
+        TentConfig(abl=options)
+    with pytest.raises(ValueError, match=message.replace("TentConfig.abl: ", "")):
+        ABLConfig(**options)
+
+
+def test_an_unknown_abl_field_is_named():
+    with pytest.raises(ValueError, match=r"TentConfig.abl: 'momentum' is not a field of ABLConfig"):
+        TentConfig(abl={"momentum": 0.5})
+
+
+def test_abl_takes_a_config_true_a_dict_or_off():
+    assert TentConfig().abl is None and TentConfig(abl=False).abl is None
+    assert TentConfig(abl=True).abl == ABLConfig() == ABLConfig(1.0, 0.25, 0.9)
+    assert TentConfig(abl={"tau_f": 0.5}).abl == ABLConfig(tau_f=0.5)
+    assert TentConfig(abl=ABLConfig(decay=0.5)).abl == ABLConfig(decay=0.5)
+    with pytest.raises(ValueError, match=r"TentConfig.abl must be an ABLConfig, True"):
+        TentConfig(abl="yes")
 
 
 def test_abl_options_reach_tent_through_adapt(qcnn):
-    run = qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl=True, abl_tau_f=0.5)
-    assert run.config.abl and run.config.abl_tau_f == 0.5 and run.config.abl_tau_g == 0.25
-    with pytest.raises(ValueError, match=r"abl_momentum"):
-        qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl=True, abl_momentum=2)
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl={"tau_f": 0.5})
+    assert run.config.abl == ABLConfig(tau_f=0.5, tau_g=0.25)
+    assert run.method.abl is not None and run.method.abl.tau_f == 0.5
+    with pytest.raises(ValueError, match=r"ABLConfig.decay"):
+        qtta_plugins.adapt(qcnn["w4a4"], None, "tent", abl={"decay": 2})
 
 
 # --- on a class-imbalanced stream ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from _state import model_state, same_state
 
 import qtta_plugins
-from qtta_plugins import BadBatchError, CoTTAConfig
+from qtta_plugins import ABLConfig, BadBatchError, CoTTAConfig
 from qtta_plugins.methods.cotta import CoTTA, augment
 
 pytest.importorskip("torchao")
@@ -54,7 +54,7 @@ def test_cotta_adapts_on_every_backend(qcnn_on, domain_batches, backend):
 def test_the_teacher_is_an_ema_of_the_student(qcnn_on, domain_batches):
     alpha = 0.9  # far from 1, so the EMA's share of the student is well above float rounding
     run = qtta_plugins.adapt(
-        qcnn_on("torchao"), None, "cotta", ema_alpha=alpha, restore=False, augment=False
+        qcnn_on("torchao"), None, "cotta", teacher_decay=alpha, restore=False, augment=False
     )
     old = [p.detach().clone() for p in run.method.params]
     run.step(domain_batches[0])
@@ -154,9 +154,7 @@ def test_abl_changes_the_loss_and_off_is_cotta_exactly(qcnn_on, domain_batches):
         qcnn_on("torchao"),
         domain_batches,
         "cotta",
-        abl=True,
-        abl_tau_f=0.0,
-        abl_tau_g=0.0,
+        abl=ABLConfig(tau_f=0.0, tau_g=0.0),
         **options,
     )
     balanced = qtta_plugins.adapt(qcnn_on("torchao"), domain_batches, "cotta", abl=True, **options)
@@ -275,13 +273,14 @@ def test_deterministic_under_a_seed(qcnn_on, domain_batches):
         ({"params": "weights"}, r"CoTTAConfig.params must be 'all' or 'norm'"),
         ({"optimizer": "rmsprop"}, r"CoTTAConfig.optimizer must be 'adam' or 'sgd'"),
         ({"lr": 0.0}, r"CoTTAConfig.lr must be a positive finite"),
-        ({"ema_alpha": 1.0}, r"CoTTAConfig.ema_alpha must be in \[0, 1\)"),
+        ({"teacher_decay": 1.0}, r"CoTTAConfig.teacher_decay must be in \[0, 1\)"),
+        ({"ema_alpha": 1.0}, r"CoTTAConfig.teacher_decay must be in \[0, 1\)"),  # the old name
         ({"n_augmentations": 0}, r"CoTTAConfig.n_augmentations must be an int >= 1"),
         ({"confidence_threshold": 1.5}, r"CoTTAConfig.confidence_threshold must be in \[0, 1\]"),
         ({"confidence_from": "student"}, r"CoTTAConfig.confidence_from must be 'source'"),
         ({"restore_prob": -0.1}, r"CoTTAConfig.restore_prob must be in \[0, 1\]"),
         ({"restore": 1}, r"CoTTAConfig.restore must be True or False"),
-        ({"abl_tau_f": -1.0}, r"CoTTAConfig.abl_tau_f must be a finite number >= 0"),
+        ({"abl": {"tau_f": -1.0}}, r"CoTTAConfig.abl: ABLConfig.tau_f must be a finite number"),
     ],
 )
 def test_config_validation(qcnn_on, options, message):

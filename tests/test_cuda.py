@@ -176,7 +176,7 @@ def test_rtfq_bank_trains_evaluates_and_materializes_on_cuda(float_cnn, digits) 
         resolutions=(24, 32),
         bits=(8, 4),
         recalib_images=128,
-        steps=3,
+        train_steps=3,
         batch_size=32,
         progress=False,
     )

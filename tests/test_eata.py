@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from _state import model_state, same_state
 
 import qtta_plugins
-from qtta_plugins import BadBatchError, EATAConfig
+from qtta_plugins import ABLConfig, BadBatchError, EATAConfig
 from qtta_plugins.methods.abl import softmax_entropy
 from qtta_plugins.methods.eata import eata_loss, eata_selection
 from qtta_plugins.methods.tent import tent_parameters
@@ -100,7 +100,7 @@ def test_the_weights_are_exp_of_e0_minus_the_entropy_and_constant_in_the_gradien
 # --- the method on a model -----------------------------------------------------------------------
 def test_counts_and_the_softmax_ema_follow_the_filters_on_a_stream(qcnn, short_stream):
     m = 0.5
-    run = qtta_plugins.adapt(qcnn["w4a4"], None, "eata", fisher=False, probs_momentum=m)
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, "eata", fisher=False, probs_decay=m)
     probs = None
     for b in short_stream[:3]:
         before = (run.method.reliable_samples, run.method.selected_samples)
@@ -164,9 +164,9 @@ def test_eata_is_the_papers_algorithm_and_abl_off_is_eata_exactly(qcnn, short_st
     for p, e in zip(params_of(default), expected_params, strict=True):
         torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-5)
 
-    # ABL's knobs do nothing while it is off; ABL at zero weights is the same loss through its path
-    off = EATAConfig(source_data=clean, abl=False, abl_tau_f=3.0, abl_tau_g=2.0)
-    zero = EATAConfig(source_data=clean, abl=True, abl_tau_f=0.0, abl_tau_g=0.0)
+    # ABL off is EATA; ABL at zero weights is the same loss through its path
+    off = EATAConfig(source_data=clean, abl=False)
+    zero = EATAConfig(source_data=clean, abl=ABLConfig(tau_f=0.0, tau_g=0.0))
     for config in (off, zero):
         run = qtta_plugins.adapt(qcnn["w4a4"], batches, config)
         assert torch.equal(run.predictions, default.predictions)
@@ -342,14 +342,14 @@ def test_a_bad_batch_or_state_changes_nothing(qcnn, short_stream):
         ({"d_margin": -0.1}, r"EATAConfig.d_margin must be a positive"),
         ({"fisher_alpha": 0}, r"EATAConfig.fisher_alpha must be a positive"),
         ({"momentum": 1.0}, r"EATAConfig.momentum must be in \[0, 1\)"),
-        ({"probs_momentum": -0.5}, r"EATAConfig.probs_momentum must be in \[0, 1\)"),
+        ({"probs_decay": -0.5}, r"EATAConfig.probs_decay must be in \[0, 1\)"),
         ({"weight_decay": -1.0}, r"EATAConfig.weight_decay must be a finite number >= 0"),
         ({"reweight": 1}, r"EATAConfig.reweight must be True or False"),
         ({"redundancy_filter": "no"}, r"EATAConfig.redundancy_filter must be True or False"),
         ({"fisher": "yes"}, r"EATAConfig.fisher must be None"),
         ({"source_batch_size": 0}, r"EATAConfig.source_batch_size must be an int >= 1"),
-        ({"abl_tau_f": -1.0}, r"EATAConfig.abl_tau_f must be a finite number >= 0"),
-        ({"abl_momentum": 1.0}, r"EATAConfig.abl_momentum must be in \[0, 1\)"),
+        ({"abl": {"tau_f": -1.0}}, r"EATAConfig.abl: ABLConfig.tau_f must be a finite number"),
+        ({"abl": {"decay": 1.0}}, r"EATAConfig.abl: ABLConfig.decay must be in \[0, 1\)"),
     ],
 )
 def test_eata_options_are_validated(options, message):

@@ -220,7 +220,9 @@ def test_refuses_a_model_that_cannot_backpropagate():
 
 
 def test_the_student_steps_at_the_update_frequency_and_the_teacher_follows(qcnn_on, domain_batches):
-    run = qtta_plugins.adapt(qcnn_on("torchao"), None, "rotta", update_frequency=24, ema_nu=0.5)
+    run = qtta_plugins.adapt(
+        qcnn_on("torchao"), None, "rotta", update_frequency=24, teacher_decay=0.5
+    )
     teacher0 = [p.detach().clone() for p in run.method.params]
     run.step(domain_batches[0])  # 16 samples: no step yet
     assert run.method.updates == 0 and len(run.method.memory) > 0
@@ -326,10 +328,12 @@ def test_reset_save_and_load_continue_exactly(qcnn_on, domain_batches, tmp_path)
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"rbn_momentum": 0.0}, r"RoTTAConfig.rbn_momentum must be in \(0, 1\]"),
+        ({"rbn_decay": 1.0}, r"RoTTAConfig.rbn_decay must be in \[0, 1\)"),
+        ({"rbn_momentum": 0.0}, r"RoTTAConfig.rbn_decay must be in \[0, 1\)"),  # the old name
         ({"memory_capacity": 0}, r"RoTTAConfig.memory_capacity must be an int >= 1"),
         ({"update_frequency": 2.5}, r"RoTTAConfig.update_frequency must be an int >= 1"),
-        ({"ema_nu": 2.0}, r"RoTTAConfig.ema_nu must be in \[0, 1\]"),
+        ({"teacher_decay": -1.0}, r"RoTTAConfig.teacher_decay must be in \[0, 1\]"),
+        ({"ema_nu": 2.0}, r"RoTTAConfig.teacher_decay must be in \[0, 1\]"),  # the old name
         ({"lambda_u": -1.0}, r"RoTTAConfig.lambda_u must be a finite number >= 0"),
         ({"optimizer": "lbfgs"}, r"RoTTAConfig.optimizer must be 'adam' or 'sgd'"),
         ({"rbn": "yes"}, r"RoTTAConfig.rbn must be True or False"),

@@ -26,7 +26,7 @@ SMALL = {"widths": (0.5, 1.0), "resolutions": (24, 32), "bits": (8, 4), "recalib
 @pytest.fixture(scope="module")
 def bank(float_cnn, digits):
     train, test = digits
-    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(steps=2, progress=False, **SMALL))
+    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(train_steps=2, progress=False, **SMALL))
     train_bank(bank, (train.x[:256], train.y[:256]), train.x[256:512])
     bank.evaluate(test.x[:200], test.y[:200])
     return bank
@@ -37,7 +37,7 @@ def test_config_validation_and_the_subnet_grid() -> None:
     for bad, match in (
         ({"widths": (0.0, 1.0)}, "widths"),
         ({"bits": (1,)}, "bits"),
-        ({"steps": 0}, "steps"),
+        ({"train_steps": 0}, "train_steps"),
         ({"n_random": -1}, "n_random"),
         ({"lr": float("nan")}, "lr"),
         ({"distill_warmup": 1.5}, "distill_warmup"),
@@ -220,7 +220,9 @@ def test_a_fixed_teacher_distils_every_subnet_towards_it(float_cnn, digits) -> N
     source, target = (train.x[:256], train.y[:256]), train.x[256:512]
     share = {}
     for name, teacher in (("alone", None), ("distilled", _Always(3))):
-        cfg = RTFQConfig(steps=20, progress=False, distill_weight=20.0, distill_warmup=0.0, **one)
+        cfg = RTFQConfig(
+            train_steps=20, progress=False, distill_weight=20.0, distill_warmup=0.0, **one
+        )
         bank = SubnetBank(float_cnn, target[:128], cfg)
         if teacher is not None:
             teacher.train()
@@ -241,7 +243,7 @@ def test_largest_first_trains_only_the_largest_subnet_at_the_top_bits(float_cnn,
     source, target = (train.x[:256], train.y[:256]), train.x[256:512]
     moved = {}
     for first in (0.0, 0.9):  # 3 steps: round(0.9 * 3) = 3 largest-first steps, none after
-        cfg = RTFQConfig(steps=3, progress=False, largest_first=first, **SMALL)
+        cfg = RTFQConfig(train_steps=3, progress=False, largest_first=first, **SMALL)
         bank = SubnetBank(float_cnn, target[:128], cfg)
         layer = next(iter(bank.layers.values()))
         before = {k: v.detach().clone() for k, v in layer.act_scale.items()}
@@ -253,7 +255,7 @@ def test_largest_first_trains_only_the_largest_subnet_at_the_top_bits(float_cnn,
 
 def test_a_teacher_needs_distillation_and_a_module(float_cnn, digits) -> None:
     train, _ = digits
-    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(steps=1, progress=False, **SMALL))
+    bank = SubnetBank(float_cnn, train.x[:128], RTFQConfig(train_steps=1, progress=False, **SMALL))
     before = {k: v.clone() for k, v in bank.state_dict().items()}
     source, target = (train.x[:128], train.y[:128]), train.x[128:256]
     with pytest.raises(ValueError, match="distill=True"):
@@ -273,7 +275,7 @@ def test_two_process_training_matches_one_process(float_cnn, digits, tmp_path) -
     from pathlib import Path
 
     train, _ = digits
-    config = {"steps": 4, "progress": False, "lr": 1e-3, **SMALL}
+    config = {"train_steps": 4, "progress": False, "lr": 1e-3, **SMALL}
     source, target = (train.x[:256], train.y[:256]), train.x[256:512]
     torch.save(
         {"model": float_cnn.state_dict(), "source": source, "target": target, "config": config},
@@ -310,7 +312,7 @@ def test_multi_bit_bank_adapts_every_subnet() -> None:
     source, _ = load_source("mnist", seed=0)
     target, test = load_source("digits", seed=0)
     model = train_source_model("bncnn", "mnist", epochs=8, seed=0, progress=False)
-    bank = SubnetBank(model, target.x, RTFQConfig(steps=100, progress=False))
+    bank = SubnetBank(model, target.x, RTFQConfig(train_steps=100, progress=False))
     train_bank(bank, (source.x, source.y), target.x)
     for subnet in (Subnet(1.0, 32, 8), Subnet(0.5, 24, 4)):
         bank.recalibrate(subnet)

@@ -109,7 +109,7 @@ def test_a_batch_with_no_reliable_sample_makes_no_step(qcnn, digits):
 # trained on): too large a one sends it to high entropy instead, where no sample is reliable and
 # SAR stops updating. So the test takes the first of these rates that collapses this model.
 COLLAPSE_LRS = (2.0, 5.0, 20.0)
-EMA_MOMENTUM = 0.5
+LOSS_DECAY = 0.5
 
 
 def collapsing_run(model, x, steps=8):
@@ -117,7 +117,7 @@ def collapsing_run(model, x, steps=8):
     stopped right after the reset, ``emas`` the EMA after each step before it); fails if none does."""
     tried = {}
     for lr in COLLAPSE_LRS:
-        run = qtta_plugins.adapt(model, None, "sar", lr=lr, ema_momentum=EMA_MOMENTUM)
+        run = qtta_plugins.adapt(model, None, "sar", lr=lr, loss_decay=LOSS_DECAY)
         initial = params_of(run)
         emas = []
         for _ in range(steps):
@@ -144,7 +144,7 @@ def test_recovery_resets_a_collapsing_run_to_its_initial_parameters(qcnn, digits
 
     # with recovery off, the same run never resets and keeps no EMA
     off = qtta_plugins.adapt(
-        qcnn["w4a4"], None, "sar", lr=lr, ema_momentum=EMA_MOMENTUM, recovery=False
+        qcnn["w4a4"], None, "sar", lr=lr, loss_decay=LOSS_DECAY, recovery=False
     )
     for _ in range(len(emas) + 1):
         off.step(x)
@@ -243,7 +243,7 @@ def test_a_bad_batch_or_state_changes_nothing(qcnn, short_stream):
         ({"e_margin": float("inf")}, r"SARConfig.e_margin must be a positive"),
         ({"reset_constant": -0.2}, r"SARConfig.reset_constant must be a positive"),
         ({"momentum": 1.5}, r"SARConfig.momentum must be in \[0, 1\)"),
-        ({"ema_momentum": 1.0}, r"SARConfig.ema_momentum must be in \[0, 1\)"),
+        ({"loss_decay": 1.0}, r"SARConfig.loss_decay must be in \[0, 1\)"),
         ({"weight_decay": float("nan")}, r"SARConfig.weight_decay must be a finite number >= 0"),
         ({"sam": "yes"}, r"SARConfig.sam must be True or False"),
         ({"recovery": None}, r"SARConfig.recovery must be True or False"),

@@ -113,7 +113,7 @@ def test_train_bank_takes_batches_and_a_loader(float_cnn, digits) -> None:
     """Batches that are the tensor form's own draws give the same bank, bit for bit; a loader is
     read again from the start when it runs out; anything else is a clear error."""
     train, test = digits
-    cfg = RTFQConfig(steps=2, batch_size=16, progress=False, **ONE)
+    cfg = RTFQConfig(train_steps=2, batch_size=16, progress=False, **ONE)
     xs, ys, xt = train.x[:64], train.y[:64], train.x[64:128]
     by_tensors = SubnetBank(float_cnn, train.x[:128], cfg)
     train_bank(by_tensors, (xs, ys), xt)
@@ -132,13 +132,13 @@ def test_train_bank_takes_batches_and_a_loader(float_cnn, digits) -> None:
     loader_s = Counting(DataLoader(TensorDataset(xs[:32], ys[:32]), batch_size=16))
     loader_t = DataLoader(TensorDataset(xt[:32]), batch_size=16)
     bank = SubnetBank(float_cnn, train.x[:128], cfg)
-    train_bank(bank, loader_s, loader_t, RTFQConfig(steps=3, progress=False, **ONE))
+    train_bank(bank, loader_s, loader_t, RTFQConfig(train_steps=3, progress=False, **ONE))
     assert loader_s.read == 3
     rows = bank.evaluate(test.x[:96], test.y[:96])
     by_loader = bank.evaluate(DataLoader(TensorDataset(test.x[:96], test.y[:96]), batch_size=40))
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in by_loader]
 
-    cfg = RTFQConfig(steps=3, batch_size=16, progress=False, **ONE)
+    cfg = RTFQConfig(train_steps=3, batch_size=16, progress=False, **ONE)
     with pytest.raises(ValueError, match="after 2: it is an iterator, read once"):
         train_bank(bank, iter(source), target, cfg)
     with pytest.raises(TypeError, match="source needs labels"):

@@ -284,7 +284,7 @@ def _rtfq_part(result, model, train, test, steps, seed, progress, say):
     )
     target = corrupt_set(train, corruption, severity, seed=seed, progress=progress)
     target_test = corrupt_set(test, corruption, severity, seed=seed, progress=progress)
-    config = RTFQConfig(steps=steps, seed=seed, progress=progress, **DEMO_BANK)
+    config = RTFQConfig(train_steps=steps, seed=seed, progress=progress, **DEMO_BANK)
     bank = SubnetBank(model, target.x, config)
     source_only = accuracy(model, target_test.x, target_test.y)
     trained = train_bank(bank, (train.x, train.y), target.x)

@@ -754,9 +754,12 @@ def _reconstruct_rows(config: BenchConfig) -> dict[str, ReconstructRow]:
 
 
 def _build_options(config_cls: type, method: str, options: dict[str, Any], key: str) -> Any:
-    """``config_cls(method=method, **options)``, its errors named with ``key``."""
+    """``config_cls(method=method, **options)``, its errors named with ``key``. An option's name
+    from before a rename (``config_cls.renamed_options``) is accepted, with the config's
+    DeprecationWarning naming the new one."""
     names = {f.name for f in fields(config_cls)}
-    unknown = [k for k in options if k not in names or k == "method"]
+    old_names = set(getattr(config_cls, "renamed_options", {}))
+    unknown = [k for k in options if (k not in names and k not in old_names) or k == "method"]
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

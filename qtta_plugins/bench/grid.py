@@ -22,7 +22,7 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +190,14 @@ def method_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
 
 
 def _plain(config: Any) -> dict[str, Any]:
-    """A method config's fields as JSON-able data (an object option by its type's name)."""
-    out = {}
+    """A method config's fields as JSON-able data (an embedded config, such as ``abl``'s
+    ``ABLConfig``, as its own fields; another object option by its type's name)."""
+    out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
+        if is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = _plain(value)
+            continue
         out[f.name] = (
             value
             if value is None or isinstance(value, str | int | float | bool | list | dict | tuple)

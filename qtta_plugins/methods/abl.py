@@ -1,6 +1,6 @@
 """TTAQ's adaptive balanced loss (ABL) as a part any entropy-based method can use.
 
-Tent uses it (``TentConfig(abl=True)``); EATA and CoTTA take it the same way, as TTAQ applies ABL
+Tent uses it (``TentConfig(abl=True)``, or ``abl=ABLConfig(tau_f=..., tau_g=..., decay=...)``); EATA and CoTTA take it the same way, as TTAQ applies ABL
 inside generic test-time methods. The formulation, with the reasons for its signs, is in
 :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``. In short, with ``pi`` the EMA of the stream's
 soft class frequencies and ``g`` the EMA of each class's share of the loss gradient on the logits,
@@ -15,9 +15,12 @@ the self-training loss is taken on ``z~ = z - tau_f log(pi) - tau_g log(g / mean
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import ABLConfig
 
 #: floor of ``pi`` and ``g / mean g`` before the log: an unseen class gets a large but finite shift
 ABL_EPS = 1e-6
@@ -54,11 +57,18 @@ class BalancedLoss:
     place, so a shallow copy of :meth:`state_dict` is a snapshot.
     """
 
-    def __init__(self, tau_f: float, tau_g: float, momentum: float) -> None:
+    def __init__(self, tau_f: float, tau_g: float, decay: float) -> None:
         self.tau_f = tau_f
         self.tau_g = tau_g
-        self.momentum = momentum
+        self.decay = decay  # the EMAs' weight on the old value
         self.reset()
+
+    @classmethod
+    def from_config(cls, config: ABLConfig | None) -> BalancedLoss | None:
+        """The loss for a method config's ``abl`` (``None``: ABL off, no loss)."""
+        if config is None:
+            return None
+        return cls(config.tau_f, config.tau_g, config.decay)
 
     def reset(self) -> None:
         self.class_freq: torch.Tensor | None = None
@@ -87,7 +97,7 @@ class BalancedLoss:
     def update(self, logits: torch.Tensor, logit_grad: torch.Tensor | None) -> None:
         """Fold one batch into the EMAs: its soft class frequencies and its gradient push."""
         assert self.class_freq is not None and self.grad_mag is not None, "adjust() comes first"
-        m = self.momentum
+        m = self.decay
         freq = logits.float().softmax(1).mean(0)
         self.class_freq = m * self.class_freq + (1 - m) * freq
         if logit_grad is None:
@@ -135,4 +145,4 @@ def check_abl_state(state: dict[str, Any], abl: BalancedLoss | None, what: str) 
             + f" it ({what}Config.abl must match)"
         )
     if abl is not None:
-        BalancedLoss(abl.tau_f, abl.tau_g, abl.momentum).load_state_dict(state["abl"])
+        BalancedLoss(abl.tau_f, abl.tau_g, abl.decay).load_state_dict(state["abl"])

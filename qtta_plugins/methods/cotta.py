@@ -9,7 +9,7 @@ A student learns from a mean teacher; the teacher predicts. Per batch ``x``:
    prediction (its log, for an averaged one): CoTTA predicts with the teacher.
 2. The student takes one step on the cross-entropy from its own logits on ``x`` to the teacher's
    soft labels.
-3. The teacher moves towards the student: ``t <- alpha * t + (1 - alpha) * s`` (``ema_alpha``
+3. The teacher moves towards the student: ``t <- alpha * t + (1 - alpha) * s`` (``teacher_decay``
    0.999).
 4. Stochastic restore: each adapted element of the student goes back to its source value with
    probability ``restore_prob`` (0.01), so knowledge of the source is never lost for good on a
@@ -45,8 +45,8 @@ Our choices, where the paper leaves room or our setting differs:
 * ABL (``abl=True``, TTAQ's adaptive balanced loss, :mod:`qtta_plugins.methods.abl`): the
   cross-entropy is taken on the adjusted student logits ``z~ = z - tau_f log pi - tau_g log(g /
   mean g)``; ``pi`` follows the stream's predictions (the teacher's outputs), ``g`` the gradient
-  on the adjusted logits; both are updated once per batch. ``abl_tau_f = abl_tau_g = 0`` is
-  CoTTA exactly.
+  on the adjusted logits; both are updated once per batch. ``ABLConfig(tau_f=0, tau_g=0)``
+  is CoTTA exactly.
 
 Randomness (restore masks, augmentations) comes from the method's own generator, seeded with
 ``config.seed`` and kept in its state, so runs repeat and a save / load continues exactly.
@@ -244,11 +244,7 @@ class CoTTA(ExposesBalancedLoss, TestTimeMethod):
         self.anchor = view.copy() if needs_source else None
         self.optimizer = make_optimizer(self.student_params, config)  # type: ignore[arg-type]
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.abl = (
-            BalancedLoss(config.abl_tau_f, config.abl_tau_g, config.abl_momentum)
-            if config.abl
-            else None
-        )
+        self.abl = BalancedLoss.from_config(config.abl)
         self.augmented = False
 
     # --- one batch -------------------------------------------------------------------------------
@@ -270,7 +266,7 @@ class CoTTA(ExposesBalancedLoss, TestTimeMethod):
             self.abl.update(output, grads[0] if grads else None)
         if any(not torch.isfinite(p).all() for p in self.student_params):
             raise FloatingPointError("the CoTTA student became non-finite on this batch")
-        ema_update(self.params, self.student_params, c.ema_alpha if c.mean_teacher else 0.0)
+        ema_update(self.params, self.student_params, c.teacher_decay if c.mean_teacher else 0.0)
         if c.restore:
             self.stochastic_restore(c.restore_prob)
         return output

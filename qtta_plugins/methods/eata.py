@@ -9,7 +9,7 @@ quantizers straight through. Per batch ``x`` with logits ``z`` (``K`` classes), 
 1. reliable samples: ``E_i < E0``. A high-entropy prediction is as likely wrong as right, and its
    gradient is large and noisy; learning from it is what makes entropy minimisation drift;
 2. non-redundant samples, among the reliable ones: ``|cos(p_i, m)| < d_margin``, with ``p_i`` the
-   sample's softmax and ``m`` an EMA (weight ``probs_momentum`` on the old value) of the mean
+   sample's softmax and ``m`` an EMA (weight ``probs_decay`` on the old value) of the mean
    softmax of the samples selected so far. A sample that looks like what the model already learnt
    from adds cost, little information, and a push towards the classes it has seen most. The EMA
    starts at the first batch's selected samples (the first batch has only the first filter) and
@@ -172,11 +172,7 @@ class EATA(ExposesBalancedLoss, TestTimeMethod):
                     "which is ETA (fisher=False turns it off without this warning)",
                     stacklevel=4,
                 )
-        self.abl = (
-            BalancedLoss(config.abl_tau_f, config.abl_tau_g, config.abl_momentum)
-            if config.abl
-            else None
-        )
+        self.abl = BalancedLoss.from_config(config.abl)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -234,7 +230,7 @@ class EATA(ExposesBalancedLoss, TestTimeMethod):
         if not selected.any():
             return
         mean = logits[selected].float().softmax(1).mean(0)
-        m = self.config.probs_momentum
+        m = self.config.probs_decay
         # replaced, never updated in place: a shallow copy of the state is a snapshot
         self.probs = mean if self.probs is None else m * self.probs + (1 - m) * mean
 

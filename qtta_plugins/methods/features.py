@@ -144,7 +144,7 @@ class FeatureRecorder:
         self.detector_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         # The output shift: the last feature is moved by (source mean - EMA of its batch means).
         self.shift_target: torch.Tensor | None = None  # None: no shift
-        self.shift_momentum = 0.9
+        self.shift_decay = 0.9
         self.shift_enabled = True
         self.update_ema = True  # False on extra passes over the same batch
         self.feature_ema: torch.Tensor | None = None
@@ -248,7 +248,7 @@ class FeatureRecorder:
             if self.update_ema:
                 mean = pooled(x).mean(0)
                 self.last_feature_mean = mean
-                m = self.shift_momentum
+                m = self.shift_decay
                 self.feature_ema = (
                     mean if self.feature_ema is None else m * self.feature_ema + (1 - m) * mean
                 )

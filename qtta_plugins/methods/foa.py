@@ -32,7 +32,7 @@ copied - its licence is non-commercial):
    features. On CNNs: pooled stage outputs, the source's averaged over batches (``"mean"``).
 3. ``es.tell`` with all 28; the best candidate (the previous best among them) becomes the
    incumbent, and its output, with the output shift, is the prediction.
-4. Output shift: the head sees ``f + (mean_src - m)``, ``m`` an EMA (weight ``shift_momentum``
+4. Output shift: the head sees ``f + (mean_src - m)``, ``m`` an EMA (weight ``shift_decay``
    0.9 kept) of the batch means of the head's input over all of a batch's passes, started at the
    first batch's and updated after predicting (the first batch is predicted unshifted). The shift
    lives in the head's bias (``b + W_q @ shift``), so between batches the model is the backend's
@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..config import AdaptConfig
+from ..config import AdaptConfig, Renamed
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .base import MethodInfo, TestTimeMethod
@@ -81,6 +81,10 @@ class FOAConfig(AdaptConfig):
     ``features``, ``predict``, ``shift_update`` and ``cma_start`` each put one step of our FOA
     before issue 34 back, for ablations."""
 
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "shift_momentum": Renamed("shift_decay", how="the same value: the weight kept"),
+    }
+
     method: str = "foa"
     population: int = 27  # CMA-ES candidates per batch (+ the previous best: 28 passes)
     prompt: str = "auto"  # "tokens" (ViTs, the paper's), "image" (any model), "auto"
@@ -99,7 +103,7 @@ class FOAConfig(AdaptConfig):
     shift_update: str = "candidates"  # "candidates" (the authors') or "prediction"
     cma_start: str = "zero"  # "zero" (the authors') or "prompt" (centred at the VPT init)
     shift: bool = True
-    shift_momentum: float = 0.9
+    shift_decay: float = 0.9  # the shift EMA's weight on the old value
     batch_stats: bool = True
     feature_layers: str = "blocks"
     source_batch_size: int = 64
@@ -134,10 +138,8 @@ class FOAConfig(AdaptConfig):
             )
         if self.prompt_grid < 0 or (self.prompt_grid == 0 and not self.affine):
             raise ValueError("FOAConfig: needs a prompt (prompt_grid >= 1) or affine=True")
-        if not 0 <= self.shift_momentum < 1:
-            raise ValueError(
-                f"FOAConfig.shift_momentum must be in [0, 1), got {self.shift_momentum!r}"
-            )
+        if not 0 <= self.shift_decay < 1:
+            raise ValueError(f"FOAConfig.shift_decay must be in [0, 1), got {self.shift_decay!r}")
 
 
 class _RandN:
@@ -389,7 +391,7 @@ class FOA(TestTimeMethod):
         layers = feature_layers(view, config.feature_layers)
         class_token = self.features == "class_token"
         self.recorder = FeatureRecorder(view, layers, token=0 if class_token else None)
-        self.recorder.shift_momentum = config.shift_momentum
+        self.recorder.shift_decay = config.shift_decay
         if batches:
             found = source_statistics(view, self.recorder, batches)
         else:  # what quantize measured on its calibration data (None: warned why)
@@ -551,7 +553,7 @@ class FOA(TestTimeMethod):
         batch's passes, after the prediction, which gets the shift from earlier batches (none on
         the first). ``"prediction"``: the EMA takes the predicting pass's mean first, and the
         prediction gets the shift with this batch in it."""
-        recorder, m = self.recorder, self.config.shift_momentum
+        recorder, m = self.recorder, self.config.shift_decay
         before = recorder.applied_shift
         candidates = self.config.shift_update == "candidates"
         mean = all_mean if candidates else chosen_mean

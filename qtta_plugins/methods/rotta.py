@@ -4,8 +4,8 @@ Built for streams whose label distribution drifts and whose batches are correlat
 time, small batches), where test-batch statistics and per-batch updates go wrong. Three parts:
 
 * **Robust batch normalisation (RBN)**: batch norms normalise with global statistics, an EMA
-  (``rbn_momentum`` 0.05) of the batch statistics seen during the updates, instead of each test
-  batch's own. Served by the view (:meth:`~qtta_plugins.view.QuantView.robust_batch_norms`) on
+  (``rbn_decay`` 0.95 kept on the old statistics, the paper's ``alpha = 0.05`` on each batch's)
+  of the batch statistics seen during the updates, instead of each test batch's own. Served by the view (:meth:`~qtta_plugins.view.QuantView.robust_batch_norms`) on
   every backend; the statistics live in the norms' running buffers.
 * **Category-balanced sampling with timeliness and uncertainty (CSTU)**: a memory of
   ``memory_capacity`` (64) test samples, each kept with its predicted class, its age (how many
@@ -19,7 +19,7 @@ time, small batches), where test-batch statistics and per-batch updates go wrong
   displaces nothing is dropped. Every item ages by one per arriving sample. So no class can flood
   the memory, whatever the order of the stream.
 * **Teacher-student with timeliness reweighting**: the teacher (an EMA of the student, weight
-  ``ema_nu`` 0.001 on the student) predicts the stream. Every ``update_frequency`` (64) samples
+  ``teacher_decay`` 0.999 on the old teacher, the paper's ``nu = 0.001`` on the student) predicts the stream. Every ``update_frequency`` (64) samples
   the student takes one step on the memory: the cross-entropy from its logits on strongly
   augmented items (:func:`qtta_plugins.methods.cotta.augment`) to the teacher's soft labels on
   the items themselves, each item weighted by ``w(a) = exp(-a / C) / (1 + exp(-a / C))``
@@ -267,8 +267,8 @@ class RoTTA(TestTimeMethod):
         self.student_rbn: RobustBatchNorm | None = None
         stats: list[torch.Tensor] = []
         if config.rbn:
-            self.rbn = view.robust_batch_norms(config.rbn_momentum)
-            self.student_rbn = self.student.robust_batch_norms(config.rbn_momentum)
+            self.rbn = view.robust_batch_norms(1 - config.rbn_decay)
+            self.student_rbn = self.student.robust_batch_norms(1 - config.rbn_decay)
             stats = [t for pair in self.rbn.statistics().values() for t in pair]
         self.stat_names, self.student_stats = paired(stats, view.model, self.student.model, "rotta")
         self._initial = [t.detach().clone() for t in [*self.student_params, *self.student_stats]]
@@ -332,7 +332,7 @@ class RoTTA(TestTimeMethod):
         self.optimizer.zero_grad(set_to_none=True)
         if any(not torch.isfinite(p).all() for p in self.student_params):
             raise FloatingPointError("the RoTTA student became non-finite on this batch")
-        ema_update(self.params, self.student_params, 1 - c.ema_nu if c.mean_teacher else 0.0)
+        ema_update(self.params, self.student_params, c.teacher_decay if c.mean_teacher else 0.0)
         self.updates += 1
 
     # --- state -----------------------------------------------------------------------------------

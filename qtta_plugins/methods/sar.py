@@ -98,7 +98,7 @@ class SAR(TestTimeMethod):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.recovery:
-            m = c.ema_momentum
+            m = c.loss_decay
             self.ema = tracked if self.ema is None else m * self.ema + (1 - m) * tracked
             if self.ema < c.reset_constant:
                 self.recover()

@@ -7,7 +7,7 @@ Gradients pass the fake quantizers straight through, so the quantized model adap
 
 ABL (``TentConfig(abl=True)``): the adaptive balanced loss of TTAQ (Xiao et al., arXiv 2412.09899),
 our formulation (the paper's method section was not available). Two statistics of the stream, EMAs
-with weight ``m = abl_momentum`` on the old value, updated once per batch after its first step:
+with weight ``m = ABLConfig.decay`` on the old value, updated once per batch after its first step:
 
 * ``pi_c``, the class frequency of the stream's predictions: the mean *soft* prediction
   ``softmax(z)`` of the raw logits over the batch, starting from uniform ``1/K``. Soft, not argmax
@@ -138,7 +138,7 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
         for _ in range(self.config.steps):
             with torch.enable_grad():
                 logits = self.view.model(x)
-                if self.config.abl:
+                if self.abl is not None:
                     loss, logit_grad = self._abl_loss(logits)
                 else:
                     loss = softmax_entropy(logits).mean()
@@ -147,7 +147,7 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
             self.optimizer.step()
             if prediction is None:
                 prediction = logits.detach()
-                if self.config.abl:
+                if self.abl is not None:
                     # once per batch, from its first step: each batch counts once whatever ``steps``
                     self._abl_update(prediction, logit_grad[0])
         self.optimizer.zero_grad(set_to_none=True)
@@ -191,7 +191,7 @@ class Tent(ExposesBalancedLoss, TestTimeMethod):
     def _abl_init(self) -> None:
         # the number of classes is known at the first batch: until then, no statistics
         c = self.config
-        self.abl = BalancedLoss(c.abl_tau_f, c.abl_tau_g, c.abl_momentum) if c.abl else None
+        self.abl = BalancedLoss.from_config(c.abl)
 
 
 @hookimpl

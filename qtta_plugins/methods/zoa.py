@@ -49,13 +49,13 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from ..config import AdaptConfig
+from ..config import AdaptConfig, Renamed
 from ..hookspecs import hookimpl
 from ..view import NormLayer, QuantView
 from .base import MethodInfo, TestTimeMethod
@@ -81,6 +81,11 @@ class ZOAConfig(AdaptConfig):
     ``entropy=False`` (alignment only), ``batch_stats=False`` (norms keep source statistics).
     """
 
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "shift_momentum": Renamed("shift_decay", how="the same value: the weight kept"),
+        "detector_momentum": Renamed("detector_decay", how="the same value: the weight kept"),
+    }
+
     method: str = "zoa"
     #: which norms adapt: "late" (default: the later half of the middle blocks, so that pass 2
     #: recomputes only that half, see reuse_prefix), "middle" (the authors': all but those of the
@@ -98,9 +103,9 @@ class ZOAConfig(AdaptConfig):
     align_weight: float | None = None  # lambda: 1 CNN / 30 transformer; 0 turns alignment off
     entropy: bool = True
     shift: bool = True
-    shift_momentum: float = 0.9
+    shift_decay: float = 0.9  # the output shift's EMA: weight on the old value
     detector: bool = True
-    detector_momentum: float = 0.8
+    detector_decay: float = 0.8  # the detector's running statistics: weight on the old value
     detector_threshold: float | None = None  # symmetric KL: 0.05 CNN / 0.1 transformer (see docs)
     min_domain_batches: int = 2  # a domain shorter than this is not stored
     bank: bool = True
@@ -146,7 +151,7 @@ class ZOAConfig(AdaptConfig):
                 )
         if self.align_weight is not None and not self.align_weight >= 0:
             raise ValueError(f"ZOAConfig.align_weight must be >= 0, got {self.align_weight!r}")
-        for name in ("shift_momentum", "detector_momentum"):
+        for name in ("shift_decay", "detector_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"ZOAConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.converge_window < 1 or self.probe_period < 1:
@@ -250,7 +255,7 @@ class ZOA(TestTimeMethod):
         first = detector_norm(view) if config.detector else None
         detector = view.norm_input_module(first) if first is not None else None
         self.recorder = FeatureRecorder(view, layers, detector)
-        self.recorder.shift_momentum = config.shift_momentum
+        self.recorder.shift_decay = config.shift_decay
         batches = source_batches(view, config.source_data, config.source_batch_size)
         if batches:
             found = source_statistics(view, self.recorder, batches)
@@ -541,7 +546,7 @@ class ZOA(TestTimeMethod):
                 if changed:
                     self.running_detector = (mean.clone(), var.clone())
                 else:
-                    m = cfg.detector_momentum
+                    m = cfg.detector_decay
                     self.running_detector = (m * r_mean + (1 - m) * mean, m * r_var + (1 - m) * var)
         elif not cfg.detector:
             changed = self.domain_batches >= cfg.store_period

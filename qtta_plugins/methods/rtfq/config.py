@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ...config import OptionsMeta, Renamed
 
 BUDGET_KEYS = ("macs", "bitops", "bytes")
 
@@ -23,14 +26,21 @@ class Subnet:
 
 
 @dataclass
-class RTFQConfig:
-    """How a bank is built and trained; every training ingredient can be switched off (ablations)."""
+class RTFQConfig(metaclass=OptionsMeta):
+    """How a bank is built and trained; every training ingredient can be switched off (ablations).
+
+    ``train_steps``: the bank's training steps in total (``steps``, before issue 36 gave that word
+    one meaning, optimizer steps per test batch, is still accepted with a DeprecationWarning)."""
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "steps": Renamed("train_steps", how="the training steps in total, the same value"),
+    }
 
     widths: tuple[float, ...] = (0.5, 0.75, 1.0)
     resolutions: tuple[int, ...] = (32, 28, 24)
     bits: tuple[int, ...] = (8, 6, 4)
     first_last_bits: int | None = 8
-    steps: int = 300
+    train_steps: int = 300
     batch_size: int = 64
     lr: float = 5e-4  # Adam on the shared weights and norm affine parameters
     lr_act: float = 1e-3  # Adam on the activation step sizes
@@ -65,7 +75,7 @@ class RTFQConfig:
             raise ValueError(f"RTFQConfig.bits must be in 2..8, got {self.bits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
             raise ValueError("RTFQConfig.first_last_bits must be 2..8 or None")
-        for name in ("steps", "batch_size", "recalib_images"):
+        for name in ("train_steps", "batch_size", "recalib_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RTFQConfig.{name} must be a positive int, got {value!r}")

@@ -121,16 +121,16 @@ def train_bank(
     bank.train()
     start = time.perf_counter()
     bar = tqdm(
-        range(cfg.steps),
+        range(cfg.train_steps),
         desc="RTF-Q bank",
         disable=not show_progress(cfg.progress) or rank != 0,
         leave=False,
     )
     last = 0.0
-    first_steps = round(cfg.largest_first * cfg.steps)
+    first_steps = round(cfg.largest_first * cfg.train_steps)
     largest = Subnet(max(cfg.widths), max(cfg.resolutions), max(cfg.bits))
     # the distillation warm-up starts where the SandwichQ plan does
-    warmup_steps = cfg.distill_warmup * (cfg.steps - first_steps)
+    warmup_steps = cfg.distill_warmup * (cfg.train_steps - first_steps)
     for step in bar:
         (x_s, y_s), x_t = next(source_batches), next(target_batches)
         distill_weight = cfg.distill_weight * (
