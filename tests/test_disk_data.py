@@ -91,7 +91,7 @@ def image_list(root: Path) -> Path:
 def vision(name: str):
     """torchvision or timm, imported through the zoo (a torchvision wheel of another torch build
     imports only so), or the test is skipped."""
-    from qtta_plugins import zoo
+    from qtta_plugins.models import zoo
 
     try:
         return zoo.import_torchvision() if name == "torchvision" else zoo.import_timm()

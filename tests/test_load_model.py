@@ -20,7 +20,7 @@ X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 def vision(name: str):
     """torchvision or timm through the zoo (the only way this machine's torchvision imports)."""
-    from qtta_plugins import zoo
+    from qtta_plugins.models import zoo
 
     try:
         return zoo.import_torchvision() if name == "torchvision" else zoo.import_timm()
