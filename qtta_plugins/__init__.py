@@ -59,7 +59,8 @@ from .methods.ttaq import TTAQConfig
 from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins
 from .plugins import plugin_manager as _plugin_manager
-from .view import SOURCE_SAMPLE_SIZE, QuantView, keep_source_statistics, kept_source_statistics
+from .source import SOURCE_SAMPLE_SIZE, keep_source_statistics, kept_source_statistics
+from .view import QuantView
 from .view import copy_model as _copy_model
 from .window import WindowConfig, Windowed, as_window, check_window_fits
 

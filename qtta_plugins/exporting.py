@@ -43,7 +43,7 @@ def example_input(model: torch.nn.Module, batch: int = 2) -> torch.Tensor | None
     :func:`~qtta_plugins.quantize` kept on it (``keep_calibration_sample=True``), else zeros of
     the input shape its source statistics record; ``None`` when neither is known (a model
     quantized with the backend's own API: pass ``example=``)."""
-    from .view import kept_source_statistics, source_sample
+    from .source import kept_source_statistics, source_sample
 
     sample = source_sample(model)
     if isinstance(sample, torch.Tensor) and len(sample):

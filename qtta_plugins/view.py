@@ -8,12 +8,8 @@ when the user did not ask for in-place work, is the caller's job (see :func:`qtt
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import math
-import re
 import warnings
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +23,38 @@ from .fakequant import (
     round_ste as round_ste,
 )  # re-exported: adapters write their own quantizers with it
 from .prefix import PrefixCache, prefix_cache
+
+# re-exported: adapters and methods import the source-data names from the view
+from .source import (
+    SOURCE_BATCH_SIZE as SOURCE_BATCH_SIZE,
+)
+from .source import (
+    SOURCE_SAMPLE_SIZE as SOURCE_SAMPLE_SIZE,
+)
+from .source import (
+    FeatureStatistics as FeatureStatistics,
+)
+from .source import (
+    SourceStatistics as SourceStatistics,
+)
+from .source import (
+    first_inputs as first_inputs,
+)
+from .source import (
+    keep_source_statistics as keep_source_statistics,
+)
+from .source import (
+    kept_source_statistics as kept_source_statistics,
+)
+from .source import (
+    remember_source_sample as remember_source_sample,
+)
+from .source import (
+    source_sample as source_sample,
+)
+from .source import (
+    state_fingerprint as state_fingerprint,
+)
 
 NormMode = Literal["source", "batch"]
 
@@ -236,190 +264,6 @@ class Block:
     layers: list[QuantLayer] = field(default_factory=list)
 
 
-_SOURCE_SAMPLE = "_qtta_source_sample"
-_SOURCE_STATS = "_qtta_source_statistics"
-SOURCE_SAMPLE_SIZE = 512
-#: the batch size source statistics are measured in (the methods' ``source_batch_size`` default)
-SOURCE_BATCH_SIZE = 64
-
-
-def first_inputs(
-    batches: Iterable[torch.Tensor], n: int = SOURCE_SAMPLE_SIZE
-) -> torch.Tensor | None:
-    """The first ``n`` inputs of ``batches`` as one detached tensor (``None`` if there are none)."""
-    kept, count = [], 0
-    for x in batches:
-        x = x.detach()[: n - count].clone()
-        kept.append(x)
-        count += x.shape[0]
-        if count >= n:
-            break
-    return torch.cat(kept) if kept else None
-
-
-def _set_meta(model: nn.Module, key: str, value: object) -> None:
-    if isinstance(model, torch.fx.GraphModule):
-        model.meta[key] = value  # a GraphModule's deep copy keeps .meta, not attributes
-    else:
-        object.__setattr__(model, key, value)
-
-
-def _get_meta(model: nn.Module, key: str) -> object:
-    inner = model._modules.get("_orig_mod")  # a torch.compile wrapper: the model inside
-    if isinstance(inner, nn.Module):
-        return _get_meta(inner, key)
-    if isinstance(model, torch.fx.GraphModule):
-        return model.meta.get(key)
-    return model.__dict__.get(key)
-
-
-def remember_source_sample(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Keep up to :data:`SOURCE_SAMPLE_SIZE` clean inputs on ``model`` (outside its state dict).
-
-    :func:`qtta_plugins.quantize` does so only when asked (``keep_calibration_sample=True``): the
-    sample follows the model through deep copies, :func:`copy_model` and every copy a user makes,
-    so by default the model carries :class:`SourceStatistics` instead. With a sample, methods
-    measure source statistics on the model as it is when they start (after a conversion, say).
-    """
-    sample = first_inputs(batches)
-    if sample is not None:
-        _set_meta(model, _SOURCE_SAMPLE, sample)
-
-
-def source_sample(model: nn.Module) -> torch.Tensor | None:
-    """The clean inputs :func:`remember_source_sample` kept on ``model`` (or its compiled wrapper)."""
-    return _get_meta(model, _SOURCE_SAMPLE)  # type: ignore[return-value]
-
-
-@dataclass
-class FeatureStatistics:
-    """Source feature statistics of one model state, the one whose :func:`state_fingerprint` is
-    ``fingerprint``: ``features[mode][layer]``, the per-channel ``(mean, std)`` of the pooled
-    input of each quantized layer but the first, averaged over batches, with norms in ``mode``
-    (``"source"`` / ``"batch"``), as ``zoa`` compares test batches with; ``class_token[mode]
-    [layer]``, for models whose layers see token sequences, the same of the class token (the
-    pooled feature where a layer sees none) over all images at once, unbiased std, as ``foa``
-    compares; and ``detector[mode][norm]``, the per-channel ``(mean, var)`` of what the first
-    norm normalises."""
-
-    fingerprint: str
-    features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    class_token: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(
-        default_factory=dict
-    )
-    detector: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-
-
-@dataclass
-class SourceStatistics:
-    """What :func:`qtta_plugins.quantize` keeps on a model in place of its calibration images:
-    statistics measured on them, small tensors outside the state dict that follow the model through
-    copies (:func:`qtta_plugins.methods.features.measure_source_statistics`).
-
-    ``measured``: :class:`FeatureStatistics` of the model as :func:`qtta_plugins.adapt` prepares it
-    (:meth:`QuantView.prepare_adaptation`), in batches of ``batch_size``, with batch norms on
-    test-batch statistics (as ``zoa`` and ``foa`` run by default; a model without batch-norm
-    statistics normalises alike in both modes). ``adapter``: what the adapter measured on the
-    model as quantized (:func:`state_fingerprint` ``fingerprint``) for its own preparation
-    (:meth:`QuantView.measure_source`). Statistics hold only for the model states they were
-    measured on: a model changed since (converted, reconstructed or adapted in place, edited)
-    matches none of them, and methods then need clean data again (``source_data=``, or
-    ``keep_calibration_sample=True`` at quantize time).
-    """
-
-    images: int
-    batch_size: int
-    input_shape: tuple[int, ...]
-    fingerprint: str
-    adapter: dict[str, object] = field(default_factory=dict)
-    measured: list[FeatureStatistics] = field(default_factory=list)
-
-    def matches(self, view: QuantView) -> bool:
-        """Whether ``view``'s model is still the model as quantized (what ``adapter`` describes)."""
-        return state_fingerprint(view) == self.fingerprint
-
-    def for_view(self, view: QuantView) -> FeatureStatistics | None:
-        """The feature statistics measured on ``view``'s model as it is now, if any."""
-        if not self.measured:
-            return None
-        fingerprint = state_fingerprint(view)
-        return next((m for m in self.measured if m.fingerprint == fingerprint), None)
-
-
-def keep_source_statistics(model: nn.Module, stats: SourceStatistics | None) -> None:
-    """Keep ``stats`` on ``model`` (outside its state dict; ``None`` removes them)."""
-    if stats is None:
-        if isinstance(model, torch.fx.GraphModule):
-            model.meta.pop(_SOURCE_STATS, None)
-        else:
-            model.__dict__.pop(_SOURCE_STATS, None)
-        return
-    _set_meta(model, _SOURCE_STATS, stats)
-
-
-def kept_source_statistics(model: nn.Module) -> SourceStatistics | None:
-    """The :class:`SourceStatistics` kept on ``model`` (or its compiled wrapper), if any."""
-    return _get_meta(model, _SOURCE_STATS)  # type: ignore[return-value]
-
-
-#: a memory address in a repr (``<... at 0x7f...>``): differs between a model and its deep copy
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _tensor_digest(t: torch.Tensor) -> bytes:
-    """Bytes that change whenever ``t``'s values do, equal for equal tensors (a deep copy's too).
-
-    A plain dense tensor: its raw bytes. A traceable tensor subclass (torchao's packed weights,
-    ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ...): its type, its metadata and, recursively,
-    the inner tensors ``__tensor_flatten__`` names (the integer data, scales, zero points), which
-    are what it computes with. Anything else (torch's quantized or sparse tensors, subclasses
-    without ``__tensor_flatten__``): its ``torch.save`` serialization, which holds its values.
-    """
-    t = t.detach()
-    if (
-        type(t) is torch.Tensor
-        and t.layout == torch.strided
-        and not t.is_quantized
-        and not t.is_meta
-    ):
-        return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None:
-        names, context = flatten()
-        parts = [type(t).__qualname__.encode(), _ADDRESS.sub("", repr(context)).encode()]
-        for name in names:
-            inner = getattr(t, name)
-            parts += [f"{name}|{inner.dtype}|{tuple(inner.shape)}".encode(), _tensor_digest(inner)]
-        return b"|".join(parts)
-    buffer = io.BytesIO()
-    torch.save(t, buffer)
-    return buffer.getvalue()
-
-
-def state_fingerprint(view: QuantView) -> str:
-    """A digest of everything a model's function depends on that a view can change: every
-    state-dict tensor (names, dtypes, shapes and values; a tensor subclass such as torchao's
-    packed weights by its inner tensors, :func:`_tensor_digest`) and each quantizer's bit-width
-    and switch. Equal fingerprints: statistics measured on one model hold for the other.
-
-    Batch norms' ``num_batches_tracked`` counters are left out: they do not change what the model
-    computes, and torchao's train-mode pt2e graph increments them on every forward, so merely
-    running a quantized model would otherwise invalidate its source statistics."""
-    model = view.model
-    inner = model._modules.get("_orig_mod")
-    if isinstance(inner, nn.Module):
-        model = inner
-    digest = hashlib.sha256()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name.rsplit(".", 1)[-1] == "num_batches_tracked":
-            continue
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(_tensor_digest(t))
-    for q in view.quantizers():
-        digest.update(f"{q.name}|{q.bits}|{q.enabled}|".encode())
-    return digest.hexdigest()
-
-
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, quietly: torch's pytree warns (FutureWarning, about ``LeafSpec``)
     whenever an exported graph is deep-copied, which says nothing to our users."""
@@ -482,100 +326,6 @@ def set_module_norm_mode(model: nn.Module, mode: NormMode) -> None:
             elif "_qtta_momentum" in state:
                 module.momentum = state.pop("_qtta_momentum")
             module.train(mode == "batch")
-
-
-class _RobustNormHook:
-    """The forward pre-hook :class:`RobustBatchNorm` puts in front of one batch norm. It holds
-    its owner by a weak reference, so a deep copy of the model does not copy the owner (and
-    :meth:`QuantView.copy` drops it from copies)."""
-
-    def __init__(self, owner: RobustBatchNorm, norm: NormLayer) -> None:
-        self.owner = weakref.ref(owner)
-        self.norm = norm
-
-    def __call__(self, module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
-        owner = self.owner()
-        if owner is None or not owner.updating or not args:
-            return None
-        x = args[0]
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            return None
-        return (owner._fold(self.norm, x), *args[1:])
-
-
-class RobustBatchNorm:
-    """Robust batch normalisation (RBN; Yuan et al., "Robust Test-Time Adaptation in Dynamic
-    Scenarios", CVPR 2023) on a view's batch norms with running statistics.
-
-    Each such norm normalises with *global* statistics ``(mu, var)`` that follow an exponential
-    moving average of the batch statistics it sees while :attr:`updating` is on::
-
-        mu  <- (1 - momentum) * mu  + momentum * mean_batch(x)
-        var <- (1 - momentum) * var + momentum * var_batch(x)     (biased variance)
-
-    and stay as they are otherwise (prediction). A small batch, or a batch of one class, then moves
-    the normalisation only a little, where test-batch statistics would follow it entirely.
-
-    How it is served on every backend: the global statistics *are* the norm's own running
-    buffers, and the norms run on them (``"source"`` norm mode). While updating, a forward
-    pre-hook on :meth:`QuantView.norm_input_module` (the module whose input is what the norm
-    normalises) folds the batch statistics into the buffers in place and hands the norm
-    ``x' = x.detach() + (g - g.detach())`` with ``g = (x - mu) * sqrt(rv + eps) / sqrt(var + eps) + rm``,
-    where ``mu`` / ``var`` are the new statistics *as functions of the batch* and ``rm`` / ``rv``
-    the buffers holding their values. ``x'`` equals ``x`` exactly, so the norm computes
-    ``(x - mu) / sqrt(var + eps) * weight + bias``; its gradient is that of RBN, which reaches the
-    batch statistics with weight ``momentum``. Keeping the statistics in the running buffers keeps
-    the model its backend's own: a deep copy, a snapshot, the core's rollback and the backend's
-    export carry them (torchao's ``convert_pt2e`` folds them into the conv like any running
-    statistics).
-
-    ``momentum``: the paper's ``alpha`` (0.05). Norms without running statistics (LayerNorm,
-    GroupNorm) are left alone.
-    """
-
-    def __init__(self, view: QuantView, momentum: float) -> None:
-        if isinstance(momentum, bool) or not 0 < float(momentum) <= 1:
-            raise ValueError(f"RBN momentum must be in (0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
-        self.norms = [n for n in view.norms() if n.has_statistics and n.running_var is not None]
-        #: whether forwards fold their batch statistics into the global ones
-        self.updating = False
-        view.set_norm_mode("source")
-        self._handles = []
-        for norm in self.norms:
-            module = view.norm_input_module(norm)
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if isinstance(hook, _RobustNormHook):  # one RBN per norm: a new one replaces it
-                    del module._forward_pre_hooks[key]
-            self._handles.append(module.register_forward_pre_hook(_RobustNormHook(self, norm)))
-
-    def statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The global ``(mean, var)`` of each norm, by name (the live buffers)."""
-        return {n.name: (n.running_mean, n.running_var) for n in self.norms}  # type: ignore[misc]
-
-    def remove(self) -> None:
-        """Take the hooks off (the statistics stay in the running buffers)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _fold(self, norm: NormLayer, x: torch.Tensor) -> torch.Tensor:
-        rm, rv = norm.running_mean, norm.running_var
-        assert rm is not None and rv is not None
-        eps = 1e-5 if norm.eps is None else norm.eps
-        dims = [d for d in range(x.ndim) if d != 1]
-        batch_var, batch_mean = torch.var_mean(x, dim=dims, unbiased=False)
-        a = self.momentum
-        mean = (1 - a) * rm.detach().to(x.dtype) + a * batch_mean
-        var = (1 - a) * rv.detach().to(x.dtype) + a * batch_var
-        with torch.no_grad():
-            rm.copy_(mean)
-            rv.copy_(var)
-        shape = [1] * x.ndim
-        shape[1] = -1
-        ratio = (rv.to(x.dtype) + eps).sqrt() / (var + eps).sqrt()
-        g = (x - mean.reshape(shape)) * ratio.reshape(shape) + rm.to(x.dtype).reshape(shape)
-        return x.detach() + (g - g.detach())  # the value of x exactly, RBN's gradient
 
 
 class QuantView(ABC):
@@ -746,32 +496,25 @@ class QuantView(ABC):
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
-    # --- copies and robust norms (teacher-student methods) ----------------------------------------
+    # --- copies (teacher-student methods) ----------------------------------------
     def copy(self) -> QuantView:
         """A view of a deep copy of this model: the same view class, norm mode and sample shape,
         and no tensor shared with this model. Teacher-student methods keep their teacher, student
         and source copies this way (``cotta``, ``rotta``), so every backend serves them.
 
-        The hooks a :class:`RobustBatchNorm` put on this model are not carried over (a copied hook
-        would still update this model's statistics); other hooks are copied with the model.
+        Hooks that set ``drop_on_copy = True`` (RoTTA's robust batch norm) are not carried over (a
+        copied hook would still update this model's statistics); other hooks are copied with the
+        model.
         Adapters whose view needs more than the model to be rebuilt override this."""
         clone = type(self)(copy_model(self.model))
         for module in clone.model.modules():
             for key, hook in list(module._forward_pre_hooks.items()):
-                if isinstance(hook, _RobustNormHook):
+                if getattr(hook, "drop_on_copy", False):
                     del module._forward_pre_hooks[key]
         clone.set_norm_mode(self.norm_mode)
         if hasattr(self, "sample_shape"):
             clone.sample_shape = self.sample_shape  # type: ignore[attr-defined]
         return clone
-
-    def robust_batch_norms(self, momentum: float) -> RobustBatchNorm:
-        """Robust batch normalisation (RoTTA's RBN) on this model's batch norms with running
-        statistics: see :class:`RobustBatchNorm`. Puts the view in ``"source"`` norm mode (the
-        norms normalise with their running statistics, which RBN keeps). The default works
-        through :meth:`norm_input_module` and the norms' running buffers, on any backend that
-        lists them; an adapter with another way to hold the statistics overrides it."""
-        return RobustBatchNorm(self, momentum)
 
     # --- state -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, object]:

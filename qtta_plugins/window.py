@@ -25,7 +25,7 @@ content away, which is what this module is here to avoid.
 
 With the default ``update_every=N`` every sample reaches the method's update exactly once; with
 ``k < N`` a sample is adapted on ``N / k`` times, as overlapping windows do. Global robust
-statistics (RoTTA's RBN, :meth:`~qtta_plugins.view.QuantView.robust_batch_norms`) are the
+statistics (RoTTA's RBN, :class:`~qtta_plugins.methods.rotta.RobustBatchNorm`) are the
 alternative for normalisation at batch 1 that the window leaves open: ``adapt(..., "rotta")`` at
 batch 1 uses them today; which one should be each norm family's default is not yet measured.
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import qtta_plugins
-from qtta_plugins.view import SourceStatistics, _tensor_digest, state_fingerprint
+from qtta_plugins.source import SourceStatistics, _tensor_digest, state_fingerprint
 
 pytest.importorskip("torchao")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import qtta_plugins
 from qtta_plugins import BadBatchError, RoTTAConfig
-from qtta_plugins.methods.rotta import BalancedMemory, RoTTA, timeliness_weight
+from qtta_plugins.methods.rotta import BalancedMemory, RobustBatchNorm, RoTTA, timeliness_weight
 from qtta_plugins.view import QuantView, module_norms, set_module_norm_mode
 
 pytest.importorskip("torchao")
@@ -130,7 +130,7 @@ def test_rbn_normalises_with_the_ema_of_batch_statistics_and_its_gradient():
     model = nn.Sequential(conv, bn)
     reference = copy.deepcopy(model)
     view = _ModuleView(model)
-    rbn = view.robust_batch_norms(0.05)
+    rbn = RobustBatchNorm(view, 0.05)
     assert view.norm_mode == "source" and len(rbn.norms) == 1
     x = torch.randn(8, 3, 5, 5)
 

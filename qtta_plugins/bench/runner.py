@@ -371,7 +371,7 @@ def _reconstructed(
     folder's ``models/`` (loaded into a copy of ``base``: the same model, as a fresh reconstruction
     gives; the source statistics then measured again, as ``reconstruct`` does). Returns the model
     and the seconds the reconstruction took (``None`` when it came from the cache)."""
-    from ..view import kept_source_statistics, state_fingerprint
+    from ..source import kept_source_statistics, state_fingerprint
 
     row = bench.reconstruct[cell.reconstruct]
     key = _key(

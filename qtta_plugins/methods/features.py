@@ -18,23 +18,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..view import (
+from ..source import (
     SOURCE_BATCH_SIZE,
     FeatureStatistics,
-    NormLayer,
-    QuantLayer,
-    QuantView,
     SourceStatistics,
-    copy_model,
-    fake_quantize,
     first_inputs,
     keep_source_statistics,
     kept_source_statistics,
-    model_device,
     remember_source_sample,
     source_sample,
     state_fingerprint,
 )
+from ..view import NormLayer, QuantLayer, QuantView, copy_model, fake_quantize, model_device
 
 
 @dataclass

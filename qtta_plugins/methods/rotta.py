@@ -5,8 +5,9 @@ time, small batches), where test-batch statistics and per-batch updates go wrong
 
 * **Robust batch normalisation (RBN)**: batch norms normalise with global statistics, an EMA
   (``rbn_decay`` 0.95 kept on the old statistics, the paper's ``alpha = 0.05`` on each batch's)
-  of the batch statistics seen during the updates, instead of each test batch's own. Served by the view (:meth:`~qtta_plugins.view.QuantView.robust_batch_norms`) on
-  every backend; the statistics live in the norms' running buffers.
+  of the batch statistics seen during the updates, instead of each test batch's own. Built here (:class:`RobustBatchNorm`) on the view's norms and
+  their inputs (:meth:`~qtta_plugins.view.QuantView.norm_input_module`), so it serves every backend;
+  the statistics live in the norms' running buffers.
 * **Category-balanced sampling with timeliness and uncertainty (CSTU)**: a memory of
   ``memory_capacity`` (64) test samples, each kept with its predicted class, its age (how many
   samples arrived since) and its uncertainty (the entropy of the teacher's prediction). The quota
@@ -46,6 +47,7 @@ Randomness (augmentations) comes from the method's own generator seeded with ``c
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +56,7 @@ from torch import nn
 
 from ..config import AdaptConfig, RoTTAConfig
 from ..hookspecs import hookimpl
-from ..view import QuantView, RobustBatchNorm
+from ..view import NormLayer, QuantView
 from .base import (
     MethodInfo,
     TestTimeMethod,
@@ -79,6 +81,103 @@ def timeliness_weight(ages: torch.Tensor, capacity: int) -> torch.Tensor:
     """RoTTA's timeliness reweighting ``exp(-a / C) / (1 + exp(-a / C))`` of items aged ``ages``
     in a memory of capacity ``C``: 1/2 for a new item, decreasing with age."""
     return torch.sigmoid(-ages.float() / capacity)
+
+
+# --- robust batch normalisation -------------------------------------------------------------
+class _RobustNormHook:
+    """The forward pre-hook :class:`RobustBatchNorm` puts in front of one batch norm. It holds
+    its owner by a weak reference, so a deep copy of the model does not copy the owner (and
+    :meth:`QuantView.copy` drops it from copies)."""
+
+    drop_on_copy = True  # a copied hook would still update the original model's statistics
+
+    def __init__(self, owner: RobustBatchNorm, norm: NormLayer) -> None:
+        self.owner = weakref.ref(owner)
+        self.norm = norm
+
+    def __call__(self, module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        owner = self.owner()
+        if owner is None or not owner.updating or not args:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            return None
+        return (owner._fold(self.norm, x), *args[1:])
+
+
+class RobustBatchNorm:
+    """Robust batch normalisation (RBN; Yuan et al., "Robust Test-Time Adaptation in Dynamic
+    Scenarios", CVPR 2023) on a view's batch norms with running statistics.
+
+    Each such norm normalises with *global* statistics ``(mu, var)`` that follow an exponential
+    moving average of the batch statistics it sees while :attr:`updating` is on::
+
+        mu  <- (1 - momentum) * mu  + momentum * mean_batch(x)
+        var <- (1 - momentum) * var + momentum * var_batch(x)     (biased variance)
+
+    and stay as they are otherwise (prediction). A small batch, or a batch of one class, then moves
+    the normalisation only a little, where test-batch statistics would follow it entirely.
+
+    How it is served on every backend: the global statistics *are* the norm's own running
+    buffers, and the norms run on them (``"source"`` norm mode). While updating, a forward
+    pre-hook on :meth:`QuantView.norm_input_module` (the module whose input is what the norm
+    normalises) folds the batch statistics into the buffers in place and hands the norm
+    ``x' = x.detach() + (g - g.detach())`` with ``g = (x - mu) * sqrt(rv + eps) / sqrt(var + eps) + rm``,
+    where ``mu`` / ``var`` are the new statistics *as functions of the batch* and ``rm`` / ``rv``
+    the buffers holding their values. ``x'`` equals ``x`` exactly, so the norm computes
+    ``(x - mu) / sqrt(var + eps) * weight + bias``; its gradient is that of RBN, which reaches the
+    batch statistics with weight ``momentum``. Keeping the statistics in the running buffers keeps
+    the model its backend's own: a deep copy, a snapshot, the core's rollback and the backend's
+    export carry them (torchao's ``convert_pt2e`` folds them into the conv like any running
+    statistics).
+
+    ``momentum``: the paper's ``alpha`` (0.05). Norms without running statistics (LayerNorm,
+    GroupNorm) are left alone.
+    """
+
+    def __init__(self, view: QuantView, momentum: float) -> None:
+        if isinstance(momentum, bool) or not 0 < float(momentum) <= 1:
+            raise ValueError(f"RBN momentum must be in (0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self.norms = [n for n in view.norms() if n.has_statistics and n.running_var is not None]
+        #: whether forwards fold their batch statistics into the global ones
+        self.updating = False
+        view.set_norm_mode("source")
+        self._handles = []
+        for norm in self.norms:
+            module = view.norm_input_module(norm)
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, _RobustNormHook):  # one RBN per norm: a new one replaces it
+                    del module._forward_pre_hooks[key]
+            self._handles.append(module.register_forward_pre_hook(_RobustNormHook(self, norm)))
+
+    def statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The global ``(mean, var)`` of each norm, by name (the live buffers)."""
+        return {n.name: (n.running_mean, n.running_var) for n in self.norms}  # type: ignore[misc]
+
+    def remove(self) -> None:
+        """Take the hooks off (the statistics stay in the running buffers)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _fold(self, norm: NormLayer, x: torch.Tensor) -> torch.Tensor:
+        rm, rv = norm.running_mean, norm.running_var
+        assert rm is not None and rv is not None
+        eps = 1e-5 if norm.eps is None else norm.eps
+        dims = [d for d in range(x.ndim) if d != 1]
+        batch_var, batch_mean = torch.var_mean(x, dim=dims, unbiased=False)
+        a = self.momentum
+        mean = (1 - a) * rm.detach().to(x.dtype) + a * batch_mean
+        var = (1 - a) * rv.detach().to(x.dtype) + a * batch_var
+        with torch.no_grad():
+            rm.copy_(mean)
+            rv.copy_(var)
+        shape = [1] * x.ndim
+        shape[1] = -1
+        ratio = (rv.to(x.dtype) + eps).sqrt() / (var + eps).sqrt()
+        g = (x - mean.reshape(shape)) * ratio.reshape(shape) + rm.to(x.dtype).reshape(shape)
+        return x.detach() + (g - g.detach())  # the value of x exactly, RBN's gradient
 
 
 @dataclass
@@ -267,8 +366,8 @@ class RoTTA(TestTimeMethod):
         self.student_rbn: RobustBatchNorm | None = None
         stats: list[torch.Tensor] = []
         if config.rbn:
-            self.rbn = view.robust_batch_norms(1 - config.rbn_decay)
-            self.student_rbn = self.student.robust_batch_norms(1 - config.rbn_decay)
+            self.rbn = RobustBatchNorm(view, 1 - config.rbn_decay)
+            self.student_rbn = RobustBatchNorm(self.student, 1 - config.rbn_decay)
             stats = [t for pair in self.rbn.statistics().values() for t in pair]
         self.stat_names, self.student_stats = paired(stats, view.model, self.student.model, "rotta")
         self._initial = [t.detach().clone() for t in [*self.student_params, *self.student_stats]]
