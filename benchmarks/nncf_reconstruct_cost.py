@@ -63,7 +63,7 @@ PARTS = {
     ),
     "NNCF graph traces (NNCFView's structure)": "qtta_nncf.graph:trace_structure",
     "source statistics after reconstruction (features + NNCF batch extremes)": (
-        "qtta_plugins.methods.features:measure_source_statistics"
+        "qtta_plugins.features:measure_source_statistics"
     ),
     "  of which NNCF's batch-mode activation extremes": (
         "qtta_nncf.recalibration:_activation_extremes"

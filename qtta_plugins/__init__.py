@@ -51,8 +51,8 @@ from .errors import (
     UnsafeStateError,
 )
 from .exporting import UnsupportedExportError, export
+from .features import measure_source_statistics
 from .hookspecs import hookimpl
-from .methods.features import measure_source_statistics
 from .methods.foa import FOAConfig
 from .methods.rtfq import RTFQConfig, SubnetBank, train_bank
 from .methods.ttaq import TTAQConfig

@@ -102,7 +102,7 @@ class FeatureStatistics:
 class SourceStatistics:
     """What :func:`qtta_plugins.quantize` keeps on a model in place of its calibration images:
     statistics measured on them, small tensors outside the state dict that follow the model through
-    copies (:func:`qtta_plugins.methods.features.measure_source_statistics`).
+    copies (:func:`qtta_plugins.features.measure_source_statistics`).
 
     ``measured``: :class:`FeatureStatistics` of the model as :func:`qtta_plugins.adapt` prepares it
     (:meth:`QuantView.prepare_adaptation`), in batches of ``batch_size``, with batch norms on

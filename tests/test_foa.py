@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import qtta_plugins
-from qtta_plugins.methods.features import FeatureRecorder, feature_layers, source_statistics
+from qtta_plugins.features import FeatureRecorder, feature_layers, source_statistics
 from qtta_plugins.models import build
 
 

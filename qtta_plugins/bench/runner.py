@@ -388,7 +388,7 @@ def _reconstructed(
         qm = copy_model(base)
         qm.load_state_dict(torch.load(path, map_location=spec["device"], weights_only=True))
         if kept_source_statistics(qm) is not None:
-            from ..methods.features import measure_source_statistics
+            from ..features import measure_source_statistics
 
             measure_source_statistics(qm, calib)
         return qm, None

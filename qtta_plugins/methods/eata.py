@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdaptConfig, EATAConfig
+from ..features import source_batches
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state, softmax_entropy
 from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
-from .features import source_batches
 from .tent import collect_norm_affines, default_lr, train_norm_affines
 
 __all__ = ["EATA", "diagonal_fisher", "eata_loss", "eata_selection"]

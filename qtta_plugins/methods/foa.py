@@ -61,10 +61,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..config import AdaptConfig, Renamed
-from ..hookspecs import hookimpl
-from ..view import QuantView
-from .base import MethodInfo, TestTimeMethod
-from .features import (
+from ..features import (
     FeatureRecorder,
     feature_layers,
     kept_statistics,
@@ -72,6 +69,9 @@ from .features import (
     source_input_shape,
     source_statistics,
 )
+from ..hookspecs import hookimpl
+from ..view import QuantView
+from .base import MethodInfo, TestTimeMethod
 from .tent import softmax_entropy
 
 

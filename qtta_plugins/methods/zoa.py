@@ -56,10 +56,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from ..config import AdaptConfig, Renamed
-from ..hookspecs import hookimpl
-from ..view import NormLayer, QuantView
-from .base import MethodInfo, TestTimeMethod
-from .features import (
+from ..features import (
     FeatureRecorder,
     detector_norm,
     feature_layers,
@@ -67,6 +64,9 @@ from .features import (
     source_batches,
     source_statistics,
 )
+from ..hookspecs import hookimpl
+from ..view import NormLayer, QuantView
+from .base import MethodInfo, TestTimeMethod
 from .tent import softmax_entropy
 
 

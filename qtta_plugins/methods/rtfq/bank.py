@@ -309,7 +309,7 @@ class SubnetBank(nn.Module):
         step sizes written into the backend's grids where the grids have the bank's form."""
         import qtta_plugins
 
-        from ..features import measure_source_statistics
+        from ...features import measure_source_statistics
 
         model = self.float_subnet(subnet)
         prefix = "net." if isinstance(model, AtResolution) else ""

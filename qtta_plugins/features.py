@@ -6,6 +6,12 @@ additive shift of the last layer's input that moves its mean back to the source 
 "back-to-source activation shifting"). Features are read at the inputs of quantized layers, through
 :meth:`~qtta_plugins.view.QuantView.layer_input_module`, so this works on every backend, including
 integer graphs that cannot backpropagate.
+
+It sits in the core, not in ``methods/``, because :func:`qtta_plugins.quantize` and
+:func:`qtta_plugins.reconstruct` measure these statistics once, for every method that needs them
+(ZOA, FOA, EATA's source batches), and the core imports no method module. Over 500 lines: the
+recorder, the output shift and the source statistics are one mechanism (the statistics are the
+recorder's, on clean data), read together.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..source import (
+from .source import (
     SOURCE_BATCH_SIZE,
     FeatureStatistics,
     SourceStatistics,
@@ -29,7 +35,7 @@ from ..source import (
     source_sample,
     state_fingerprint,
 )
-from ..view import NormLayer, QuantLayer, QuantView, copy_model, fake_quantize, model_device
+from .view import NormLayer, QuantLayer, QuantView, copy_model, fake_quantize, model_device
 
 
 @dataclass
@@ -475,8 +481,8 @@ def measure_source_statistics(
     and output shift."""
     import copy
 
-    from .. import quant_view  # the adapters' views; qtta_plugins imports this module
-    from ..errors import UnknownBackendError
+    from . import quant_view  # the adapters' views; qtta_plugins imports this module
+    from .errors import UnknownBackendError
 
     keep_source_statistics(model, None)
     sample = first_inputs(batches)
