@@ -3,6 +3,8 @@
 ``quantize(model, QuantConfig(backend="torchao", weight_bits=4, act_bits=4))`` and
 ``adapt(model, stream, TentConfig(lr=1e-3))`` read the same way torchao's ``quantize_`` does. Method
 plugins subclass :class:`AdaptConfig` (or :class:`ReconstructConfig`) for their own options.
+
+Over 500 lines: one dataclass per choice, each with the provenance of its defaults in its docstring (the core's ``QuantConfig`` / ``ReconstructConfig`` / ``AdaptConfig`` and the seven baselines' configs; the three papers' configs live with their methods).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Methods never touch backend classes: an adapter wraps a backend's model in a :class:`QuantView`, and
 methods read and change the model only through it. The view wraps the model object itself; copying,
 when the user did not ask for in-place work, is the caller's job (see :func:`qtta_plugins.adapt`).
+
+Over 500 lines: most of it is :class:`QuantView`, the contract every adapter implements, kept whole so that an adapter writer reads it in one place.
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ squared), ``features="mean"`` (all-token means, averaged over source batches), `
 27), ``shift_update="prediction"`` (the EMA takes the predicting pass's mean, this batch included,
 before predicting) and ``cma_start="prompt"`` (CMA-ES centred at the VPT initialisation). Batch
 norms use test-batch statistics (``batch_stats``), as ZOA's do.
+
+Over 500 lines: one method read top to bottom, the algorithm and each place it follows or departs from the authors' code written next to the line that does it.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ and output, its quantized input (and, for PCR, its quantized input on the shifte
 them; a block's captures are let go when the next block starts. Everything lives on the model's
 device. Random draws (mini-batch indices, QDrop masks, shifted views) come from one CPU generator
 seeded with ``seed`` and are moved to that device: a CUDA run draws what the CPU run draws.
+
+Over 500 lines: the simulation, the three reconstructions (BRECQ, QDrop, TTAQ) and the write-back are one pipeline; splitting it would scatter the algorithm this docstring describes.
 """
 
 from __future__ import annotations

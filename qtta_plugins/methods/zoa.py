@@ -42,6 +42,8 @@ Not copied from the public reference code: the CNN shift is a per-channel vector
 scalar); the bank's similarity is recomputed after every merge (the code kept a stale matrix after a
 delete); running statistics (shift EMA, detector) update from pass 1 only (the code updated them in
 both passes, counting every batch twice and the perturbed one among them).
+
+Over 500 lines: one method read top to bottom, with every choice the paper leaves open written next to the code that makes it.
 """
 
 from __future__ import annotations
