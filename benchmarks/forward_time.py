@@ -1,6 +1,7 @@
 """Forward time per batch of each backend's quantized model, as a ratio to the float model in eager.
 
     python benchmarks/forward_time.py [--backends torchao brevitas nncf] [--bits w8a8 w4a4 w2a4]
+        [--out benchmarks/results/forward_time.json]
 
 Not a ``qtta bench`` config: a harness cell times an adaptation step against plain inference of
 the same quantized model, while this times deployment forms that cannot adapt (``convert_pt2e``,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import platform
 import statistics
 import time
 import warnings
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument(
         "--no-compile", action="store_true", help="skip torchao's torch.compile path"
     )
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -104,6 +107,24 @@ def main() -> None:
     print("| backend | bits | path | time / float eager |\n|---|---|---|---|")
     for backend, bits, path, ratio in rows:
         print(f"| {backend} | {bits.upper()} | {path} | {ratio:.2f}x |")
+    if args.out:
+        from pathlib import Path
+
+        from qtta_plugins.bench.cache import write_json_atomic
+
+        write_json_atomic(
+            Path(args.out),
+            {
+                "setup": f"digits BN CNN, batch {args.batch_size} of 1x32x32, {args.threads} "
+                f"threads, {args.rounds} rounds over the test batches; ratio to float eager, "
+                "paired batch by batch, medians, first batch left out",
+                "machine": platform.processor() or platform.machine(),
+                "rows": [
+                    {"backend": b, "bits": bits, "path": path, "ratio": r}
+                    for b, bits, path, r in rows
+                ],
+            },
+        )
 
 
 if __name__ == "__main__":
