@@ -35,6 +35,18 @@ from qtta_plugins.data import load_source
 from qtta_plugins.models import train_source_model
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def paired_ratio(fn, reference, batches: list[torch.Tensor]) -> float:
     """Median time of ``fn`` over median time of ``reference``, paired batch by batch (each batch
     runs through ``reference`` then ``fn``), the first batch left out: the timing of
@@ -118,7 +130,7 @@ def main() -> None:
                 "setup": f"digits BN CNN, batch {args.batch_size} of 1x32x32, {args.threads} "
                 f"threads, {args.rounds} rounds over the test batches; ratio to float eager, "
                 "paired batch by batch, medians, first batch left out",
-                "machine": platform.processor() or platform.machine(),
+                "machine": cpu_name(),
                 "rows": [
                     {"backend": b, "bits": bits, "path": path, "ratio": r}
                     for b, bits, path, r in rows
