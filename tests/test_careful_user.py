@@ -180,7 +180,7 @@ def test_a_model_that_cannot_be_copied_keeps_no_feature_statistics_and_says_so(s
     """The one failure measuring the source statistics expects: no copy of the model to measure
     on (``copy.deepcopy`` refuses an object in it). quantize still returns the model, warns with
     what is lost, and ZOA then asks for clean data instead of running without it unannounced."""
-    from qtta_plugins.methods import features
+    from qtta_plugins import features
 
     model, batches = small
 
@@ -201,7 +201,7 @@ def test_a_model_that_cannot_be_copied_keeps_no_feature_statistics_and_says_so(s
 def test_a_fault_while_measuring_the_source_statistics_is_raised(small, monkeypatch):
     """Any other failure is a fault and surfaces: it used to become a warning, and ZOA / FOA
     quietly lost their alignment and output shift."""
-    from qtta_plugins.methods import features
+    from qtta_plugins import features
 
     model, batches = small
 

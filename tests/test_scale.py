@@ -121,7 +121,7 @@ def test_train_bank_takes_batches_and_a_loader(float_cnn, digits) -> None:
     gen = torch.Generator().manual_seed(cfg.seed)  # the tensor form's draws, in its order
     draw_s, draw_t = _index_batches(64, 16, gen), _index_batches(64, 16, gen)
     source, target = [], []
-    for _ in range(cfg.steps):
+    for _ in range(cfg.train_steps):
         i, j = next(draw_s), next(draw_t)
         source.append((xs[i], ys[i]))
         target.append((xt[j], torch.zeros(len(j), dtype=torch.long)))  # labels unused
