@@ -22,8 +22,10 @@ os.environ.setdefault("QTTA_QUIET", "1")
 import pytest
 import torch
 
-# two threads in one process; one per process when pytest-xdist runs two (README's `-n 2`): small
-# models gain little from a second thread, and two processes on two cores never oversubscribe
+# two threads in one process; one per process under pytest-xdist (`-n 2`), so that two processes on
+# two cores never oversubscribe. The README runs one process: measured on this 2-core machine,
+# `-n 2 --dist load` rebuilt the module-scoped fixtures in both workers (40 minutes from an empty
+# cache) and `--dist loadfile` waited on its largest files at the end (no faster than one process)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
