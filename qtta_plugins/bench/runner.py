@@ -11,8 +11,8 @@
    :func:`qtta_plugins.reconstruct` variant, if any (its result kept on disk, keyed by
    everything that made it, so a resumed run does not reconstruct again);
 4. the stream: :func:`qtta_plugins.data.make_stream` of the cell's setting, seed and batch size
-   (an in-memory source with ``split_seed``: its test split drawn by that seed instead,
-   :func:`fixed_split_stream`), its images moved to the device batch by batch;
+   (an in-memory source with ``split_seed``: its test split drawn by that seed instead), its
+   images moved to the device batch by batch;
 5. :func:`~qtta_plugins.bench.measure.run_row`: :func:`qtta_plugins.adapt` step by step (with
    the row's ``window``), with the time ratio to plain inference and the peak memory (see
    :mod:`qtta_plugins.bench.measure`). A method that refuses the batch size
@@ -233,7 +233,7 @@ def calibration_batches(
 def cell_stream(bench: Bench, cell: Cell, transform: Callable | None, channels: int) -> Any:
     """The cell's stream: ``make_stream(setting, source, seed=cell.seed, ...)`` (images on the
     CPU; the gradual setting walks its own severities, so the data's ``severity`` is not passed);
-    with the data's ``split_seed``, :func:`fixed_split_stream`."""
+    with the data's ``split_seed`` passed on for an in-memory source."""
     from ..data import SOURCES, make_stream
 
     d = bench.data_spec(cell.data)
@@ -250,9 +250,7 @@ def cell_stream(bench: Bench, cell: Cell, transform: Callable | None, channels: 
         "root": d.root,
     }
     if d.source in SOURCES:
-        kw.update(n_test=d.n_test, size=d.size, progress=False)
-        if d.split_seed is not None:
-            return fixed_split_stream(cell.setting, d.source, split_seed=d.split_seed, **kw)
+        kw.update(n_test=d.n_test, size=d.size, progress=False, split_seed=d.split_seed)
     else:
         kw.update(
             transform=transform,
@@ -261,102 +259,6 @@ def cell_stream(bench: Bench, cell: Cell, transform: Callable | None, channels: 
             class_order=d.class_order,
         )
     return make_stream(cell.setting, d.source, **kw)
-
-
-def fixed_split_stream(
-    setting: str,
-    source: str,
-    *,
-    split_seed: int,
-    seed: int,
-    severity: int | None = None,
-    corruptions: list[str] | None = None,
-    batch_size: int,
-    rounds: int | None = None,
-    order: str | None = None,
-    dirichlet_delta: float = 0.1,
-    n_test: int | None = None,
-    size: int = 32,
-    root: str | None = None,
-    channels: int = 1,
-    per_domain: int | None = None,
-    progress: bool | None = False,
-) -> Any:
-    """``make_stream(setting, source, seed=seed, ...)`` of an in-memory ``source``, except that
-    its test split is drawn by ``split_seed`` (``load_source(..., seed=split_seed)``): one split
-    for every seed, while ``seed`` still draws the corruption noise, the ``per_domain`` subset and
-    the order. With ``split_seed == seed`` it is ``make_stream``'s stream, batch for batch
-    (tested). ``make_stream`` checks the arguments first, on the clean split (nothing corrupted),
-    so an argument it refuses is refused here the same way."""
-    from ..data import make_stream
-    from ..data.corruption import corrupt_set
-    from ..data.sources import ImageSet, _load_test, _stratified_subset
-    from ..data.streams import CLEAN, GRADUAL_SEVERITIES, ContinualStream
-
-    # make_stream's checks and defaults (severity, rounds, order, corruptions), on a stream of
-    # the clean images only: nothing is corrupted for it
-    probe = make_stream(
-        setting,
-        source,
-        severity=severity,
-        corruptions=[CLEAN],
-        batch_size=batch_size,
-        rounds=rounds,
-        order=order,
-        dirichlet_delta=dirichlet_delta,
-        n_test=n_test,
-        size=size,
-        root=root,
-        seed=seed,
-        progress=progress,
-        channels=channels,
-        per_domain=per_domain,
-    )
-    names = list(corruptions) if corruptions is not None else None
-    if names is None:
-        from ..data import CORRUPTIONS
-
-        names = list(CORRUPTIONS)
-    if setting == "gradual":
-        pairs = [(c, s) for c in names for s in GRADUAL_SEVERITIES]
-        domains = [f"{c}-{s}" for c, s in pairs]
-    else:
-        level = 5 if severity is None else int(severity)
-        pairs = [(c, level) for c in names]
-        domains = names
-    test = _load_test(source, root, size, n_test, split_seed)
-    done: dict[tuple[str, int], Any] = {}
-    for pair in pairs:
-        if pair not in done:
-            done[pair] = (
-                ImageSet(test.x, test.y, f"{test.name}/{CLEAN}")
-                if pair[0] == CLEAN
-                else corrupt_set(test, pair[0], pair[1], seed=seed, progress=progress)
-            )
-    if per_domain is not None and per_domain < len(test):
-        _, keep = _stratified_subset(test.y.numpy(), int(per_domain), seed)
-        index = torch.from_numpy(keep)
-        done = {
-            pair: ImageSet(s.x[index], s.y[index], f"{s.name}-{per_domain}")
-            for pair, s in done.items()
-        }
-    return ContinualStream(
-        [done[pair] for pair in pairs],
-        domains=domains,
-        batch_size=batch_size,
-        rounds=probe.rounds,
-        order=probe.order,
-        dirichlet_delta=dirichlet_delta,
-        seed=seed,
-        channels=channels,
-        mixed=probe.mixed,
-        reset_on_shift=probe.reset_on_shift,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# quantization and reconstruction
-# --------------------------------------------------------------------------------------------
 
 
 def _reconstructed(
@@ -524,7 +426,6 @@ __all__ = [
     "calibration_batches",
     "cell_stream",
     "clear_memos",
-    "fixed_split_stream",
     "input_channels",
     "run_cell",
 ]

@@ -396,10 +396,12 @@ def _corrupted_sets(
     seed: int,
     progress: bool | None,
     per_domain: int | None,
+    split_seed: int | None = None,
 ) -> list[ImageSet]:
     """The test split of ``source`` under each ``(corruption, severity)`` of ``domains`` (a pair
-    that comes back is corrupted once), cut to the same ``per_domain`` images in every domain."""
-    test = _load_test(source, root, size, n_test, seed)
+    that comes back is corrupted once), cut to the same ``per_domain`` images in every domain.
+    The split is drawn by ``split_seed`` when given, else by ``seed``."""
+    test = _load_test(source, root, size, n_test, seed if split_seed is None else split_seed)
     if per_domain is not None and (
         isinstance(per_domain, bool)
         or not isinstance(per_domain, (int, np.integer))
@@ -447,6 +449,7 @@ def make_stream(
     num_workers: int | None = None,
     image_list: str | os.PathLike[str] | None = None,
     class_order: Sequence[str] | str | os.PathLike[str] | None = None,
+    split_seed: int | None = None,
 ) -> ContinualStream | DiskStream:
     """The stream of a named test-time-adaptation setting (one of :data:`SETTINGS`).
 
@@ -486,7 +489,8 @@ def make_stream(
     same labels and seed, images decoded batch by batch by a DataLoader. ``transform``,
     ``num_workers``, ``image_list`` and ``class_order`` apply to them only (see
     :func:`~qtta_plugins.data.disk.disk_stream`, where each layout is described); ``size``,
-    ``n_test`` and ``progress`` to the sources in memory only (a disk source's images keep their
+    ``n_test``, ``progress`` and ``split_seed`` (the test split drawn by it instead of ``seed``:
+    one split for every seed) to the sources in memory only (a disk source's images keep their
     size unless ``transform`` resizes them).
 
     Raises:
@@ -522,6 +526,10 @@ def make_stream(
     _check_positive_int("rounds", rounds)
     if setting == "long" and rounds < 2:
         raise ValueError(f"the long setting is several rounds of the stream; got rounds={rounds}")
+    if source in DISK_SOURCES and split_seed is not None:
+        raise ValueError(
+            f"split_seed: only for the sources in memory; {source!r} is on disk, its split is fixed"
+        )
     if source in DISK_SOURCES:
         return disk_stream(
             setting,
@@ -552,6 +560,8 @@ def make_stream(
         )
         if value is not None
     ]
+    if split_seed is not None:
+        _check_seed(split_seed)
     if disk_only:
         raise ValueError(
             f"{', '.join(disk_only)}: only for the sources on disk ({', '.join(DISK_SOURCES)}); "
@@ -592,6 +602,7 @@ def make_stream(
         seed=seed,
         progress=progress,
         per_domain=per_domain,
+        split_seed=split_seed,
     )
     return ContinualStream(
         sets,
