@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.bench.cache import write_json_atomic  # noqa: E402
+from qtta_plugins.bench.cache import load_results_or_start, write_json_atomic  # noqa: E402
 from qtta_plugins.bench.measure import run_row  # noqa: E402
 from qtta_plugins.bench.tables import mean_sd  # noqa: E402
 from qtta_plugins.data import cache_dir, load_source, make_stream, to_channels  # noqa: E402
@@ -209,16 +209,6 @@ def run_cell(qmodel: nn.Module, setting: str, method: str, seed: int, calib) -> 
     }
 
 
-def load_or_start(out: Path, setup: str) -> dict:
-    """The results in ``out`` (exit if they are another setup's), or an empty one for ``setup``."""
-    if not out.exists():
-        return {"setup": setup, "cells": []}
-    previous = json.loads(out.read_text())
-    if previous["setup"] != setup:
-        sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
-    return previous
-
-
 def setup_line(model: nn.Module, profile: str = "fidelity") -> str:
     _, test = load_source("fashion-mnist", seed=0)
     clean = accuracy(model, to_channels(test.x, 3), test.y)
@@ -315,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     model = small_vit() if args.model == "small" else source_vit(progress=False)
     calib = calibration()
     out = Path(args.out)
-    results = load_or_start(out, setup_line(model, args.model))
+    results = load_results_or_start(out, setup_line(model, args.model), "cells")
     print(results["setup"], flush=True)
     done = {(c["config"], c["setting"], c["method"], c["seed"]) for c in results["cells"]}
     for config in args.configs:

@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import qtta_plugins  # noqa: E402
-from qtta_plugins.bench.cache import write_json_atomic  # noqa: E402
+from qtta_plugins.bench.cache import load_results_or_start, write_json_atomic  # noqa: E402
 from qtta_plugins.bench.tables import mean_sd  # noqa: E402
 from qtta_plugins.data import corrupt_set, load_source, to_channels  # noqa: E402
 from qtta_plugins.methods.rtfq import (  # noqa: E402
@@ -85,17 +85,6 @@ SOURCE_TRAINING = {
     ("resnet18", "mnist->digits"): ("mnist", {"epochs": 8}),
     ("resnet18", "fashion->fashion-fog"): ("fashion-mnist", {"epochs": 3, "max_train": 20000}),
 }
-
-
-def load_or_start(out: Path, setup: str) -> dict:
-    """The results in ``out`` (exit if they are another setup's), or a new ``{"setup", "runs"}``:
-    a rerun computes only what the file lacks."""
-    if not out.exists():
-        return {"setup": setup, "runs": []}
-    previous = json.loads(out.read_text())
-    if previous["setup"] != setup:
-        sys.exit(f"{out} holds another setup ({previous['setup']}); pass --out")
-    return previous
 
 
 def task_data(task: str, seed: int, quick: bool, model_name: str = "bncnn") -> dict:
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         setup += ", quick splits"
     out = Path(args.out or f"benchmarks/results/rtfq_{args.model}.json")
-    results = load_or_start(out, setup)
+    results = load_results_or_start(out, setup, "runs")
     for seed in args.seeds:
         for task in args.tasks:
             entry = next(

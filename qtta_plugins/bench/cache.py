@@ -41,6 +41,17 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         raise
 
 
+def load_results_or_start(path: Path, setup: str, key: str) -> dict[str, Any]:
+    """A script's results file at ``path`` to resume (exit if it holds another ``setup``), or a new
+    ``{"setup": setup, key: []}``: a rerun computes only what the file lacks."""
+    if not path.exists():
+        return {"setup": setup, key: []}
+    previous = json.loads(path.read_text())
+    if previous["setup"] != setup:
+        raise SystemExit(f"{path} holds another setup ({previous['setup']}); pass --out")
+    return previous
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -78,4 +89,4 @@ class CellCache:
         return self.folder / "models"
 
 
-__all__ = ["CellCache", "default_cache_dir", "write_json_atomic"]
+__all__ = ["CellCache", "default_cache_dir", "load_results_or_start", "write_json_atomic"]
