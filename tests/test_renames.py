@@ -42,6 +42,8 @@ RENAMES = [
     (EATAConfig, "probs_momentum", 0.8, "probs_decay", 0.8),
     (ZOAConfig, "shift_momentum", 0.7, "shift_decay", 0.7),
     (ZOAConfig, "detector_momentum", 0.6, "detector_decay", 0.6),
+    (ZOAConfig, "bank", False, "memory", False),
+    (ZOAConfig, "bank_size", 5, "memory_size", 5),
     (FOAConfig, "shift_momentum", 0.7, "shift_decay", 0.7),
     (RTFQConfig, "steps", 7, "train_steps", 7),
 ]
@@ -205,6 +207,47 @@ def test_a_state_saved_with_the_old_names_loads_and_continues_exactly(
         assert saved["abl"] == {"tau_f": 1.0, "tau_g": 0.25, "decay": 0.9}
     else:
         assert (saved["teacher_decay"], saved["rbn_decay"]) == (0.999, 0.95)
+
+
+def test_a_zoa_state_saved_before_the_memory_rename_loads_and_continues_exactly(
+    qcnn, short_stream, tmp_path
+):
+    """ZOA's store of domains was its "bank" (config ``bank_size``, state ``bank_deltas``): a
+    state saved then loads into a run built now and continues bit for bit."""
+    batches = [b.x[:16] for b in short_stream[:4]]
+    first = qtta_plugins.adapt(
+        qcnn["w4a4"],
+        None,
+        "zoa",
+        memory_size=4,
+        detector=False,
+        store_period=1,
+        min_domain_batches=0,
+    )
+    for x in batches[:2]:
+        first.step(x)
+    assert first.method.memory_deltas.shape[0] > 0  # something stored, so the key matters
+    state = first.state_dict()
+    state["config"] = _old_record(
+        first.config, {"memory_size": ("bank_size", 4), "memory": ("bank", True)}
+    )
+    state["method_state"]["bank_deltas"] = state["method_state"].pop("memory_deltas")
+    path = tmp_path / "old_zoa.pt"
+    torch.save(state, path)
+
+    resumed = qtta_plugins.adapt(
+        qcnn["w4a4"],
+        None,
+        "zoa",
+        memory_size=4,
+        detector=False,
+        store_period=1,
+        min_domain_batches=0,
+    )
+    resumed.load(path)
+    assert torch.equal(resumed.method.memory_deltas, first.method.memory_deltas)
+    for x in batches[2:]:
+        assert torch.equal(resumed.step(x), first.step(x))
 
 
 def test_a_stored_config_record_in_the_old_names_rebuilds_the_config():

@@ -1,4 +1,4 @@
-"""ZOA and FOA: forward-only adaptation, the domain bank, the detector, state, and the integer path."""
+"""ZOA and FOA: forward-only adaptation, the domain memory, the detector, state, and the integer path."""
 
 from __future__ import annotations
 
@@ -122,57 +122,57 @@ def test_zoa_beats_source_on_the_digits_stream(qcnn, digits_stream):
     zoa = qtta_plugins.adapt(qcnn["w4a4"], digits_stream, "zoa")
     source = qtta_plugins.adapt(qcnn["w4a4"], digits_stream, "source")
     assert zoa.errors()["mean"] < source.errors()["mean"] - 10
-    # The detector found most of the 14 domain switches, and the bank stored them.
+    # The detector found most of the 14 domain switches, and the memory stored them.
     assert len(zoa.method.changes) >= 8
-    assert zoa.method.bank_deltas.shape[0] >= 5
+    assert zoa.method.memory_deltas.shape[0] >= 5
 
 
-# --- the bank ------------------------------------------------------------------------------------
+# --- the memory ------------------------------------------------------------------------------------
 def _fused(method: ZOA) -> torch.Tensor:
     return method.theta0 + method._mix(method.alpha) + method.eps
 
 
 @pytest.fixture
 def zoa_method(qcnn):
-    run = qtta_plugins.adapt(qcnn["w4a4"], None, ZOAConfig(bank_size=3))
+    run = qtta_plugins.adapt(qcnn["w4a4"], None, ZOAConfig(memory_size=3))
     return run.method
 
 
-def test_bank_store_keeps_the_function_and_makes_the_new_domain_dominant(zoa_method):
+def test_memory_store_keeps_the_function_and_makes_the_new_domain_dominant(zoa_method):
     m = zoa_method
     gen = torch.Generator().manual_seed(0)
     m.eps = torch.randn(m.eps.shape, generator=gen) * 0.01
     before = _fused(m)
     m._store()
-    assert m.bank_deltas.shape[0] == 1
+    assert m.memory_deltas.shape[0] == 1
     assert torch.allclose(_fused(m), before, atol=1e-6)  # no jump
     weights = torch.softmax(m.config.temperature * m.alpha, 0)
     assert int(weights.argmax()) == 1 and weights[1] > 0.99
-    assert torch.allclose(m.bank_deltas[0], before - m.theta0, atol=1e-6)
+    assert torch.allclose(m.memory_deltas[0], before - m.theta0, atol=1e-6)
 
 
-def test_bank_merges_the_most_similar_pair_beyond_its_size(zoa_method):
-    m = zoa_method  # bank_size=3
+def test_memory_merges_the_most_similar_pair_beyond_its_size(zoa_method):
+    m = zoa_method  # memory_size=3
     d = m.eps.numel()
     gen = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(d, generator=gen) for _ in range(3))
-    m.bank_deltas = torch.stack([a, b, c])
+    m.memory_deltas = torch.stack([a, b, c])
     m.alpha = torch.tensor([0.0, 0.1, 0.2, 0.3])
     m.eps = torch.zeros(d)
     m.eps = (a * 1.01 + 0.001) - m._mix(m.alpha)  # total delta nearly parallel to `a`
     before = _fused(m)
     m._store()
-    assert m.bank_deltas.shape[0] == 3  # capped
+    assert m.memory_deltas.shape[0] == 3  # capped
     # `a` (row 0) and the new entry were merged into their mean, in row 0; b and c are kept.
-    assert torch.allclose(m.bank_deltas[0], (a + a * 1.01 + 0.001) / 2, atol=1e-5)
-    assert torch.equal(m.bank_deltas[1], b) and torch.equal(m.bank_deltas[2], c)
+    assert torch.allclose(m.memory_deltas[0], (a + a * 1.01 + 0.001) / 2, atol=1e-5)
+    assert torch.equal(m.memory_deltas[1], b) and torch.equal(m.memory_deltas[2], c)
     assert m.alpha.shape == (4,)
     assert torch.allclose(_fused(m), before, atol=1e-5)  # eps absorbed the merge
 
 
-def test_bank_bytes_per_domain_is_one_float_per_adapted_parameter(zoa_method):
+def test_memory_bytes_per_domain_is_one_float_per_adapted_parameter(zoa_method):
     n = sum(p.numel() for p in zoa_method.params)
-    assert zoa_method.bank_bytes_per_domain == 4 * n
+    assert zoa_method.memory_bytes_per_domain == 4 * n
 
 
 # --- the detector --------------------------------------------------------------------------------
@@ -199,10 +199,10 @@ def test_detector_fires_on_a_domain_switch_and_not_on_iid_batches(qcnn, digits):
     assert run.method.changes == [len(clean)]  # fires at the switch, once
 
 
-def test_without_detector_the_bank_stores_periodically(qcnn, short_stream):
+def test_without_detector_the_memory_stores_periodically(qcnn, short_stream):
     run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", detector=False, store_period=4)
     assert run.method.changes == [4, 8]
-    assert run.method.bank_deltas.shape[0] == 2
+    assert run.method.memory_deltas.shape[0] == 2
 
 
 # --- state ---------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_save_and_load_round_trip(qcnn, short_stream, tmp_path, method):
         torch.equal(v, run.model.state_dict()[k]) for k, v in fresh.model.state_dict().items()
     )
     if method == "zoa":
-        assert torch.equal(fresh.method.bank_deltas, run.method.bank_deltas)
+        assert torch.equal(fresh.method.memory_deltas, run.method.memory_deltas)
         assert torch.equal(fresh.method.alpha, run.method.alpha)
 
 
@@ -302,19 +302,19 @@ def all_on(qcnn, short_stream):
     "off, check",
     [
         ({"shift": False}, lambda m: m.recorder.shift_target is None),
-        ({"bank": False}, lambda m: m.bank_deltas.shape[0] == 0),
+        ({"memory": False}, lambda m: m.memory_deltas.shape[0] == 0),
         # store_period (50) is longer than the stream (12 batches): nothing but the detector
         # could record a change or store a domain here
-        ({"detector": False}, lambda m: _detector_never_ran(m) and m.bank_deltas.shape[0] == 0),
+        ({"detector": False}, lambda m: _detector_never_ran(m) and m.memory_deltas.shape[0] == 0),
     ],
 )
 def test_every_component_switches_off(qcnn, short_stream, all_on, off, check):
     run = qtta_plugins.adapt(qcnn["w4a4"], short_stream, "zoa", **off)
     assert check(run.method)
     # the same check tells the component on: the stream has two clear domain switches, so the
-    # detector fires and the bank stores what it saw
+    # detector fires and the memory stores what it saw
     assert not check(all_on)
-    assert all_on.changes and all_on.bank_deltas.shape[0] > 0
+    assert all_on.changes and all_on.memory_deltas.shape[0] > 0
 
 
 # --- skip the update once a domain has converged (skip_converged) --------------------------------

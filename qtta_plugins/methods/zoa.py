@@ -1,4 +1,5 @@
-"""``zoa``: forward-only continual test-time adaptation with a domain-knowledge bank.
+"""``zoa``: forward-only continual test-time adaptation with a domain memory (the paper's
+"domain knowledge bank"; called the memory here, as "bank" is RTF-Q's ``SubnetBank``).
 
 Our implementation of ZOA (zeroth-order adaptation for quantized models), from the algorithm of the
 authors' public code (docs/design.md), without that code's known faults (see the notes at
@@ -11,7 +12,7 @@ Their affine parameters are *fused*::
 
     theta = theta_0 + sum_k softmax(s * alpha)_k * delta_k + eps
 
-``theta_0`` the source affine, ``delta_0 = 0`` (the source) and ``delta_1..K`` the bank's stored
+``theta_0`` the source affine, ``delta_0 = 0`` (the source) and ``delta_1..K`` the memory's stored
 domain deltas, ``alpha`` the mixing logits (shared by all layers, ``s = temperature``), ``eps`` the
 live residual.
 
@@ -22,11 +23,11 @@ Forward and adapt, per batch ``x``:
    pooled features ``f`` (block boundaries), with source statistics measured once by the quantized
    model itself on clean data;
 2. the domain-change detector compares pass 1's early feature map with its running statistics; on a
-   change, the bank stores the current total delta (see :meth:`ZOA._store`);
+   change, the memory stores the current total delta (see :meth:`ZOA._store`);
 3. pass 2 at ``(eps + c * D, alpha + c_alpha * D_alpha)``, ``D`` drawn as ``+-U[0.5, 1]``, gives
    ``L+``; one-sided SPSA: ``g = (L+ - L) / (c * D)``;
 4. ``eps`` takes an SGD step with weight decay (which pulls it back to the stored mix); ``alpha`` an
-   AdamW step (``torch.optim.AdamW``), once the bank holds a domain.
+   AdamW step (``torch.optim.AdamW``), once the memory holds a domain.
 
 Doing less work (docs/zoa.md; measured by ``qtta bench benchmarks/configs/zoa_cost.yaml``): pass 2
 starts at the first adapted norm from pass 1's values there (``reuse_prefix``,
@@ -39,7 +40,7 @@ The output shift (from FOA) adds ``mean_src - EMA(mean_batch)`` to the last laye
 restarts at a detected domain change.
 
 Not copied from the public reference code: the CNN shift is a per-channel vector (the code used a
-scalar); the bank's similarity is recomputed after every merge (the code kept a stale matrix after a
+scalar); the memory's similarity is recomputed after every merge (the code kept a stale matrix after a
 delete); running statistics (shift EMA, detector) update from pass 1 only (the code updated them in
 both passes, counting every batch twice and the perturbed one among them).
 
@@ -77,8 +78,8 @@ class ZOAConfig(AdaptConfig):
     """ZOA's options. ``None`` picks the authors' default for the model family (CNN with batch
     norms / transformer with layer norms), as the field's comment says.
 
-    Every component can be switched off for ablations: ``bank=False`` (no stored domains, no
-    ``alpha``), ``shift=False`` (no output shift), ``detector=False`` (no change detection: the bank
+    Every component can be switched off for ablations: ``memory=False`` (no stored domains, no
+    ``alpha``), ``shift=False`` (no output shift), ``detector=False`` (no change detection: the memory
     then stores every ``store_period`` batches), ``align_weight=0`` (entropy only),
     ``entropy=False`` (alignment only), ``batch_stats=False`` (norms keep source statistics).
     """
@@ -86,6 +87,9 @@ class ZOAConfig(AdaptConfig):
     renamed_options: ClassVar[dict[str, Renamed]] = {
         "shift_momentum": Renamed("shift_decay", how="the same value: the weight kept"),
         "detector_momentum": Renamed("detector_decay", how="the same value: the weight kept"),
+        # "bank" is RTF-Q's (SubnetBank): ZOA's store of domains is its memory
+        "bank": Renamed("memory", how="the same value"),
+        "bank_size": Renamed("memory_size", how="the same value"),
     }
 
     method: str = "zoa"
@@ -110,8 +114,8 @@ class ZOAConfig(AdaptConfig):
     detector_decay: float = 0.8  # the detector's running statistics: weight on the old value
     detector_threshold: float | None = None  # symmetric KL: 0.05 CNN / 0.1 transformer (see docs)
     min_domain_batches: int = 2  # a domain shorter than this is not stored
-    bank: bool = True
-    bank_size: int = 32
+    memory: bool = True  # the domain memory (the paper's bank) and alpha
+    memory_size: int = 32
     store_period: int = 50  # with detector=False: store every this many batches
     batch_stats: bool = True
     #: pass 2 starts where the adapted parameters are first used, from pass 1's values there
@@ -165,9 +169,9 @@ class ZOAConfig(AdaptConfig):
             )
         if not (math.isfinite(self.converge_z) and self.converge_z >= 0):
             raise ValueError(f"ZOAConfig.converge_z must be >= 0, got {self.converge_z!r}")
-        if self.bank_size < 1 or self.store_period < 1 or self.min_domain_batches < 0:
+        if self.memory_size < 1 or self.store_period < 1 or self.min_domain_batches < 0:
             raise ValueError(
-                "ZOAConfig.bank_size and store_period must be >= 1, min_domain_batches >= 0"
+                "ZOAConfig.memory_size and store_period must be >= 1, min_domain_batches >= 0"
             )
         if not (self.entropy or self.align_weight != 0):
             raise ValueError("ZOAConfig: with entropy=False and align_weight=0 there is no loss")
@@ -290,7 +294,7 @@ class ZOA(TestTimeMethod):
         d, device = self.theta0.numel(), self.device
         self.eps = torch.zeros(d, device=device)
         # K stored domains (the source's zero delta is implicit)
-        self.bank_deltas = torch.zeros(0, d, device=device)
+        self.memory_deltas = torch.zeros(0, d, device=device)
         self._set_alpha(torch.zeros(1, device=device))
         self.running_detector: tuple[torch.Tensor, torch.Tensor] | None = (
             tuple(t.clone() for t in self.source_detector) if self.source_detector else None  # type: ignore[assignment]
@@ -312,7 +316,7 @@ class ZOA(TestTimeMethod):
     def state_dict(self) -> dict[str, Any]:
         return {
             "eps": self.eps.clone(),
-            "bank_deltas": self.bank_deltas.clone(),
+            "memory_deltas": self.memory_deltas.clone(),
             "alpha": self.alpha.clone(),
             **self._alpha_optimizer_state(),
             "running_detector": None
@@ -338,7 +342,10 @@ class ZOA(TestTimeMethod):
             return t.detach().to(here, copy=True)
 
         self.eps = on(state["eps"])
-        self.bank_deltas = on(state["bank_deltas"])
+        # "bank_deltas": a state saved before the memory's rename (issue 36)
+        self.memory_deltas = on(
+            state["memory_deltas" if "memory_deltas" in state else "bank_deltas"]
+        )
         self._set_alpha(on(state["alpha"]), [on(t) for t in state["alpha_moments"]])
         self._load_alpha_steps(state["alpha_steps"])
         det = state["running_detector"]
@@ -363,16 +370,16 @@ class ZOA(TestTimeMethod):
         return [*self.params, *self.recorder.tensors()]  # the norms, and the shift's head bias
 
     @property
-    def bank_bytes_per_domain(self) -> int:
+    def memory_bytes_per_domain(self) -> int:
         """Bytes one stored domain takes (a float32 delta of every adapted parameter)."""
         return self.theta0.numel() * 4
 
     # --- the fused parameters ----------------------------------------------------------------
     def _mix(self, alpha: torch.Tensor) -> torch.Tensor:
-        if self.bank_deltas.shape[0] == 0:
+        if self.memory_deltas.shape[0] == 0:
             return torch.zeros_like(self.theta0)
         weights = torch.softmax(self.config.temperature * alpha, 0)
-        return weights[1:] @ self.bank_deltas
+        return weights[1:] @ self.memory_deltas
 
     def _write(self, eps: torch.Tensor, alpha: torch.Tensor) -> None:
         theta = self.theta0 + self._mix(alpha) + eps
@@ -424,8 +431,8 @@ class ZOA(TestTimeMethod):
             return logits
         self.since_update = 0
 
-        # Pass 2: one simultaneous perturbation of eps (and alpha once the bank holds a domain).
-        use_alpha = cfg.bank and self.bank_deltas.shape[0] > 0
+        # Pass 2: one simultaneous perturbation of eps (and alpha once the memory holds a domain).
+        use_alpha = cfg.memory and self.memory_deltas.shape[0] > 0
         d_eps = self._draw(self.eps.numel())
         d_alpha = self._draw(self.alpha.numel()) if use_alpha else None
         alpha_plus = self.alpha + cfg.c_alpha * d_alpha if d_alpha is not None else self.alpha
@@ -491,7 +498,7 @@ class ZOA(TestTimeMethod):
     def _set_alpha(self, alpha: torch.Tensor, moments: list[torch.Tensor] | None = None) -> None:
         """``alpha`` (a new leaf) with a fresh AdamW on it (betas 0.9 / 0.999, decoupled weight
         decay); ``moments``: its first and second moments to go on from (a loaded state). The
-        bank grows ``alpha`` by one logit per stored domain, and the moments restart with it."""
+        memory grows ``alpha`` by one logit per stored domain, and the moments restart with it."""
         cfg = self.config
         self.alpha = alpha.detach().clone()
         self.alpha_optimizer = torch.optim.AdamW(
@@ -533,7 +540,7 @@ class ZOA(TestTimeMethod):
         self.alpha_optimizer.step()
         self.alpha.grad = None
 
-    # --- the domain-change detector and the bank ---------------------------------------------
+    # --- the domain-change detector and the memory -------------------------------------------
     def _detect(self, batch_size: int) -> bool:
         """Update the detector with pass 1's statistics; True when it saw a domain change."""
         cfg = self.config
@@ -555,7 +562,7 @@ class ZOA(TestTimeMethod):
         if not changed:
             return False
         self.changes.append(self.batches)
-        if cfg.bank and self.domain_batches >= cfg.min_domain_batches:
+        if cfg.memory and self.domain_batches >= cfg.min_domain_batches:
             self._store()
         self.domain_batches = 0
         if cfg.detector and self.recorder.last_feature_mean is not None:
@@ -568,23 +575,23 @@ class ZOA(TestTimeMethod):
         """Store the current total delta as a domain, make it dominant, let eps absorb the rest.
 
         The function does not jump: ``mix(alpha') + eps' == mix(alpha) + eps`` by construction.
-        Beyond ``bank_size`` domains, the two most cosine-similar are merged into their mean, with
+        Beyond ``memory_size`` domains, the two most cosine-similar are merged into their mean, with
         their mixing weights summed.
         """
         cfg = self.config
         total = self._mix(self.alpha) + self.eps
         if float(total.abs().max()) == 0.0:
             return
-        self.bank_deltas = torch.cat([self.bank_deltas, total[None]])
+        self.memory_deltas = torch.cat([self.memory_deltas, total[None]])
         # Dominant: one unit of logit above the rest is e^temperature times their weight.
         self.alpha = torch.cat([self.alpha, self.alpha.max().reshape(1) + 1.0])
-        while self.bank_deltas.shape[0] > cfg.bank_size:
+        while self.memory_deltas.shape[0] > cfg.memory_size:
             self._merge_most_similar()
         self._set_alpha(self.alpha)  # the moments restart with the new logit
         self.eps = total - self._mix(self.alpha)
 
     def _merge_most_similar(self) -> None:
-        deltas = self.bank_deltas
+        deltas = self.memory_deltas
         unit = deltas / deltas.norm(dim=1, keepdim=True).clamp_min(1e-12)
         similarity = unit @ unit.T
         similarity.fill_diagonal_(-math.inf)
@@ -597,7 +604,7 @@ class ZOA(TestTimeMethod):
         a_merged = torch.logsumexp(s * self.alpha[[i + 1, j + 1]], 0) / s
         rows = [deltas[k] for k in range(deltas.shape[0]) if k != j]
         rows[i] = merged  # i < j: removing j leaves i where it was
-        self.bank_deltas = torch.stack(rows)
+        self.memory_deltas = torch.stack(rows)
         alpha = self.alpha.clone()
         alpha[i + 1] = a_merged
         self.alpha = torch.cat([alpha[: j + 1], alpha[j + 2 :]])
@@ -609,7 +616,7 @@ def qtta_methods() -> list[MethodInfo]:
         MethodInfo(
             "zoa",
             "adapt",
-            "forward-only: 2 passes (SPSA) on fused norm affines + domain bank",
+            "forward-only: 2 passes (SPSA) on fused norm affines + domain memory",
             config_cls=ZOAConfig,
         )
     ]
