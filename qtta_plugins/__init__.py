@@ -26,20 +26,7 @@ from .adaptation import (
     calibration_images,
     check_reset_policy,
 )
-from .config import (
-    ABLConfig,
-    AdaptConfig,
-    CoTTAConfig,
-    EATAConfig,
-    NormConfig,
-    QuantConfig,
-    ReconstructConfig,
-    RoTTAConfig,
-    SARConfig,
-    SourceConfig,
-    TentConfig,
-    parse_bits,
-)
+from .config import ABLConfig, AdaptConfig, QuantConfig, ReconstructConfig, parse_bits
 from .data import make_stream
 from .errors import (
     BackendNotInstalledError,
@@ -53,8 +40,15 @@ from .errors import (
 from .exporting import UnsupportedExportError, export
 from .features import measure_source_statistics
 from .hookspecs import hookimpl
+from .methods.cotta import CoTTAConfig
+from .methods.eata import EATAConfig
 from .methods.foa import FOAConfig
+from .methods.norm import NormConfig
+from .methods.rotta import RoTTAConfig
 from .methods.rtfq import RTFQConfig, SubnetBank, train_bank
+from .methods.sar import SARConfig
+from .methods.source import SourceConfig
+from .methods.tent import TentConfig
 from .methods.ttaq import TTAQConfig
 from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins

@@ -1,10 +1,12 @@
-"""Configuration objects: one dataclass per choice, validated when it is built.
+"""The core's configuration: one dataclass per choice, validated when it is built.
 
-``quantize(model, QuantConfig(backend="torchao", weight_bits=4, act_bits=4))`` and
-``adapt(model, stream, TentConfig(lr=1e-3))`` read the same way torchao's ``quantize_`` does. Method
-plugins subclass :class:`AdaptConfig` (or :class:`ReconstructConfig`) for their own options.
-
-Over 500 lines: one dataclass per choice, each with the provenance of its defaults in its docstring (the core's ``QuantConfig`` / ``ReconstructConfig`` / ``AdaptConfig`` and the seven baselines' configs; the three papers' configs live with their methods).
+Here: :class:`QuantConfig` (``quantize``), the bases :class:`AdaptConfig` and
+:class:`ReconstructConfig` that every method's config subclasses, :class:`ABLConfig` (embedded by
+the methods that offer ABL), the option-rename machinery (:class:`Renamed`, :class:`OptionsMeta`,
+:func:`upgrade_options`), :data:`DEFAULT_LR` and the option checks the method configs share. Each
+method's own config lives in its module (``TentConfig`` in :mod:`qtta_plugins.methods.tent`,
+``ZOAConfig`` in :mod:`qtta_plugins.methods.zoa`...); the baselines' configs, once defined here,
+still resolve from this module.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 # --------------------------------------------------------------------------------------------
-# One name per idea (issue 36). The option names every config here, and every method plugin's,
-# follows:
+# One name per idea (issue 36). The option names every config follows, the core's here and each
+# method plugin's in its module:
 #
 # * ``momentum`` is the optimizer's (SGD's) and nothing else.
 # * An exponential moving average's weight is the weight KEPT on the old value, and its option
@@ -248,7 +250,7 @@ class ABLConfig:
 
 
 #: the flat ABL options before issue 36, in the configs that offer ABL
-_ABL_RENAMES = {
+ABL_RENAMES = {
     "abl_tau_f": Renamed("abl.tau_f"),
     "abl_tau_g": Renamed("abl.tau_g"),
     "abl_momentum": Renamed("abl.decay", how="the same value: the weight kept"),
@@ -306,17 +308,16 @@ class AdaptConfig(metaclass=OptionsMeta):
 
 
 @dataclass
-class SourceConfig(AdaptConfig):
-    """No adaptation: the quantized model as it is, norms on their source (running) statistics."""
+class ReconstructConfig(metaclass=OptionsMeta):
+    """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...).
 
-    method: str = "source"
+    ``seed``: methods draw from their own generators seeded with it (the process's global RNGs
+    are left alone)."""
 
+    renamed_options: ClassVar[dict[str, Renamed]] = {}
 
-@dataclass
-class NormConfig(AdaptConfig):
-    """BN-adapt (Schneider et al. 2020): batch norms use the test batch's statistics; nothing is learned."""
-
-    method: str = "norm"
+    method: str = "ttaq"
+    seed: int = 0
 
 
 #: The SGD learning rate of the gradient methods that adapt norm affines (Tent, EATA, SAR) when
@@ -328,51 +329,13 @@ DEFAULT_LR = {"batch": 1e-2, "layer": 1e-3}
 TENT_DEFAULT_LR = DEFAULT_LR  # the name before EATA and SAR shared it
 
 
-@dataclass
-class TentConfig(AdaptConfig):
-    """Tent (Wang et al., ICLR 2021): entropy minimisation on the norm layers' affine parameters.
-
-    Batch norms use test-batch statistics. ``lr`` and ``momentum`` are for SGD, as in the reference
-    implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
-    ``lr=None`` (the default) picks by what Tent adapts: 1e-2 for batch norms (chosen on the
-    digits-C dev stream), 1e-3 for a model with layer / group norms only (chosen on held-out seeds
-    of the ViT's stream; ``docs/zoa.md``); :data:`DEFAULT_LR` holds both (EATA and SAR share it).
-
-    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss (ABL, Xiao et al.
-    2024; our formulation, see :mod:`qtta_plugins.methods.tent` and ``docs/abl.md``): the entropy
-    is taken on the logits ``z~_c = z_c - tau_f * log(pi_c) - tau_g * log(g_c / mean_c g)``, with
-    ``pi`` an EMA (weight ``ABLConfig.decay`` kept) of the predicted class frequencies and ``g`` an
-    EMA of each class's share of the loss gradient on the logits. Note the minus signs: a class the
-    stream predicts often, or that the loss already pushes hard, is made *less* likely inside the
-    loss, so entropy minimisation stops feeding it (the prediction itself always uses the raw
-    logits). Off by default (``abl=None``), so Tent's results are unchanged. ``tau_f = 1`` is
-    Menon et al.'s Bayes-consistent logit-adjustment weight; ``tau_g`` is smaller because ``g``
-    is a noisier signal that largely tracks ``pi`` (the dominant class also collects the largest
-    gradients), so a full weight would count the same imbalance twice.
-    """
-
-    renamed_options: ClassVar[dict[str, Renamed]] = _ABL_RENAMES
-    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
-
-    method: str = "tent"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    steps: int = 1  # optimizer steps per test batch
-    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
-    abl: ABLConfig | bool | dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_lr(self)
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
-        if self.steps < 1:
-            raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
-        check_abl_option(self)
+# --------------------------------------------------------------------------------------------
+# The option checks the method configs share: each raises ValueError naming
+# ``<ConfigClass>.<field>`` and what it must be.
+# --------------------------------------------------------------------------------------------
 
 
-def _check_lr(config: object) -> None:
+def check_lr(config: object) -> None:
     """``lr``: a positive finite number, or None for :data:`DEFAULT_LR` by the model's norms."""
     lr = config.lr  # type: ignore[attr-defined]
     if lr is not None and (
@@ -386,7 +349,7 @@ def _check_lr(config: object) -> None:
         )
 
 
-def _check_positive(config: object, *fields: str) -> None:
+def check_positive(config: object, *fields: str) -> None:
     name = type(config).__name__
     for field in fields:
         value = getattr(config, field)
@@ -398,157 +361,7 @@ def _check_positive(config: object, *fields: str) -> None:
             raise ValueError(f"{name}.{field} must be a positive finite number, got {value!r}")
 
 
-@dataclass
-class EATAConfig(AdaptConfig):
-    """EATA (Niu et al., ICML 2022, "Efficient Test-Time Model Adaptation without Forgetting"):
-    Tent's entropy minimisation on the norm affine parameters, on selected samples, re-weighted,
-    with a Fisher-weighted pull back to the source parameters (see :mod:`qtta_plugins.methods.eata`).
-
-    Every part switches off for ablations: ``reliable_filter`` (keep samples whose entropy is below
-    ``E0 = e_margin * ln K``), ``redundancy_filter`` (drop samples whose softmax has cosine
-    similarity ``>= d_margin`` with an EMA of the selected samples' mean softmax), ``reweight``
-    (weight ``exp(E0 - E)`` per sample), ``fisher`` (the anti-forgetting term
-    ``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2``).
-
-    Defaults and where they come from:
-
-    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's defaults (``lr=None``: by the model's norm
-      family, :data:`DEFAULT_LR`: 1e-2 with batch norms, 1e-3 with layer norms only; momentum 0.9),
-      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50.
-    * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``; relative to ``ln K``, so it carries over
-      to any number of classes.
-    * ``d_margin = 0.4``: the paper's 0.05 is for ImageNet (K = 1000), where the cosine between a
-      confident softmax and a spread-out mean is about ``1/sqrt(K)`` = 0.03; with K = 10 that
-      cosine is about 0.3, so 0.05 would drop almost every sample. 0.4 is what the TTA benchmark
-      library (mariodoebler/test-time-adaptation) runs EATA with on CIFAR-10-C (K = 10, as our
-      digits and Fashion-MNIST streams).
-    * ``probs_decay = 0.9``: the paper's EMA weight on the old mean softmax.
-    * ``fisher_alpha = 2000``: the paper's. The term's pull per SGD step is ``2 lr alpha F`` of
-      the distance to ``theta0``: at most about 0.05 on the digits CNN (torchao W4A4, diagonal
-      Fisher up to 1.3e-3, lr 1e-2), far inside SGD's stable range, so the paper's weight
-      carries over to our step size.
-    * ``fisher``: ``None`` (default) uses the term when clean source images are at hand
-      (``source_data=``, or the sample a model quantized with ``keep_calibration_sample=True``
-      keeps) and otherwise runs without it with a warning (that is ETA, the paper's variant
-      without the term); ``True`` requires it (an error without images); ``False`` turns it off.
-    * ``source_batch_size = 64``: the Fisher is the mean over source batches of the squared
-      gradient of the batch's cross-entropy against the model's own predictions, as EATA computes
-      it (in batches of 64, the size ``fisher_alpha`` was set for).
-
-    ``abl=True`` (or an :class:`ABLConfig`) takes TTAQ's adaptive balanced loss inside EATA's
-    loss, as Tent does (:class:`TentConfig`): the selected samples' entropies are taken on the
-    adjusted logits; selection, weights and the prediction use the raw logits.
-    """
-
-    renamed_options: ClassVar[dict[str, Renamed]] = {
-        "probs_momentum": Renamed("probs_decay", how="the same value: the weight kept"),
-        **_ABL_RENAMES,
-    }
-    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
-
-    method: str = "eata"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    reliable_filter: bool = True
-    e_margin: float = 0.4
-    redundancy_filter: bool = True
-    d_margin: float = 0.4
-    probs_decay: float = 0.9
-    reweight: bool = True
-    fisher: bool | None = None
-    fisher_alpha: float = 2000.0
-    source_batch_size: int = 64
-    #: clean source inputs for the Fisher (a tensor, or an iterable of tensors / (x, y) pairs);
-    #: default: the calibration sample a model quantized with keep_calibration_sample=True keeps
-    source_data: Any = None
-    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
-    abl: ABLConfig | bool | dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_lr(self)
-        _check_positive(self, "e_margin", "d_margin", "fisher_alpha")
-        _check_unit(self, "momentum", low_open=False, high_open=True)
-        _check_unit(self, "probs_decay", low_open=False, high_open=True)
-        _check_nonnegative(self, "weight_decay")
-        _check_flags(self, "reliable_filter", "redundancy_filter", "reweight")
-        if self.fisher is not None and not isinstance(self.fisher, bool):
-            raise ValueError(
-                f"EATAConfig.fisher must be None (on when source images are at hand), True or "
-                f"False, got {self.fisher!r}"
-            )
-        _check_int(self, "source_batch_size", 1)
-        check_abl_option(self)
-
-
-@dataclass
-class SARConfig(AdaptConfig):
-    """SAR (Niu et al., ICLR 2023, "Towards Stable Test-Time Adaptation in Dynamic Wild World"):
-    reliable, sharpness-aware entropy minimisation on the norm affine parameters, with a model
-    recovery reset (see :mod:`qtta_plugins.methods.sar`).
-
-    Every part switches off for ablations: ``reliable_filter`` (keep samples whose entropy is below
-    ``E0 = e_margin * ln K``, in both passes), ``sam`` (the sharpness-aware step; off, one plain
-    SGD step on the reliable entropy), ``recovery`` (reset the parameters and the optimizer to
-    their initial state when the EMA of the second pass's loss falls below ``reset_constant``).
-
-    Defaults and where they come from:
-
-    * ``lr``, ``momentum``: SGD as SAR uses, at Tent's defaults (``lr=None``: by the model's norm
-      family, :data:`DEFAULT_LR`: 1e-2 with batch norms, 1e-3 with layer norms only; momentum 0.9),
-      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50
-      (batch 64).
-    * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``, relative to ``ln K``.
-    * ``rho = 0.05``: the paper's SAM radius (SAM's default).
-    * ``reset_constant = 0.2``: the paper's ``e_m``, an entropy in nats, kept as is (public
-      reimplementations keep 0.2 whatever the number of classes). Measured on the digits CNN
-      (torchao W4A4): the reliable samples' mean entropy is about 0.32 nats on clean images, and
-      the loss EMA stayed above 0.36 along a whole digits-C stream (15 domains, seed 1), so 0.2
-      flags what it flags on ImageNet, predictions gone to one-hot, and not a confident model.
-    * ``loss_decay = 0.9``: the paper's EMA weight on the old value of that loss.
-    """
-
-    renamed_options: ClassVar[dict[str, Renamed]] = {
-        "ema_momentum": Renamed("loss_decay", how="the same value: the weight kept"),
-    }
-
-    method: str = "sar"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    reliable_filter: bool = True
-    e_margin: float = 0.4
-    sam: bool = True
-    rho: float = 0.05
-    recovery: bool = True
-    reset_constant: float = 0.2
-    loss_decay: float = 0.9
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_lr(self)
-        _check_positive(self, "e_margin", "rho", "reset_constant")
-        _check_unit(self, "momentum", low_open=False, high_open=True)
-        _check_unit(self, "loss_decay", low_open=False, high_open=True)
-        _check_nonnegative(self, "weight_decay")
-        _check_flags(self, "reliable_filter", "sam", "recovery")
-
-
-@dataclass
-class ReconstructConfig(metaclass=OptionsMeta):
-    """Base of every PTQ reconstruction method's configuration (``brecq``, ``qdrop``, ``ttaq``...).
-
-    ``seed``: methods draw from their own generators seeded with it (the process's global RNGs
-    are left alone)."""
-
-    renamed_options: ClassVar[dict[str, Renamed]] = {}
-
-    method: str = "ttaq"
-    seed: int = 0
-
-
-def _check_nonnegative(config: object, *fields: str) -> None:
+def check_nonnegative(config: object, *fields: str) -> None:
     for field in fields:
         value = getattr(config, field)
         if (
@@ -561,7 +374,7 @@ def _check_nonnegative(config: object, *fields: str) -> None:
             )
 
 
-def _check_unit(config: object, field: str, *, low_open: bool, high_open: bool) -> None:
+def check_unit(config: object, field: str, *, low_open: bool, high_open: bool) -> None:
     """``config.field`` must be a number in the unit interval, ends open as asked."""
     value = getattr(config, field)
     ok = (
@@ -576,7 +389,7 @@ def _check_unit(config: object, field: str, *, low_open: bool, high_open: bool) 
         raise ValueError(f"{type(config).__name__}.{field} must be in {interval}, got {value!r}")
 
 
-def _check_int(config: object, field: str, minimum: int) -> None:
+def check_int(config: object, field: str, minimum: int) -> None:
     value = getattr(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(
@@ -584,7 +397,7 @@ def _check_int(config: object, field: str, minimum: int) -> None:
         )
 
 
-def _check_flags(config: object, *fields: str) -> None:
+def check_flags(config: object, *fields: str) -> None:
     for field in fields:
         value = getattr(config, field)
         if not isinstance(value, bool):
@@ -593,141 +406,33 @@ def _check_flags(config: object, *fields: str) -> None:
             )
 
 
-def _check_optimizer(config: object) -> None:
+def check_optimizer(config: object) -> None:
     """``optimizer`` ('adam' / 'sgd'), ``lr`` > 0, ``momentum`` in [0, 1), ``weight_decay`` >= 0."""
     name = type(config).__name__
     if config.optimizer not in ("adam", "sgd"):  # type: ignore[attr-defined]
         raise ValueError(f"{name}.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")  # type: ignore[attr-defined]
-    _check_positive(config, "lr")
-    _check_unit(config, "momentum", low_open=False, high_open=True)
-    _check_nonnegative(config, "weight_decay")
+    check_positive(config, "lr")
+    check_unit(config, "momentum", low_open=False, high_open=True)
+    check_nonnegative(config, "weight_decay")
 
 
-@dataclass
-class CoTTAConfig(AdaptConfig):
-    """CoTTA (Wang et al., CVPR 2022): continual test-time adaptation with a mean teacher,
-    augmentation-averaged pseudo-labels and stochastic restore (:mod:`qtta_plugins.methods.cotta`).
-
-    ``params``: ``"all"`` (the paper's choice, as far as the view exposes the model: norm affines
-    and the float weights and biases of the quantized conv / linear layers, learnt through the fake
-    quantizers' straight-through gradient) or ``"norm"`` (norm affines only). ``optimizer`` /
-    ``lr`` / ``momentum`` (SGD only) / ``weight_decay``: the student's optimizer (Adam at 1e-3,
-    the reference setting for CIFAR-10-C).
-
-    Parts, each switchable off: ``mean_teacher`` (the teacher is an EMA of the student with weight
-    ``teacher_decay`` on its old value; off: the teacher is the student as of the last step),
-    ``augment`` (when the mean confidence of the ``confidence_from`` model, ``"source"`` as in the
-    paper or ``"teacher"``, on the batch is below ``confidence_threshold``, the pseudo-labels are
-    the teacher's softmax averaged over ``n_augmentations`` augmented copies), ``restore``
-    (stochastic restore: after each step each adapted element goes back to its source value with
-    probability ``restore_prob``). ``n_augmentations`` is 4 by default, not the paper's 32: each
-    copy costs one teacher forward pass, and on 10-class 32 px inputs four already average out
-    most of the augmentation noise.
-
-    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss to the student's
-    loss (as in :class:`TentConfig`): the cross-entropy to the teacher's soft labels is taken on
-    the adjusted student logits; the prediction is unchanged.
-    """
-
-    renamed_options: ClassVar[dict[str, Renamed]] = {
-        "ema_alpha": Renamed("teacher_decay", how="the same value: the weight kept"),
-        **_ABL_RENAMES,
-    }
-    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
-
-    method: str = "cotta"
-    params: str = "all"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    mean_teacher: bool = True
-    teacher_decay: float = 0.999
-    augment: bool = True
-    n_augmentations: int = 4
-    confidence_threshold: float = 0.92
-    confidence_from: str = "source"
-    restore: bool = True
-    restore_prob: float = 0.01
-    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
-    abl: ABLConfig | bool | dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.params not in ("all", "norm"):
-            raise ValueError(f"CoTTAConfig.params must be 'all' or 'norm', got {self.params!r}")
-        _check_optimizer(self)
-        _check_flags(self, "mean_teacher", "augment", "restore")
-        _check_unit(self, "teacher_decay", low_open=False, high_open=True)
-        _check_int(self, "n_augmentations", 1)
-        _check_unit(self, "confidence_threshold", low_open=False, high_open=False)
-        if self.confidence_from not in ("source", "teacher"):
-            raise ValueError(
-                "CoTTAConfig.confidence_from must be 'source' or 'teacher', got "
-                f"{self.confidence_from!r}"
-            )
-        _check_unit(self, "restore_prob", low_open=False, high_open=False)
-        check_abl_option(self)
+#: The baselines' configs, which lived here before each moved into its method's module (issue 36):
+#: re-exported for compatibility (``from qtta_plugins.config import TentConfig`` keeps working),
+#: imported lazily because those modules import this one.
+_METHOD_CONFIGS = {
+    "SourceConfig": "qtta_plugins.methods.source",
+    "NormConfig": "qtta_plugins.methods.norm",
+    "TentConfig": "qtta_plugins.methods.tent",
+    "EATAConfig": "qtta_plugins.methods.eata",
+    "SARConfig": "qtta_plugins.methods.sar",
+    "CoTTAConfig": "qtta_plugins.methods.cotta",
+    "RoTTAConfig": "qtta_plugins.methods.rotta",
+}
 
 
-@dataclass
-class RoTTAConfig(AdaptConfig):
-    """RoTTA (Yuan et al., CVPR 2023): robust test-time adaptation in dynamic scenarios
-    (:mod:`qtta_plugins.methods.rotta`).
+def __getattr__(name: str) -> Any:
+    if name in _METHOD_CONFIGS:
+        import importlib
 
-    Parts, each switchable off: ``rbn`` (robust batch normalisation: global statistics, an EMA
-    with weight ``rbn_decay`` on the old global statistics, ``1 - rbn_decay`` on each batch's;
-    off: test-batch statistics), ``balanced_memory``
-    (the category-balanced memory CSTU of ``memory_capacity`` samples, scored by age
-    ``lambda_t`` and uncertainty ``lambda_u``; off: a first-in first-out memory of the same size),
-    ``mean_teacher`` (the teacher is an EMA of the student with weight ``teacher_decay`` on the
-    old teacher, ``1 - teacher_decay`` on the student; off: the teacher is the student as of the
-    last step), ``timeliness`` (the loss weighs each
-    memory item by its age; off: uniformly), ``strong_augment`` (the student sees augmented
-    memory items; off: the items as they are). The student takes one step every
-    ``update_frequency`` test samples, on the memory. ``optimizer`` / ``lr`` / ``momentum`` (SGD
-    only) / ``weight_decay``: Adam at 1e-3, the paper's setting; the norm affines adapt.
-
-    The paper's ``alpha = 0.05`` (RBN) and ``nu = 0.001`` (teacher) are the fractions *updated*:
-    ``rbn_decay = 0.95`` and ``teacher_decay = 0.999`` are the same EMAs, written as every config
-    here writes an EMA (the weight kept). The old options ``rbn_momentum`` / ``ema_nu`` held the
-    paper's values and are converted (``1 - value``) when given.
-    """
-
-    renamed_options: ClassVar[dict[str, Renamed]] = {
-        "rbn_momentum": Renamed(
-            "rbn_decay", UPDATED_TO_KEPT, "it held the fraction updated: rbn_decay = 1 - value"
-        ),
-        "ema_nu": Renamed(
-            "teacher_decay",
-            UPDATED_TO_KEPT,
-            "it held the fraction updated: teacher_decay = 1 - value",
-        ),
-    }
-
-    method: str = "rotta"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    rbn: bool = True
-    rbn_decay: float = 0.95
-    balanced_memory: bool = True
-    memory_capacity: int = 64
-    lambda_t: float = 1.0
-    lambda_u: float = 1.0
-    update_frequency: int = 64
-    mean_teacher: bool = True
-    teacher_decay: float = 0.999
-    timeliness: bool = True
-    strong_augment: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_optimizer(self)
-        _check_flags(self, "rbn", "balanced_memory", "mean_teacher", "timeliness", "strong_augment")
-        _check_unit(self, "rbn_decay", low_open=False, high_open=True)
-        _check_int(self, "memory_capacity", 1)
-        _check_int(self, "update_frequency", 1)
-        _check_unit(self, "teacher_decay", low_open=False, high_open=False)
-        _check_nonnegative(self, "lambda_t", "lambda_u")
+        return getattr(importlib.import_module(_METHOD_CONFIGS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

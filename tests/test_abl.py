@@ -10,8 +10,7 @@ import torch
 from _state import model_state
 
 import qtta_plugins
-from qtta_plugins import BadBatchError
-from qtta_plugins.config import ABLConfig, TentConfig
+from qtta_plugins import ABLConfig, BadBatchError, TentConfig
 from qtta_plugins.methods.tent import abl_adjusted_logits, softmax_entropy, tent_parameters
 
 pytest.importorskip("torchao")

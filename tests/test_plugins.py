@@ -49,6 +49,38 @@ def test_the_public_face_is_verbs_configs_errors_and_user_types():
         qtta_plugins.nope  # noqa: B018
 
 
+def test_each_baseline_config_lives_with_its_method_and_still_resolves_from_config():
+    # issue 36: the seven baselines' configs moved from qtta_plugins.config into their method
+    # modules; the old import path and pickles naming it keep working
+    import importlib
+    import pickle
+
+    from qtta_plugins import config
+
+    moved = {
+        "SourceConfig": "source",
+        "NormConfig": "norm",
+        "TentConfig": "tent",
+        "EATAConfig": "eata",
+        "SARConfig": "sar",
+        "CoTTAConfig": "cotta",
+        "RoTTAConfig": "rotta",
+    }
+    for name, method in moved.items():
+        module = f"qtta_plugins.methods.{method}"
+        cls = getattr(importlib.import_module(module), name)
+        assert cls.__module__ == module
+        assert getattr(config, name) is cls is getattr(qtta_plugins, name)
+        assert cls().method == method
+    tent = qtta_plugins.TentConfig(lr=1e-3, abl=True)
+    old = pickle.dumps(tent, protocol=0).replace(
+        b"qtta_plugins.methods.tent\n", b"qtta_plugins.config\n"
+    )
+    assert b"qtta_plugins.config\n" in old and pickle.loads(old) == tent
+    with pytest.raises(AttributeError, match="has no attribute 'ZOAConfig'"):
+        config.ZOAConfig  # noqa: B018 (never lived there)
+
+
 def test_builtin_methods_and_torchao_adapter_are_registered():
     methods = available_methods("adapt")
     assert {"source", "norm", "tent"} <= set(methods)

@@ -55,12 +55,23 @@ Randomness (restore masks, augmentations) comes from the method's own generator,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import AdaptConfig, CoTTAConfig
+from ..config import (
+    ABL_RENAMES,
+    ABLConfig,
+    AdaptConfig,
+    Renamed,
+    check_abl_option,
+    check_flags,
+    check_int,
+    check_optimizer,
+    check_unit,
+)
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state
@@ -73,12 +84,74 @@ from .base import (
     refuse_forward_only,
 )
 
-__all__ = [
-    "CoTTA",
-    "augment",
-    "cotta_parameters",
-    "soft_cross_entropy",
-]
+__all__ = ["CoTTA", "CoTTAConfig", "augment", "cotta_parameters", "soft_cross_entropy"]
+
+
+@dataclass
+class CoTTAConfig(AdaptConfig):
+    """CoTTA (Wang et al., CVPR 2022): continual test-time adaptation with a mean teacher,
+    augmentation-averaged pseudo-labels and stochastic restore (see the module docstring).
+
+    ``params``: ``"all"`` (the paper's choice, as far as the view exposes the model: norm affines
+    and the float weights and biases of the quantized conv / linear layers, learnt through the fake
+    quantizers' straight-through gradient) or ``"norm"`` (norm affines only). ``optimizer`` /
+    ``lr`` / ``momentum`` (SGD only) / ``weight_decay``: the student's optimizer (Adam at 1e-3,
+    the reference setting for CIFAR-10-C).
+
+    Parts, each switchable off: ``mean_teacher`` (the teacher is an EMA of the student with weight
+    ``teacher_decay`` on its old value; off: the teacher is the student as of the last step),
+    ``augment`` (when the mean confidence of the ``confidence_from`` model, ``"source"`` as in the
+    paper or ``"teacher"``, on the batch is below ``confidence_threshold``, the pseudo-labels are
+    the teacher's softmax averaged over ``n_augmentations`` augmented copies), ``restore``
+    (stochastic restore: after each step each adapted element goes back to its source value with
+    probability ``restore_prob``). ``n_augmentations`` is 4 by default, not the paper's 32: each
+    copy costs one teacher forward pass, and on 10-class 32 px inputs four already average out
+    most of the augmentation noise.
+
+    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss to the student's
+    loss (as in :class:`~qtta_plugins.methods.tent.TentConfig`): the cross-entropy to the teacher's soft labels is taken on
+    the adjusted student logits; the prediction is unchanged.
+    """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "ema_alpha": Renamed("teacher_decay", how="the same value: the weight kept"),
+        **ABL_RENAMES,
+    }
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
+
+    method: str = "cotta"
+    params: str = "all"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    mean_teacher: bool = True
+    teacher_decay: float = 0.999
+    augment: bool = True
+    n_augmentations: int = 4
+    confidence_threshold: float = 0.92
+    confidence_from: str = "source"
+    restore: bool = True
+    restore_prob: float = 0.01
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.params not in ("all", "norm"):
+            raise ValueError(f"CoTTAConfig.params must be 'all' or 'norm', got {self.params!r}")
+        check_optimizer(self)
+        check_flags(self, "mean_teacher", "augment", "restore")
+        check_unit(self, "teacher_decay", low_open=False, high_open=True)
+        check_int(self, "n_augmentations", 1)
+        check_unit(self, "confidence_threshold", low_open=False, high_open=False)
+        if self.confidence_from not in ("source", "teacher"):
+            raise ValueError(
+                "CoTTAConfig.confidence_from must be 'source' or 'teacher', got "
+                f"{self.confidence_from!r}"
+            )
+        check_unit(self, "restore_prob", low_open=False, high_open=False)
+        check_abl_option(self)
 
 
 # --- parts shared with rotta ---------------------------------------------------------------------

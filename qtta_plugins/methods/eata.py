@@ -39,13 +39,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdaptConfig, EATAConfig
+from ..config import (
+    ABL_RENAMES,
+    ABLConfig,
+    AdaptConfig,
+    Renamed,
+    check_abl_option,
+    check_flags,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    check_positive,
+    check_unit,
+)
 from ..features import source_batches
 from ..hookspecs import hookimpl
 from ..view import QuantView
@@ -53,7 +66,91 @@ from .abl import BalancedLoss, ExposesBalancedLoss, check_abl_state, softmax_ent
 from .base import MethodInfo, TestTimeMethod, check_count, check_state_keys
 from .tent import collect_norm_affines, default_lr, train_norm_affines
 
-__all__ = ["EATA", "diagonal_fisher", "eata_loss", "eata_selection"]
+__all__ = ["EATA", "EATAConfig", "diagonal_fisher", "eata_loss", "eata_selection"]
+
+
+@dataclass
+class EATAConfig(AdaptConfig):
+    """EATA (Niu et al., ICML 2022, "Efficient Test-Time Model Adaptation without Forgetting"):
+    Tent's entropy minimisation on the norm affine parameters, on selected samples, re-weighted,
+    with a Fisher-weighted pull back to the source parameters (see the module docstring).
+
+    Every part switches off for ablations: ``reliable_filter`` (keep samples whose entropy is below
+    ``E0 = e_margin * ln K``), ``redundancy_filter`` (drop samples whose softmax has cosine
+    similarity ``>= d_margin`` with an EMA of the selected samples' mean softmax), ``reweight``
+    (weight ``exp(E0 - E)`` per sample), ``fisher`` (the anti-forgetting term
+    ``fisher_alpha * sum_i F_i (theta_i - theta0_i)^2``).
+
+    Defaults and where they come from:
+
+    * ``lr``, ``momentum``: SGD as EATA uses, at Tent's defaults (``lr=None``: by the model's norm
+      family, :data:`~qtta_plugins.config.DEFAULT_LR`: 1e-2 with batch norms, 1e-3 with layer norms only; momentum 0.9),
+      so the two are compared at one step size; the paper's 2.5e-4 is for ImageNet ResNet-50.
+    * ``e_margin = 0.4``: the paper's ``E0 = 0.4 ln K``; relative to ``ln K``, so it carries over
+      to any number of classes.
+    * ``d_margin = 0.4``: the paper's 0.05 is for ImageNet (K = 1000), where the cosine between a
+      confident softmax and a spread-out mean is about ``1/sqrt(K)`` = 0.03; with K = 10 that
+      cosine is about 0.3, so 0.05 would drop almost every sample. 0.4 is what the TTA benchmark
+      library (mariodoebler/test-time-adaptation) runs EATA with on CIFAR-10-C (K = 10, as our
+      digits and Fashion-MNIST streams).
+    * ``probs_decay = 0.9``: the paper's EMA weight on the old mean softmax.
+    * ``fisher_alpha = 2000``: the paper's. The term's pull per SGD step is ``2 lr alpha F`` of
+      the distance to ``theta0``: at most about 0.05 on the digits CNN (torchao W4A4, diagonal
+      Fisher up to 1.3e-3, lr 1e-2), far inside SGD's stable range, so the paper's weight
+      carries over to our step size.
+    * ``fisher``: ``None`` (default) uses the term when clean source images are at hand
+      (``source_data=``, or the sample a model quantized with ``keep_calibration_sample=True``
+      keeps) and otherwise runs without it with a warning (that is ETA, the paper's variant
+      without the term); ``True`` requires it (an error without images); ``False`` turns it off.
+    * ``source_batch_size = 64``: the Fisher is the mean over source batches of the squared
+      gradient of the batch's cross-entropy against the model's own predictions, as EATA computes
+      it (in batches of 64, the size ``fisher_alpha`` was set for).
+
+    ``abl=True`` (or an :class:`ABLConfig`) takes TTAQ's adaptive balanced loss inside EATA's
+    loss, as Tent does (:class:`~qtta_plugins.methods.tent.TentConfig`): the selected samples' entropies are taken on the
+    adjusted logits; selection, weights and the prediction use the raw logits.
+    """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "probs_momentum": Renamed("probs_decay", how="the same value: the weight kept"),
+        **ABL_RENAMES,
+    }
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
+
+    method: str = "eata"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    reliable_filter: bool = True
+    e_margin: float = 0.4
+    redundancy_filter: bool = True
+    d_margin: float = 0.4
+    probs_decay: float = 0.9
+    reweight: bool = True
+    fisher: bool | None = None
+    fisher_alpha: float = 2000.0
+    source_batch_size: int = 64
+    #: clean source inputs for the Fisher (a tensor, or an iterable of tensors / (x, y) pairs);
+    #: default: the calibration sample a model quantized with keep_calibration_sample=True keeps
+    source_data: Any = None
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lr(self)
+        check_positive(self, "e_margin", "d_margin", "fisher_alpha")
+        check_unit(self, "momentum", low_open=False, high_open=True)
+        check_unit(self, "probs_decay", low_open=False, high_open=True)
+        check_nonnegative(self, "weight_decay")
+        check_flags(self, "reliable_filter", "redundancy_filter", "reweight")
+        if self.fisher is not None and not isinstance(self.fisher, bool):
+            raise ValueError(
+                f"EATAConfig.fisher must be None (on when source images are at hand), True or "
+                f"False, got {self.fisher!r}"
+            )
+        check_int(self, "source_batch_size", 1)
+        check_abl_option(self)
 
 
 @torch.no_grad()

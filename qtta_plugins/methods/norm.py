@@ -4,12 +4,21 @@ LayerNorm / GroupNorm already use per-sample statistics and are unchanged by it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import AdaptConfig, NormConfig
+from ..config import AdaptConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .base import MethodInfo, TestTimeMethod
+
+
+@dataclass
+class NormConfig(AdaptConfig):
+    """BN-adapt (Schneider et al. 2020): batch norms use the test batch's statistics; nothing is learned."""
+
+    method: str = "norm"
 
 
 class NormAdapt(TestTimeMethod):

@@ -42,6 +42,9 @@ The norm affines adapt (Adam, lr 1e-3), as in the paper. Our choices:
   shows the student the items as they are.
 
 Randomness (augmentations) comes from the method's own generator seeded with ``config.seed``.
+
+Over 500 lines: one method read top to bottom, its config (with where each default comes from), RBN,
+the CSTU memory and the teacher-student update, each next to the part of the paper it follows.
 """
 
 from __future__ import annotations
@@ -49,12 +52,21 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import AdaptConfig, RoTTAConfig
+from ..config import (
+    UPDATED_TO_KEPT,
+    AdaptConfig,
+    Renamed,
+    check_flags,
+    check_int,
+    check_nonnegative,
+    check_optimizer,
+    check_unit,
+)
 from ..hookspecs import hookimpl
 from ..view import NormLayer, QuantView
 from .base import (
@@ -74,7 +86,70 @@ from .cotta import (
     soft_cross_entropy,
 )
 
-__all__ = ["BalancedMemory", "RoTTA", "timeliness_weight"]
+__all__ = ["BalancedMemory", "RoTTA", "RoTTAConfig", "timeliness_weight"]
+
+
+@dataclass
+class RoTTAConfig(AdaptConfig):
+    """RoTTA (Yuan et al., CVPR 2023): robust test-time adaptation in dynamic scenarios
+    (see the module docstring).
+
+    Parts, each switchable off: ``rbn`` (robust batch normalisation: global statistics, an EMA
+    with weight ``rbn_decay`` on the old global statistics, ``1 - rbn_decay`` on each batch's;
+    off: test-batch statistics), ``balanced_memory``
+    (the category-balanced memory CSTU of ``memory_capacity`` samples, scored by age
+    ``lambda_t`` and uncertainty ``lambda_u``; off: a first-in first-out memory of the same size),
+    ``mean_teacher`` (the teacher is an EMA of the student with weight ``teacher_decay`` on the
+    old teacher, ``1 - teacher_decay`` on the student; off: the teacher is the student as of the
+    last step), ``timeliness`` (the loss weighs each
+    memory item by its age; off: uniformly), ``strong_augment`` (the student sees augmented
+    memory items; off: the items as they are). The student takes one step every
+    ``update_frequency`` test samples, on the memory. ``optimizer`` / ``lr`` / ``momentum`` (SGD
+    only) / ``weight_decay``: Adam at 1e-3, the paper's setting; the norm affines adapt.
+
+    The paper's ``alpha = 0.05`` (RBN) and ``nu = 0.001`` (teacher) are the fractions *updated*:
+    ``rbn_decay = 0.95`` and ``teacher_decay = 0.999`` are the same EMAs, written as every config
+    writes an EMA (the weight kept). The old options ``rbn_momentum`` / ``ema_nu`` held the
+    paper's values and are converted (``1 - value``) when given.
+    """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = {
+        "rbn_momentum": Renamed(
+            "rbn_decay", UPDATED_TO_KEPT, "it held the fraction updated: rbn_decay = 1 - value"
+        ),
+        "ema_nu": Renamed(
+            "teacher_decay",
+            UPDATED_TO_KEPT,
+            "it held the fraction updated: teacher_decay = 1 - value",
+        ),
+    }
+
+    method: str = "rotta"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    rbn: bool = True
+    rbn_decay: float = 0.95
+    balanced_memory: bool = True
+    memory_capacity: int = 64
+    lambda_t: float = 1.0
+    lambda_u: float = 1.0
+    update_frequency: int = 64
+    mean_teacher: bool = True
+    teacher_decay: float = 0.999
+    timeliness: bool = True
+    strong_augment: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optimizer(self)
+        check_flags(self, "rbn", "balanced_memory", "mean_teacher", "timeliness", "strong_augment")
+        check_unit(self, "rbn_decay", low_open=False, high_open=True)
+        check_int(self, "memory_capacity", 1)
+        check_int(self, "update_frequency", 1)
+        check_unit(self, "teacher_decay", low_open=False, high_open=False)
+        check_nonnegative(self, "lambda_t", "lambda_u")
 
 
 def timeliness_weight(ages: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -3,12 +3,21 @@ on their running (source) statistics: the row every method is measured against."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import AdaptConfig, SourceConfig
+from ..config import AdaptConfig
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .base import MethodInfo, TestTimeMethod
+
+
+@dataclass
+class SourceConfig(AdaptConfig):
+    """No adaptation: the quantized model as it is, norms on their source (running) statistics."""
+
+    method: str = "source"
 
 
 class Source(TestTimeMethod):

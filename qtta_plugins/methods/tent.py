@@ -41,12 +41,21 @@ gives Tent's loss exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import DEFAULT_LR, AdaptConfig, TentConfig
+from ..config import (
+    ABL_RENAMES,
+    DEFAULT_LR,
+    ABLConfig,
+    AdaptConfig,
+    Renamed,
+    check_abl_option,
+    check_lr,
+)
 from ..hookspecs import hookimpl
 from ..view import QuantView
 from .abl import (
@@ -62,6 +71,7 @@ from .base import MethodInfo, TestTimeMethod, refuse_forward_only
 __all__ = [
     "ABL_EPS",
     "Tent",
+    "TentConfig",
     "abl_adjusted_logits",
     "collect_norm_affines",
     "default_tent_lr",
@@ -69,6 +79,50 @@ __all__ = [
     "tent_parameters",
     "train_norm_affines",
 ]
+
+
+@dataclass
+class TentConfig(AdaptConfig):
+    """Tent (Wang et al., ICLR 2021): entropy minimisation on the norm layers' affine parameters.
+
+    Batch norms use test-batch statistics. ``lr`` and ``momentum`` are for SGD, as in the reference
+    implementation; ``steps`` gradient steps per batch; the prediction is the pre-update output.
+    ``lr=None`` (the default) picks by what Tent adapts: 1e-2 for batch norms (chosen on the
+    digits-C dev stream), 1e-3 for a model with layer / group norms only (chosen on held-out seeds
+    of the ViT's stream; ``docs/zoa.md``); :data:`DEFAULT_LR` holds both (EATA and SAR share it).
+
+    ``abl=True`` (or an :class:`ABLConfig`) adds TTAQ's adaptive balanced loss (ABL, Xiao et al.
+    2024; our formulation, see the module docstring and ``docs/abl.md``): the entropy
+    is taken on the logits ``z~_c = z_c - tau_f * log(pi_c) - tau_g * log(g_c / mean_c g)``, with
+    ``pi`` an EMA (weight ``ABLConfig.decay`` kept) of the predicted class frequencies and ``g`` an
+    EMA of each class's share of the loss gradient on the logits. Note the minus signs: a class the
+    stream predicts often, or that the loss already pushes hard, is made *less* likely inside the
+    loss, so entropy minimisation stops feeding it (the prediction itself always uses the raw
+    logits). Off by default (``abl=None``), so Tent's results are unchanged. ``tau_f = 1`` is
+    Menon et al.'s Bayes-consistent logit-adjustment weight; ``tau_g`` is smaller because ``g``
+    is a noisier signal that largely tracks ``pi`` (the dominant class also collects the largest
+    gradients), so a full weight would count the same imbalance twice.
+    """
+
+    renamed_options: ClassVar[dict[str, Renamed]] = ABL_RENAMES
+    embedded_options: ClassVar[dict[str, type]] = {"abl": ABLConfig}
+
+    method: str = "tent"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    steps: int = 1  # optimizer steps per test batch
+    #: ABL: an ABLConfig, True (its defaults), a dict of its fields, or None / False (off)
+    abl: ABLConfig | bool | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lr(self)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"TentConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.steps < 1:
+            raise ValueError(f"TentConfig.steps must be >= 1, got {self.steps!r}")
+        check_abl_option(self)
 
 
 def tent_parameters(view: QuantView) -> list[nn.Parameter]:
