@@ -39,6 +39,7 @@ from .errors import (
 )
 from .exporting import UnsupportedExportError, export
 from .features import measure_source_statistics
+from .guard import GuardConfig, as_guard
 from .hookspecs import hookimpl
 from .methods.cotta import CoTTAConfig
 from .methods.eata import EATAConfig
@@ -89,6 +90,7 @@ __all__ = [  # noqa: RUF022 (grouped by kind for the reader, not sorted)
     "TTAQConfig",
     "TentConfig",
     "WindowConfig",
+    "GuardConfig",
     "ZOAConfig",
     # what a call gives back
     "Adaptation",
@@ -262,6 +264,7 @@ def adapt(
     reset_every: int | None = None,
     reset_on_shift: bool | None = None,
     window: int | WindowConfig | None = None,
+    guard: bool | dict[str, Any] | GuardConfig | None = None,
     **options: Any,
 ) -> Adaptation:
     """Adapt a quantized model online to ``stream``: for each batch, predict, then update.
@@ -286,6 +289,12 @@ def adapt(
 
     Both may be given. ``run.restarts`` lists the batches before which the run restarted. A bad
     value raises ``ValueError`` before anything is copied or changed.
+
+    ``guard=True`` (or a :class:`~qtta_plugins.guard.GuardConfig`, or a dict of its fields) adds a
+    collapse guard, for any method: when the diversity of the last ``window`` predicted classes
+    falls below ``drop`` times the best the run reached, the run restarts before the next batch,
+    as the reset policy does, and ``run.guard_restarts`` lists it (:mod:`qtta_plugins.guard`,
+    docs/guard.md). Off by default.
 
     Small batches: a method that normalises with, or compares, the statistics of the test batch
     (``norm``, ``tent``, ``eata``, ``sar``, ``cotta`` on batch-norm models; ``zoa``, ``foa`` on
@@ -313,6 +322,7 @@ def adapt(
     ``.save(path)`` / ``.load(path)``.
     """
     check_reset_policy(reset_every, reset_on_shift)
+    guard_config = as_guard(guard)
     window_config = as_window(window)
     check_window_fits(window_config, stream)
     if not inplace:
@@ -343,6 +353,7 @@ def adapt(
         before=before if inplace else None,
         reset_every=reset_every,
         reset_on_shift=reset_on_shift,
+        guard=guard_config,
     )
     if stream is not None:
         try:

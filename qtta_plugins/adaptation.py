@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import AdaptConfig
 from .errors import BadBatchError, SmallBatchError, UnsafeStateError
+from .guard import CollapseGuard, GuardConfig
 from .methods.base import TestTimeMethod
 from .progress import show_progress
 from .view import QuantView, model_device
@@ -230,7 +231,9 @@ class Adaptation:
     ``config``, ``predictions`` (every prediction so far, in order), ``results`` (per-domain errors
     when labels were given), ``reset_every`` / ``reset_on_shift`` (the reset policy, see
     :func:`qtta_plugins.adapt`), ``restarts`` (the index, counted as ``batches``, of each batch
-    before which the policy put the model and method back at their start).
+    before which the policy put the model and method back at their start), ``guard`` (the collapse
+    guard's state, ``None`` without one) and ``guard_restarts`` (those of ``restarts`` the guard
+    asked for: :mod:`qtta_plugins.guard`).
     """
 
     def __init__(
@@ -242,10 +245,12 @@ class Adaptation:
         before: dict[str, Any] | None = None,
         reset_every: int | None = None,
         reset_on_shift: bool | None = None,
+        guard: GuardConfig | None = None,
     ) -> None:
         """``before``: the model's snapshot from before the adaptation was set up (what
         :meth:`restore_model` puts back; :func:`qtta_plugins.adapt` passes it for in-place runs).
-        ``reset_every``, ``reset_on_shift``: the reset policy (see :func:`qtta_plugins.adapt`)."""
+        ``reset_every``, ``reset_on_shift``: the reset policy; ``guard``: the collapse guard (see
+        :func:`qtta_plugins.adapt`)."""
         check_reset_policy(reset_every, reset_on_shift)
         self.reset_every = reset_every
         self.reset_on_shift = reset_on_shift
@@ -260,6 +265,8 @@ class Adaptation:
         self.results: dict[str, DomainResult] = {}
         self.batches = 0
         self.restarts: list[int] = []
+        self.guard = CollapseGuard(guard) if guard is not None else None
+        self.guard_restarts: list[int] = []
         self._since_start = 0  # batches adapted since the start or the last restart
         self._last_domain: str | None = None
 
@@ -281,7 +288,8 @@ class Adaptation:
 
         The reset policy applies: with ``reset_on_shift=True``, a batch whose ``domain`` differs
         from the previous batch's first puts the model and the method back at their start (a
-        restart); with ``reset_every=N``, so does every ``N``-th batch since the last start."""
+        restart); with ``reset_every=N``, so does every ``N``-th batch since the last start; with a
+        guard, so does the batch after one whose predictions showed a collapse."""
         return self._step(x, y, domain, bool(self.reset_on_shift))
 
     def _step(
@@ -297,6 +305,7 @@ class Adaptation:
             check_labels(y, x)
         self._check_batch_size(x.shape[0])
         restart = self._restart_due(domain, on_shift)
+        guarded = restart and self.guard is not None and self.guard.due
         params = self.method.adapted_parameters()
         if restart:  # the restart is part of the step: a failing step undoes it too
             saved = (self.view.snapshot(), self.method._copy_state())
@@ -335,7 +344,13 @@ class Adaptation:
             result.errors += int((pred.cpu() != y.cpu()).sum())
         if restart:
             self.restarts.append(self.batches)
+            if guarded:
+                self.guard_restarts.append(self.batches)
+            if self.guard is not None:
+                self.guard.restart()
             self._since_start = 0
+        if self.guard is not None:
+            self.guard.observe(pred, logits.shape[1])
         self._since_start += 1
         self._last_domain = domain
         self.batches += 1
@@ -359,6 +374,8 @@ class Adaptation:
 
     def _restart_due(self, domain: str, on_shift: bool) -> bool:
         if on_shift and self._last_domain is not None and domain != self._last_domain:
+            return True
+        if self.guard is not None and self.guard.due:
             return True
         return self.reset_every is not None and self._since_start >= self.reset_every
 
@@ -411,6 +428,9 @@ class Adaptation:
         self.results.clear()
         self.batches = 0
         self.restarts.clear()
+        self.guard_restarts.clear()
+        if self.guard is not None:
+            self.guard.restart()
         self._since_start = 0
         self._last_domain = None
 
@@ -445,6 +465,7 @@ class Adaptation:
             "since_start": self._since_start,
             "last_domain": self._last_domain,
             "window": self._window_tag(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
     def _window_tag(self) -> tuple[int, int | None] | None:
@@ -481,6 +502,13 @@ class Adaptation:
         self.sample_shape = state.get("sample_shape", self.sample_shape)
         self._since_start = state.get("since_start", self.batches)
         self._last_domain = state.get("last_domain")
+        if self.guard is not None:
+            # a state saved without a guard: the guard starts over from this point
+            saved_guard = state.get("guard")
+            if saved_guard is None:
+                self.guard.restart()
+            else:
+                self.guard.load_state_dict(saved_guard)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         torch.save(self.state_dict(), path)

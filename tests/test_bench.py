@@ -337,6 +337,27 @@ def test_a_window_a_refused_batch_size_and_a_batch_size_axis(tmp_path, monkeypat
     bench.plot(results, tmp_path / "p.png")
 
 
+def test_a_guarded_row_goes_to_adapt_and_records_its_restarts(tmp_path):
+    """A row's guard is adapt's (the same predictions as the Python API with guard=...), its cell
+    records guard_restarts, its key names the guard's fields, and rows without one keep theirs."""
+    data = {"source": "digits", "corruptions": ["fog"], "per_domain": 40}
+    methods = {"norm": {}, "norm g": {"method": "norm", "guard": {"window": 8}}}
+    config = bench.load_config(
+        digits_config(tmp_path, data=data, methods=methods, seeds=[0], batch_size=8)
+    )
+    plain, guarded = bench.expand(config)
+    assert "guard" not in bench.cell_spec(config, plain)["method"]
+    assert bench.cell_spec(config, guarded)["method"]["guard"] == {"window": 8, "drop": 0.5}
+    results = bench.run(config, progress=False)
+    by = {c["method"]: c for c in results.cells}
+    assert "guard_restarts" not in by["norm"] and by["norm g"]["guard_restarts"] == []
+    qmodel = runner._QUANT.items[next(reversed(runner._QUANT.items))]
+    stream = runner.cell_stream(config, guarded, None, 1)
+    api = qtta_plugins.adapt(qmodel, list(stream), "norm", guard={"window": 8}, progress=False)
+    sha = hashlib.sha256(api.predictions.to(torch.int64).numpy().tobytes()).hexdigest()
+    assert by["norm g"]["predictions_sha256"] == sha
+
+
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -354,6 +375,14 @@ def test_a_window_a_refused_batch_size_and_a_batch_size_axis(tmp_path, monkeypat
         (
             {"methods": {"norm": {"window": {"length": 4, "every": 2}}}},
             r"'methods\.norm\.window\.every': not a field of WindowConfig",
+        ),
+        (
+            {"methods": {"norm": {"guard": {"window": 1}}}},
+            r"'methods\.norm\.guard': GuardConfig.window must be a number of predictions >= 2",
+        ),
+        (
+            {"methods": {"norm": {"guard": "on"}}},
+            r"'methods\.norm\.guard': guard must be True, False, None, a dict",
         ),
         (
             {"data": {"source": "cifar10-c", "root": "/d", "split_seed": 0}},

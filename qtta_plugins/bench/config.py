@@ -42,7 +42,7 @@ PLAN_AXES = (
     "batch_size",
 )
 #: options of a method row that the harness takes itself (the rest go to the method's config)
-ROW_OPTIONS = ("method", "reset_every", "window")
+ROW_OPTIONS = ("method", "reset_every", "window", "guard")
 
 
 class BenchConfigError(ValueError):
@@ -220,13 +220,21 @@ class BenchConfig:
 class MethodRow:
     """One row of ``methods``: the adapt ``method``, its config ``options``, ``reset_every`` and
     ``window`` (``adapt``'s sliding window: an int, or a mapping of
-    :class:`~qtta_plugins.WindowConfig` fields; ``None``: none)."""
+    :class:`~qtta_plugins.WindowConfig` fields; ``None``: none) and ``guard`` (``adapt``'s collapse
+    guard: ``true``, or a mapping of :class:`~qtta_plugins.GuardConfig` fields; ``None``: none)."""
 
     name: str
     method: str
     options: dict[str, Any]
     reset_every: int | None
     window: int | dict[str, Any] | None = None
+    guard: bool | dict[str, Any] | None = None
+
+    def guard_config(self) -> Any:
+        """``guard`` as a :class:`~qtta_plugins.GuardConfig` (``None``: no guard)."""
+        from ..guard import as_guard
+
+        return as_guard(self.guard)
 
     def window_config(self) -> Any:
         """``window`` as a :class:`~qtta_plugins.WindowConfig` (``None``: no window)."""
@@ -714,6 +722,7 @@ def _method_rows(config: BenchConfig) -> dict[str, MethodRow]:
         reset_every = options.pop("reset_every", config.reset_every)
         _non_negative_int(f"{key}.reset_every", reset_every, minimum=1)
         window = _window(options.pop("window", None), f"{key}.window")
+        guard = _guard(options.pop("guard", None), f"{key}.guard")
         if method not in installed:
             close = difflib.get_close_matches(str(method), sorted(installed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -723,7 +732,7 @@ def _method_rows(config: BenchConfig) -> dict[str, MethodRow]:
                 "otherwise says which with 'method:')"
             )
         _build_options(installed[method].config_cls, method, options, key)
-        rows[str(name)] = MethodRow(str(name), method, options, reset_every, window)
+        rows[str(name)] = MethodRow(str(name), method, options, reset_every, window, guard)
     return rows
 
 
@@ -839,6 +848,20 @@ def _batch_sizes(key: str, value: Any) -> None:
     if value is None:
         raise BenchConfigError(f"config key '{key}' must be an int >= 1 or a list of them")
     _non_negative_int(key, value, minimum=1)
+
+
+def _guard(value: Any, key: str) -> bool | dict[str, Any] | None:
+    """A row's ``guard``: ``None`` / ``false`` (none), ``true`` (the defaults) or a mapping of
+    ``GuardConfig`` fields (``window``, ``drop``); checked by building it, errors naming the key."""
+    from ..guard import as_guard
+
+    if isinstance(value, Mapping):
+        value = dict(value)
+    try:
+        as_guard(value)
+    except (TypeError, ValueError) as err:
+        raise BenchConfigError(f"config key '{key}': {err}") from None
+    return value
 
 
 def _window(value: Any, key: str) -> int | dict[str, Any] | None:

@@ -186,6 +186,9 @@ def method_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
     spec = {"config": _plain(method_config(bench, cell)), "reset_every": row.reset_every}
     if row.window is not None:  # only then: the keys of rows without a window stay as they were
         spec["window"] = asdict(row.window_config())  # 16 and {length: 16}: one key
+    guard = row.guard_config()
+    if guard is not None:  # likewise: rows without a guard keep their keys
+        spec["guard"] = asdict(guard)  # true and {window: 256, drop: 0.5}: one key
     return spec
 
 

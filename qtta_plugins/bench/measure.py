@@ -153,6 +153,7 @@ def run_row(
     reset_every: int | None = None,
     *,
     window: Any = None,
+    guard: Any = None,
     measure_time: bool = True,
     measure_memory: bool = True,
 ) -> tuple[dict[str, Any], qtta_plugins.Adaptation]:
@@ -161,7 +162,8 @@ def run_row(
 
     The run restarts at each domain when the stream says so (``stream.reset_on_shift``, the reset
     setting) and every ``reset_every`` batches when given. ``window``: ``adapt``'s sliding window
-    (an int or a :class:`~qtta_plugins.WindowConfig`; ``None``: none). ``plain_model``: what plain inference
+    (an int or a :class:`~qtta_plugins.WindowConfig`; ``None``: none); ``guard``: its collapse guard
+    (``True`` or a :class:`~qtta_plugins.GuardConfig`; ``None``: none). ``plain_model``: what plain inference
     runs (default: a copy of ``model``, in eval mode; pass a compiled copy to time a compiled
     model against itself). Batches go to the model's device before either clock starts.
 
@@ -190,6 +192,7 @@ def run_row(
         reset_every=reset_every,
         reset_on_shift=getattr(stream, "reset_on_shift", False),
         window=window,
+        guard=guard,
         **({} if config_given else options),
     )
     calls = [0]

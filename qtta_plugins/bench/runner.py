@@ -360,6 +360,7 @@ def run_cell(bench: Bench, cell: Cell, spec: dict[str, Any] | None = None) -> di
             method_config(bench, cell),
             reset_every=row.reset_every,
             window=row.window_config(),
+            guard=row.guard_config(),
             measure_time=config.measure.time,
             measure_memory=config.measure.memory,
         )
@@ -392,6 +393,7 @@ def run_cell(bench: Bench, cell: Cell, spec: dict[str, Any] | None = None) -> di
         "batches": len(per_batch),
         "images": sum(b[3] for b in per_batch),
         "restarts": len(run.restarts),
+        **({"guard_restarts": list(run.guard_restarts)} if run.guard is not None else {}),
         "predictions_sha256": hashlib.sha256(predictions.numpy().tobytes()).hexdigest(),
         "reconstruct_seconds": rec_seconds,
         "adapt_seconds": adapt_seconds,
