@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ...adaptation import calibration_batches
+from ...adaptation import calibration_images
 
 
 def is_labelled_pair(data: Any) -> bool:
@@ -61,20 +61,9 @@ def first_images(data: Any, n: int, what: str) -> torch.Tensor:
     takes = "a tensor of images (N, C, H, W), an (x, y) pair of tensors, or batches (a DataLoader)"
     if not isinstance(data, torch.Tensor):
         _check_iterable(data, what, takes)
-    kept: list[torch.Tensor] = []
-    count = 0
-    for b in calibration_batches(data, what, images=n):
-        b = _images(b, what).detach()[: n - count]
-        kept.append(b)
-        count += b.shape[0]
-    if count == 0:
-        raise ValueError(f"{what} holds no image: a bank needs at least one")
-    if len(kept) == 1:
-        return kept[0]
-    try:
-        return torch.cat(kept)
-    except RuntimeError as exc:
-        raise ValueError(f"{what}: the batches do not share one image shape ({exc})") from None
+    # the core's reader (what quantize and reconstruct read calibration data with), then the
+    # bank's own demand: float image batches (N, C, H, W)
+    return _images(calibration_images(data, what, n), what)
 
 
 def _index_batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
