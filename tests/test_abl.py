@@ -268,35 +268,69 @@ def test_abl_options_reach_tent_through_adapt(qcnn):
 
 
 # --- on a class-imbalanced stream ------------------------------------------------------------------
-def test_abl_on_a_class_imbalanced_stream_stays_close_to_tent(qcnn):
-    """ABL changes the run and stays within a point of Tent on this one domain.
+def prediction_shares(run: qtta_plugins.Adaptation, stream: list) -> dict[str, float]:
+    """How the run's predictions spread over the classes, against the stream's labels: ``tv``, the
+    total variation between the predicted-class and the label histograms; ``top``, the share of the
+    class predicted most; ``majority``, the mean over batches of the share predicted as the batch's
+    majority label (``majority_true``: its share of the batch's labels)."""
+    labels, predictions = torch.cat([b.y for b in stream]), run.predictions
+    k = int(labels.max()) + 1
+    hist_y, hist_p = (t.bincount(minlength=k).float() / len(t) for t in (labels, predictions))
+    majority, majority_true, start = 0.0, 0.0, 0
+    for b in stream:
+        c = b.y.bincount(minlength=k).argmax()
+        majority += (predictions[start : start + len(b.y)] == c).float().mean().item()
+        majority_true += (b.y == c).float().mean().item()
+        start += len(b.y)
+    return {
+        "tv": 0.5 * (hist_y - hist_p).abs().sum().item(),
+        "top": hist_p.max().item(),
+        "majority": majority / len(stream),
+        "majority_true": majority_true / len(stream),
+    }
 
-    The defaults were chosen on the seed-1 streams, never on this one. Over the whole 15-domain
-    seed-0 Dirichlet stream ABL gains about 2 points (docs/abl.md); on this one domain (10
-    batches of 50, kept short for the test; one image is 0.2 points) the run is deterministic
-    and measured 47.0 (ABL) against 46.4 % (Tent) with torchao's MSE weight ranges (47.6 against
-    47.4 % with the earlier min-max ranges). The bound is what this seed shows, not a general
-    margin: the same domain on the seed-1 / seed-2 streams gave +2.0 / -1.4 points, so one short
-    domain cannot show ABL's gain. It is two-sided because broken variants moved the error either
-    way here (measured with the min-max ranges: predicting with the adjusted logits 48.6 against
-    47.4, the shift x3 46.2, pi and g swapped 46.8 %). The sign and the shift amounts are checked
-    by the unit tests above (the push on the frequent class, the documented shifts), not by this
-    stream.
+
+def test_abl_lowers_the_error_where_tent_piles_onto_a_few_classes(qcnn):
+    """On a label-Dirichlet stream over the 15 corruptions, Tent piles its predictions onto a few
+    classes and ABL, whose ``pi`` tracks exactly those, pulls them back and lowers the error.
+
+    The stream (15 domains of 200 images, batches of 25, delta 0.1: about one class per batch) was
+    chosen on the seed-1 and seed-2 streams and confirmed on seeds 0 (this one) and 3; docs/abl.md
+    has the table and the command. Measured (1 thread), Tent against ABL, seeds 1 / 2 / 0 / 3:
+    error 49.43 / 50.17 / 50.90 / 47.07 against 47.67 / 48.63 / 49.43 / 45.77 % (ABL 1.3-1.8
+    points lower); total variation of the predicted-class histogram from the labels' 0.221 / 0.179
+    / 0.212 / 0.192 against 0.177 / 0.153 / 0.182 / 0.168 (0.024-0.044 lower); share of the class
+    predicted most 0.264 / 0.234 / 0.258 / 0.227 against 0.229 / 0.215 / 0.235 / 0.207 (the labels:
+    about 0.10). Under pytest's two threads (conftest) seed 0 gives 51.73 against 49.50 %, tv 0.222
+    against 0.179, top 0.266 against 0.233. The bounds below are under every seed's gap. Broken
+    variants (seed 0, 1 thread): the shift's sign flipped 53.77 % (tv 0.281); tau_f = 0 (only the
+    gradient term) 50.07 % with Tent's own tv (0.212).
+
+    The classes Tent piles onto are its own frequent predictions, not the stream's frequent labels:
+    each batch's majority label (about half the batch) gets about a fifth of its predictions from
+    Norm, Tent and ABL alike (the batch statistics centre the features on it); docs/abl.md shows
+    the same on globally long-tailed streams, where ABL gains nothing.
     """
     from qtta_plugins.data import continual_stream
 
-    stream = continual_stream(
-        "digits",
-        corruptions=["gaussian_noise"],
-        severity=5,
-        batch_size=50,
-        seed=0,
-        order="dirichlet",
-        dirichlet_delta=0.1,
-        progress=False,
+    stream = list(
+        continual_stream(
+            "digits",
+            severity=5,
+            batch_size=25,
+            per_domain=200,
+            seed=0,
+            order="dirichlet",
+            dirichlet_delta=0.1,
+            progress=False,
+        )
     )
     tent = qtta_plugins.adapt(qcnn["w4a4"], stream, "tent")
     abl = qtta_plugins.adapt(qcnn["w4a4"], stream, ABL)
     tent_err, abl_err = tent.errors()["mean"], abl.errors()["mean"]
-    assert not torch.equal(tent.predictions, abl.predictions)
-    assert abs(abl_err - tent_err) <= 1.0, (tent_err, abl_err)
+    t, a = prediction_shares(tent, stream), prediction_shares(abl, stream)
+    assert abl_err < tent_err - 1.0, (tent_err, abl_err)
+    assert a["tv"] < t["tv"] - 0.015, (t, a)
+    assert a["top"] < t["top"], (t, a)
+    for shares in (t, a):  # the batch's frequent label is under-predicted, not piled onto
+        assert shares["majority"] < 0.6 * shares["majority_true"], shares

@@ -473,10 +473,56 @@ def test_reconstruction_writes_back_on_shipped_models(family, backend, float_mod
             assert torch.allclose(qtta_plugins.view.fake_quantize(w, grid), w, atol=tol), layer.name
 
 
+def write_bank_grids_where_left(bank, subnet, qmodel: nn.Module) -> int:
+    """Write the bank's activation grid into each layer-input quantizer ``materialize`` left on
+    the backend's own grid (the ones its warning names: the bank's signed symmetric grid against
+    torchao's affine one, Brevitas' [-128, 127], NNCF's per-channel ones), where the backend's
+    integer range holds the bank's levels: a zero point shifts torchao's [0, 255] to [-127, 128]
+    steps, Brevitas' [-128, 127] keeps one level to spare. Returns how many it wrote."""
+    written = 0
+    for qlayer in qtta_plugins.quant_view(qmodel).layers():
+        layer, handle = bank.layers.get(qlayer.name), qlayer.input_quantizer
+        if layer is None or handle is None or not handle.enabled:
+            continue
+        scale, qmin, qmax = layer.act_grid(subnet.bits)
+        grid = handle.grid()
+        if (grid.qmin, grid.qmax, grid.ch_axis) == (qmin, qmax, None):
+            continue  # materialize wrote the bank's grid here
+        zero_point = 0 if grid.qmin <= qmin and grid.qmax >= qmax else grid.qmin - qmin
+        assert grid.qmax - zero_point >= qmax, handle.name
+        handle.set_grid(
+            scale.detach().expand_as(grid.scale).clone(),
+            torch.full_like(grid.zero_point, zero_point),
+        )
+        written += 1
+    return written
+
+
+# Relative logit error of the materialized half-width subnet against the bank's own function,
+# after write_bank_grids_where_left: measured on this test's models (and, for the bounds, on the
+# same families retrained with seeds 1 and 2, since a fresh machine trains its own), max over them:
+#   ResNet-18:   torchao 0.0034, Brevitas 0.0000 (nothing is left on another grid), NNCF 0.025
+#                (it also quantizes the residual shortcut, which the bank leaves in float)
+#   MobileNetV2: torchao 0.137, Brevitas 0.064 (0.44-0.56 before the grids left to the backends are
+#                written: the half-width subnet sits at chance and amplifies any change: the bank's
+#                own W8A8 is 0.54-0.57 from its float), NNCF 0.47 (what is left was not
+#                isolated; on ResNet-18 it is NNCF's quantizer on the residual shortcut)
+# A materialized model whose weight step sizes are doubled measured 0.072-0.109 (ResNet-18), 0.61-
+# 0.84 (MobileNetV2); the full-width subnet in place of the half-width one 2.7-2.8 (both).
+MATERIALIZED_GAP = {
+    ("resnet18", "torchao"): 0.01,
+    ("resnet18", "brevitas"): 0.01,
+    ("resnet18", "nncf"): 0.05,
+    ("mobilenet_v2", "torchao"): 0.3,
+    ("mobilenet_v2", "brevitas"): 0.3,
+    ("mobilenet_v2", "nncf"): 0.7,
+}
+
+
 @pytest.mark.parametrize("family, epochs", [("resnet18", 3), ("mobilenet_v2", 10)])
 def test_rtfq_bank_slices_residual_and_depthwise_models(family, epochs, digits):
     """Width slicing stays consistent through residual adds and depthwise convs (their groups
-    follow the channels); every backend materializes a subnet that computes the bank's table row.
+    follow the channels); every backend materializes a subnet that computes the bank's function.
     (Small versions trained briefly on the digits and cached: an untrained model's logits are too
     close to ties to compare predictions.)"""
     from qtta_plugins.methods.rtfq import RTFQConfig, Subnet, SubnetBank
@@ -504,17 +550,16 @@ def test_rtfq_bank_slices_residual_and_depthwise_models(family, epochs, digits):
     bank.set_subnet(subnet)
     with torch.no_grad():
         ref = bank(x)
-    row = accuracy(bank, x, y)
     assert bank.costs(subnet)["macs"] < 0.5 * bank.costs(Subnet(1.0, 32, 8))["macs"]
     # A pretrained model sliced to half width without RTF-Q's joint training can sit at chance
-    # (MobileNetV2 at width 0.5: 9.5% on these 200 digits, measured): its accuracy row then says
-    # nothing, and the full-width subnet's row carries the accuracy check.
+    # (MobileNetV2 at width 0.5: 8.5-10.5% on these 200 digits, measured), so its accuracy says
+    # nothing: the half-width subnet is checked by its logits against the bank's (below), the
+    # accuracy on the full-width subnet.
     full = Subnet(1.0, 32, 8)
     bank.recalibrate(full)
     bank.set_subnet(full)
     full_row = accuracy(bank, x, y)
     assert full_row > 30.0, full_row
-    informative = row > 30.0
     for backend in BACKENDS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MobileNetV2: the grids the bank cannot share
@@ -525,13 +570,18 @@ def test_rtfq_bank_slices_residual_and_depthwise_models(family, epochs, digits):
             gap = rel_error(out, ref)
         assert out.shape == ref.shape and torch.isfinite(out).all()
         assert abs(accuracy(whole, x, y) - full_row) <= 3.0, backend
-        if informative:
-            assert abs(accuracy(materialized, x, y) - row) <= 3.0, (backend, gap)
         if family == "resnet18" and backend != "nncf":
             # the bank's grids written into the backend's: the same function. NNCF also quantizes
             # the residual shortcut, MobileNetV2's signed bottleneck sums sit on the backends'
             # affine grids, not the bank's symmetric one (docs/architectures.md)
             assert gap < 0.01, (backend, gap)
+        # on every family and backend: with the grids materialize leaves to the backend set to
+        # the bank's too, the backend computes the bank's function (the bounds: MATERIALIZED_GAP)
+        written = write_bank_grids_where_left(bank, subnet, materialized)
+        assert (written > 0) == (family == "mobilenet_v2"), (backend, written)
+        with torch.no_grad():
+            bridged = rel_error(materialized(x), ref)
+        assert bridged < MATERIALIZED_GAP[family, backend], (backend, gap, bridged)
 
 
 # --- what the families need from the adapters -------------------------------------------------
