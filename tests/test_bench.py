@@ -707,6 +707,10 @@ def test_the_shipped_configs_load_and_expand():
         "lowbit_ptq_resnet18": (4 * 3 + 3) * 3,
         # small_batch.py: 9 methods x 5 batch sizes, each method through a window at batch 1
         "small_batch": 9 * 5 + 9,
+        # the collapse guard: 6 methods and 5 of them guarded, dev seed 3 and seeds 0-2; 7 rows
+        # and 6 of them guarded x continual / dirichlet x 3 seeds
+        "guard_digits": 11 * 4,
+        "guard_fashion": 13 * 2 * 3,
     }
 
 
