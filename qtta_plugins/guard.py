@@ -108,11 +108,9 @@ class CollapseGuard:
         self.recent = torch.empty(0, dtype=torch.long)
         self.best: float | None = None
         self.due = False
-        self.num_classes: int | None = None
 
     def observe(self, predictions: torch.Tensor, num_classes: int) -> bool:
         """Take one batch's predictions; True when they show a collapse (a restart is then due)."""
-        self.num_classes = num_classes
         window = self.config.window
         self.recent = torch.cat([self.recent, predictions.detach().cpu().long().flatten()])[
             -window:
@@ -137,11 +135,9 @@ class CollapseGuard:
             "recent": self.recent.clone(),
             "best": self.best,
             "due": self.due,
-            "num_classes": self.num_classes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent = state["recent"].clone().long()
         self.best = state["best"]
         self.due = bool(state["due"])
-        self.num_classes = state.get("num_classes")

@@ -215,15 +215,9 @@ def test_a_zoa_state_saved_before_the_memory_rename_loads_and_continues_exactly(
     """ZOA's store of domains was its "bank" (config ``bank_size``, state ``bank_deltas``): a
     state saved then loads into a run built now and continues bit for bit."""
     batches = [b.x[:16] for b in short_stream[:4]]
-    first = qtta_plugins.adapt(
-        qcnn["w4a4"],
-        None,
-        "zoa",
-        memory_size=4,
-        detector=False,
-        store_period=1,
-        min_domain_batches=0,
-    )
+    # a domain stored every batch, so that the state holds one under its old key
+    options = {"memory_size": 4, "detector": False, "store_period": 1, "min_domain_batches": 0}
+    first = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa", **options)
     for x in batches[:2]:
         first.step(x)
     assert first.method.memory_deltas.shape[0] > 0  # something stored, so the key matters
@@ -235,15 +229,7 @@ def test_a_zoa_state_saved_before_the_memory_rename_loads_and_continues_exactly(
     path = tmp_path / "old_zoa.pt"
     torch.save(state, path)
 
-    resumed = qtta_plugins.adapt(
-        qcnn["w4a4"],
-        None,
-        "zoa",
-        memory_size=4,
-        detector=False,
-        store_period=1,
-        min_domain_batches=0,
-    )
+    resumed = qtta_plugins.adapt(qcnn["w4a4"], None, "zoa", **options)
     resumed.load(path)
     assert torch.equal(resumed.method.memory_deltas, first.method.memory_deltas)
     for x in batches[2:]:
