@@ -82,8 +82,9 @@ def qcnn(float_cnn, calib):
 
 @pytest.fixture(scope="session")
 def converted_qcnn(qcnn):
-    """``convert_pt2e`` of the W8A8 model: torchao's integer graph, forward-only (converted once:
-    it takes ~13 s here). Do not mutate."""
+    """``convert_pt2e`` of the W8A8 model: torchao's integer graph, forward-only, converted by
+    torchao's own function as a user calls it (not inside our ``patterns_traced_once``: tests
+    compare against it). Do not mutate."""
     import copy
 
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e

@@ -592,11 +592,11 @@ class SameInputsQuantizeOnce:
         return qtta_plugins.view.copy_model(self.done[key])
 
 
-# one backend by default (the layouts are read before any backend sees a batch); all under -m slow
-@pytest.mark.parametrize(
-    "backend",
-    ["torchao", *(pytest.param(b, marks=pytest.mark.slow) for b in ("brevitas", "nncf"))],
-)
+# under -m slow (~17 s a backend; issue 36: the suite's time): the layouts go through qtta bench by
+# default in test_the_zoa_imagenet_c_config_runs_on_tiny_data_in_its_layouts, and through the
+# Python API in tests/test_disk_data.py
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torchao", "brevitas", "nncf"])
 def test_every_disk_layout_through_qtta_bench_matches_the_python_api(
     tmp_path, request, checkpoints, backend, capsys, monkeypatch
 ):

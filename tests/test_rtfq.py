@@ -265,6 +265,8 @@ def test_a_teacher_needs_distillation_and_a_module(float_cnn, digits) -> None:
     assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
 
 
+# ~9 s (a second process): under -m slow (issue 36: the suite's time)
+@pytest.mark.slow
 def test_two_process_training_matches_one_process(float_cnn, digits, tmp_path) -> None:
     """``torchrun --nproc_per_node=2`` (gloo): both ranks end with the same weights, and their
     update points where the single-process one does (each rank normalises its half batch with

@@ -87,6 +87,8 @@ class _DepthwiseBlock(torch.nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+# ~17 s (two more convert_pt2e of its own model): under -m slow (issue 36: the suite's time)
+@pytest.mark.slow
 def test_convert_reproduces_what_torchaos_qat_defaults_miss(digits):
     """Two ways ``convert_pt2e`` on its own exports another function than the prepared model's,
     both found on torchvision's MobileNets (docs/architectures.md), both corrected by ``convert``:
@@ -131,3 +133,26 @@ def test_convert_reproduces_what_torchaos_qat_defaults_miss(digits):
     # without either correction the export is further from the prepared model than quantization
     # moves it from float; with both, it is rounding (x / s against x * (1 / s))
     assert error < 0.1 * quantization, (error, quantization)
+
+
+def test_torchaos_patterns_are_traced_once_and_give_torchaos_graph(qcnn, converted_qcnn, digits):
+    """Inside our calls, torchao's conv-bn patterns are traced once per process
+    (``qtta_torchao/patterns.py``): a second ``convert_pt2e`` traces nothing new and gives the graph
+    and the outputs of torchao's own ``convert_pt2e`` (``converted_qcnn``: unpatched); outside our
+    calls torchao's function is its own again."""
+    from qtta_torchao import patterns
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    own = qat_utils._get_aten_graph_module_for_pattern
+    x = digits[1].x[:128]
+    for _ in range(2):
+        with patterns.patterns_traced_once():
+            assert qat_utils._get_aten_graph_module_for_pattern is not own
+            traced = len(patterns._TRACED)
+            converted = convert_pt2e(copy.deepcopy(qcnn["w8a8"]))
+        assert converted.code == converted_qcnn.code
+        with torch.no_grad():
+            assert torch.equal(converted(x), converted_qcnn(x))
+        assert qat_utils._get_aten_graph_module_for_pattern is own
+    assert len(patterns._TRACED) == traced >= 90  # the second convert traced none of its 96

@@ -243,7 +243,9 @@ def test_ttaq_terms_change_the_result_and_each_switches_off(float_cnn, calib) ->
     # Tent, which tests/test_torchao_export.py checks by default
     [
         pytest.param("torchao", "w4a4", marks=pytest.mark.slow),
-        ("brevitas", "w4a4"),
+        # Brevitas' ONNX export after reconstruction (~9 s) likewise: tests/test_brevitas_export.py
+        # exports after Tent by default
+        pytest.param("brevitas", "w4a4", marks=pytest.mark.slow),
         ("nncf", "w8a8"),
     ],
 )

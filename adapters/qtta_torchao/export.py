@@ -40,6 +40,7 @@ from .graph import (
     remove_input_taps,
 )
 from .handles import FakeQuantizeHandle
+from .patterns import patterns_traced_once
 from .pt2e_view import Pt2eView
 from .quantize import match_convert_fold_eps
 from .view import recognise
@@ -87,7 +88,8 @@ def convert(model: torch.fx.GraphModule, *, folded_norms: bool = True) -> torch.
     folded = foldable_norms(model) if folded_norms else []
     sample = source_sample(model)
     match_convert_fold_eps(model)  # after foldable_norms: the stand-ins keep each norm's own eps
-    converted = quantize_pt2e.convert_pt2e(model)
+    with patterns_traced_once():  # ~10 s of torchao's own tracing, once per process
+        converted = quantize_pt2e.convert_pt2e(model)
     _carry_root_hooks(original, converted)  # an input prompt stays with the model
     if folded:
         insert_folded_norms(converted, folded)

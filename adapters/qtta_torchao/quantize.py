@@ -22,6 +22,7 @@ from torch import nn
 from qtta_plugins.config import QuantConfig
 
 from ._backend import torchao_module
+from .patterns import patterns_traced_once
 
 _CONV_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d")
 _LINEAR_OPS = ("aten.linear",)
@@ -277,7 +278,8 @@ def quantize_pt2e(
     dynamic = ({0: torch.export.Dim.DYNAMIC},)
     exported = torch.export.export(model, (example,), dynamic_shapes=dynamic).module()
     saved = batchnorm_hyperparameters(exported)
-    prepared = quantize_pt2e_mod.prepare_qat_pt2e(exported, make_quantizer(config))
+    with patterns_traced_once():  # torchao's conv-bn patterns, traced once per process
+        prepared = quantize_pt2e_mod.prepare_qat_pt2e(exported, make_quantizer(config))
     # The export traced train mode: dropout (MobileNet's classifier, a ViT's) is baked in as
     # active. torchao's own switch turns it off; it rewrites the batch norms with default eps and
     # momentum too, as prepare_qat_pt2e did, so theirs are put back after both.
