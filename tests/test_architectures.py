@@ -354,8 +354,8 @@ def test_export_after_adaptation_agrees_with_the_adapted_model(case, rgb, export
         # rest under -m slow; tests/test_export.py exports zoa's model on every backend
         pytest.skip("zoa's export of this case runs under -m slow")
     if small and backend == "torchao" and (family, route) != ("resnet18", "toolchain"):
-        # convert_pt2e re-exports torchao's 96 conv-bn fold patterns on every call (~15-30 s on 2
-        # cores, whatever the model): one torchao case by default, every one under -m slow
+        # ~13 s a case on a torchvision model: one torchao case by default, every one under
+        # -m slow
         pytest.skip("torchao export of this case runs under -m slow")
     if small and backend == "brevitas" and family.startswith("mobilenet"):
         pytest.skip("Brevitas' ONNX export of a MobileNet takes ~20 s: under -m slow")

@@ -27,8 +27,9 @@ METHODS = ("quantize", "tent", "norm", "zoa", "foa")
 # CMA-ES's candidates (the default lets the first incumbent, a zero image prompt on a CNN, win
 # every batch of a short stream, and a zero prompt shows nothing about its export)
 OPTIONS = {"foa": {"population": 4, "predict": "incumbent"}}
-# Each export pays the backend's path: torchao's convert_pt2e re-exports its 96 conv-bn fold
-# patterns (~10 s on 2 cores), Brevitas' ONNX exporter ~3 s, NNCF's strip ~1 s. The default run
+# Each export pays the backend's path: torchao's convert_pt2e traces its 96 conv-bn fold patterns
+# (~10 s on 2 cores; once per process inside our export: qtta_torchao/patterns.py), Brevitas' ONNX
+# exporter ~3 s, NNCF's strip ~1 s. The default run
 # covers each backend's distinct cases (FOA's input prompt is a hook on the model, the one thing a
 # copy can lose; the other methods change parameters and the norm mode only, which tent shows);
 # `-m slow` runs every (backend, method) pair. The torchao model straight from quantize is
