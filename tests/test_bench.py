@@ -718,6 +718,7 @@ def test_the_shipped_configs_load_and_expand():
         # issue 38's dev choice of the window's statistics: the ResNet-18's 9 rows and the ViT's
         # 4, at batch 1 and 64, seed 0
         "edge_statistics": (9 + 4) * 2,
+        "edge_statistics_digits": 9 * 2,  # its second dev stream: 9 rows at batch 1 and 64
         # issue 38's part 4: the ResNet-18's 7 rows and the ViT's 5, at 4 batch sizes, 3 seeds
         "edge": (7 + 5) * 4 * 3,
     }

@@ -136,7 +136,9 @@ def test_every_method_runs_one_image_at_a_time_through_a_window(
 
 def test_window_predicts_the_newest_sample_with_the_windows_statistics(qcnn, stream_excerpt):
     x, _ = images(stream_excerpt, 7)
-    run = qtta_plugins.adapt(qcnn["w8a8"], None, "norm", window=4)
+    run = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "norm", window=WindowConfig(4, statistics="window")
+    )
     source = qtta_plugins.adapt(qcnn["w8a8"], None, "source")
     first = run.step(x[:1])
     # one sample has no batch statistics: it is predicted with the source statistics
@@ -165,11 +167,14 @@ def test_window_updates_when_it_has_turned_over_or_every_k(qcnn, stream_excerpt)
     assert every2.method.since_update == 0
 
 
-def test_a_batch_as_long_as_the_window_adapts_as_without_one(qcnn, short_stream):
+@pytest.mark.parametrize("statistics", [None, "window", "global", "source"])
+def test_a_batch_as_long_as_the_window_adapts_as_without_one(qcnn, short_stream, statistics):
     plain = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent")
-    windowed = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent", window=16)
+    window = WindowConfig(16, statistics=statistics)
+    windowed = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent", window=window)
     assert torch.equal(plain.predictions, windowed.predictions)
     assert windowed.method.updates == 3
+    assert same_state(model_state(plain.model), model_state(windowed.model))
 
 
 def test_one_image_at_a_time_with_a_window_beats_source(qcnn, stream_excerpt):
@@ -354,7 +359,9 @@ def test_a_state_saved_with_other_statistics_is_refused(qcnn, stream_excerpt, tm
         qcnn["w8a8"], singles(x), "tent", window=WindowConfig(4, statistics="global")
     )
     run.save(tmp_path / "state.pt")
-    other = qtta_plugins.adapt(qcnn["w8a8"], None, "tent", window=4)
+    other = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "tent", window=WindowConfig(4, statistics="window")
+    )
     before = model_state(other.model)
     with pytest.raises(
         ValueError, match=r"statistics='global'; this run has .*statistics='window'"
