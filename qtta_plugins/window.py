@@ -24,10 +24,15 @@ statistics rather than the statistics of that one sample: one image's own statis
 content away, which is what this module is here to avoid.
 
 With the default ``update_every=N`` every sample reaches the method's update exactly once; with
-``k < N`` a sample is adapted on ``N / k`` times, as overlapping windows do. Global robust
-statistics (RoTTA's RBN, :class:`~qtta_plugins.methods.rotta.RobustBatchNorm`) are the
-alternative for normalisation at batch 1 that the window leaves open: ``adapt(..., "rotta")`` at
-batch 1 uses them today; which one should be each norm family's default is not yet measured.
+``k < N`` a sample is adapted on ``N / k`` times, as overlapping windows do.
+
+What the batch norms normalise with is ``WindowConfig.statistics`` (models with batch norms in
+batch-statistics mode only): ``"window"`` as above; ``"global"``, RoTTA's robust batch norm
+(:class:`~qtta_plugins.methods.rotta.RobustBatchNorm`): global statistics that each update moves
+by ``1 - decay`` of the way to the window's, through one forward of the window of their own before
+the method's update, with each sample forwarded alone on them; ``"source"``, the source statistics,
+never moved, each sample alone, the method's update (an entropy step for Tent) the only
+adaptation. ``docs/edge.md`` compares the three on a dev stream and gives what each costs.
 
 The window's inputs and counter are part of the method's state, so the core's rollback on a failed
 step, ``reset``, ``state_dict`` / ``save`` / ``load`` carry them like any method state.
@@ -44,15 +49,44 @@ from torch import nn
 
 from .methods.base import TestTimeMethod, normalises_with_batch_statistics
 
+#: how a windowed run's batch norms normalise (``WindowConfig.statistics``)
+STATISTICS = ("window", "global", "source")
+#: ``statistics`` where a window leaves it ``None`` on a model whose batch norms use batch
+#: statistics (layer-norm models forward each sample alone whatever it says). Chosen on two dev
+#: streams (benchmarks/configs/edge_statistics*.yaml, docs/edge.md): on long domains (ResNet-18,
+#: 1,000 images each) global statistics beat the window's by about 2 points for norm, Tent and
+#: ZOA, but on short, strongly shifted ones (the digits CNN, 200 images each) they have barely
+#: moved when the domain ends and stay near the source's error, where the window's adapt from the
+#: first window on. The window's statistics are the default for that robustness; "global" is the
+#: choice for long domains, and costs less per sample (one image forwarded, not the window)
+DEFAULT_STATISTICS = "window"
+
 
 @dataclass(frozen=True)
 class WindowConfig:
     """A sliding window of the last ``length`` inputs; the method adapts on it every
     ``update_every`` samples once it is full (``None``: every ``length``, when it has turned
-    over). Validated when built: both must be ints >= 1."""
+    over).
+
+    ``statistics``: what the batch norms of a model that normalises with batch statistics use
+    (the module docstring compares them):
+
+    * ``"window"``: the statistics of the window, so each sample's prediction forwards the whole
+      window (``length`` images per sample);
+    * ``"global"``: global statistics after RoTTA's robust batch norm, an EMA (weight ``decay``
+      kept) that each update moves with the window's statistics; a sample is forwarded alone;
+    * ``"source"``: the source (running) statistics, never moved; the method's update (Tent's
+      entropy step, ...) is the only adaptation; a sample is forwarded alone;
+    * ``None`` (the default): the family's default, :data:`DEFAULT_STATISTICS`.
+
+    Models without batch norms with running statistics (layer norms), and methods that keep their
+    own statistics (``source``, ``rotta``), forward the sample alone whatever this says.
+    Validated when built, each error naming the field."""
 
     length: int
     update_every: int | None = None
+    statistics: str | None = None
+    decay: float = 0.95
 
     def __post_init__(self) -> None:
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
@@ -66,6 +100,17 @@ class WindowConfig:
                 f"update_every must be a number of samples >= 1 (or None: each time the window "
                 f"has turned over), got {k!r}"
             )
+        if self.statistics is not None and self.statistics not in STATISTICS:
+            raise ValueError(
+                f"window statistics must be one of {', '.join(map(repr, STATISTICS))} (or None: "
+                f"the norm family's default), got {self.statistics!r}"
+            )
+        d = self.decay
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
+            raise ValueError(
+                f"window decay (the weight the global statistics keep at each update) must be in "
+                f"[0, 1), got {d!r}"
+            )
 
     @property
     def every(self) -> int:
@@ -73,11 +118,16 @@ class WindowConfig:
         return self.length if self.update_every is None else self.update_every
 
 
-def as_window(window: int | WindowConfig | None) -> WindowConfig | None:
-    """``window`` as a :class:`WindowConfig` (an int is its length); ``None`` stays ``None``.
-    Raises ``ValueError`` naming the problem."""
+def as_window(window: int | dict[str, Any] | WindowConfig | None) -> WindowConfig | None:
+    """``window`` as a :class:`WindowConfig` (an int is its length, a dict its fields); ``None``
+    stays ``None``. Raises ``ValueError`` naming the problem."""
     if window is None or isinstance(window, WindowConfig):
         return window
+    if isinstance(window, dict):
+        try:
+            return WindowConfig(**window)
+        except TypeError as err:  # an unknown field
+            raise ValueError(f"window: {err}") from None
     return WindowConfig(window)  # type: ignore[arg-type]  # WindowConfig names what is wrong
 
 
@@ -135,6 +185,21 @@ class Windowed(TestTimeMethod):
         self.buffer: torch.Tensor | None = None
         self.since_update = 0
         self.updates = 0
+        #: what the batch norms use ("window", "global", "source"); None where the choice does not
+        #: arise (no batch norm in batch-statistics mode: layer norms, source, RoTTA)
+        self.statistics: str | None = None
+        self.rbn: Any = None
+        if normalises_with_batch_statistics(self.view):
+            self.statistics = window.statistics or DEFAULT_STATISTICS
+            if self.statistics == "global":
+                # RoTTA's robust batch norm, borrowed: global statistics in the norms' running
+                # buffers (so the core's snapshot, rollback and reset carry them), moved only
+                # while `updating`; it puts the norms in "source" mode
+                from .methods.rotta import RobustBatchNorm
+
+                self.rbn = RobustBatchNorm(self.view, 1 - window.decay)
+            elif self.statistics == "source":
+                self.view.set_norm_mode("source")
 
     def min_batch_size(self) -> int:
         return 1  # the window makes up the batch
@@ -145,7 +210,18 @@ class Windowed(TestTimeMethod):
         window = x if self.buffer is None else torch.cat([self.buffer.to(x.device), x])
         window = window[-max(length, n) :]
         since = self.since_update + n
-        if window.shape[0] >= length and since >= self.window.every:
+        if n >= length and self.statistics in ("global", "source"):
+            # a batch at least as long as the window is a window of its own: the method as it runs
+            # without one, on the batch's statistics (the global ones are left as they are)
+            self.view.set_norm_mode("batch")
+            try:
+                logits = self.inner.forward_and_adapt(x)
+            finally:
+                self.view.set_norm_mode("source")
+            updates, since = self.updates + 1, 0
+        elif window.shape[0] >= length and since >= self.window.every:
+            if self.rbn is not None:
+                self._fold_statistics(window)
             logits = self.inner.forward_and_adapt(window)[-n:]
             updates, since = self.updates + 1, 0
         else:
@@ -155,6 +231,18 @@ class Windowed(TestTimeMethod):
         self.buffer = window[-length:].detach()
         self.since_update, self.updates = since, updates
         return logits
+
+    @torch.no_grad()
+    def _fold_statistics(self, window: torch.Tensor) -> None:
+        """Move the global statistics toward the window's (``statistics="global"``): one forward
+        of the window, before the method's update, which then normalises with the moved ones.
+        A forward of its own, rather than the method's, so that a method forwarding several times
+        per update (SAR, CoTTA, ZOA, FOA) moves them once."""
+        self.rbn.updating = True
+        try:
+            self.view.model(window)
+        finally:
+            self.rbn.updating = False
 
     def _predict(self, window: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The newest ``len(x)`` samples' logits without an update."""
@@ -179,6 +267,7 @@ class Windowed(TestTimeMethod):
             "window": {
                 "length": self.window.length,
                 "update_every": self.window.update_every,
+                "statistics": self.statistics,
                 "buffer": self.buffer,
                 "since_update": self.since_update,
                 "updates": self.updates,
@@ -201,11 +290,14 @@ class Windowed(TestTimeMethod):
         w = state["window"]
         if not isinstance(w, dict):
             raise ValueError("a window state is a dict")
-        saved = (w.get("length"), w.get("update_every"))
-        if saved != (self.window.length, self.window.update_every):
+        # a state from before `statistics` existed normalised with the window's statistics
+        saved_statistics = w.get("statistics", "window" if self.statistics else None)
+        saved = (w.get("length"), w.get("update_every"), saved_statistics)
+        if saved != (self.window.length, self.window.update_every, self.statistics):
             raise ValueError(
-                f"the state was saved with window={saved[0]}, update_every={saved[1]}; this run has "
-                f"window={self.window.length}, update_every={self.window.update_every}"
+                f"the state was saved with window={saved[0]}, update_every={saved[1]}, "
+                f"statistics={saved[2]!r}; this run has window={self.window.length}, "
+                f"update_every={self.window.update_every}, statistics={self.statistics!r}"
             )
         buffer = w.get("buffer")
         if buffer is not None and (

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +314,8 @@ def test_a_window_a_refused_batch_size_and_a_batch_size_axis(tmp_path, monkeypat
     assert windowed["batches"] == 10 and windowed["spec"]["method"]["window"] == {
         "length": 4,
         "update_every": None,
+        "statistics": "window",  # the default as it resolved: a new default is a new cell
+        "decay": 0.95,
     }
     # the window is adapt's: the same predictions as the Python API with window=4
     qmodel = runner._QUANT.items[next(reversed(runner._QUANT.items))]
@@ -711,6 +715,12 @@ def test_the_shipped_configs_load_and_expand():
         # and 6 of them guarded x continual / dirichlet x 3 seeds
         "guard_digits": 11 * 4,
         "guard_fashion": 13 * 2 * 3,
+        # issue 38's dev choice of the window's statistics: the ResNet-18's 9 rows and the ViT's
+        # 4, at batch 1 and 64, seed 0
+        "edge_statistics": (9 + 4) * 2,
+        "edge_statistics_digits": 9 * 2,  # its second dev stream: 9 rows at batch 1 and 64
+        # issue 38's part 4: the ResNet-18's 7 rows and the ViT's 5, at 4 batch sizes, 3 seeds
+        "edge": (7 + 5) * 4 * 3,
     }
 
 
@@ -811,3 +821,33 @@ def test_the_ttaq_cifar10_c_config_runs_on_tiny_data_in_its_layouts(tmp_path, re
     assert all(c["errors"].keys() == {"fog", "contrast"} for c in results.cells)
     assert results.cells[0]["reconstruct_seconds"] > 0  # reconstructed, then kept on disk
     assert "| ttaq + tent + abl - qdrop + tent " in text and "TTAQ's claim against QDrop" in text
+
+
+def test_run_row_leaves_its_warmup_steps_out_of_the_time_ratios(qcnn, short_stream):
+    """``warmup_steps`` leaves the first steps out of both clocks (torch.compile's compilations
+    through a window take the first few updates), but not out of the errors; a bad value is
+    refused before anything runs."""
+    from qtta_plugins.bench.measure import run_row
+
+    stream = [types.SimpleNamespace(x=b.x, y=b.y, domain=b.domain, round=0) for b in short_stream]
+    slow_first = {"n": 0}
+
+    class SlowFirst(torch.nn.Module):  # plain inference: the first two calls take 0.3 s more
+        def forward(self, x):
+            slow_first["n"] += 1
+            if slow_first["n"] <= 2:
+                time.sleep(0.3)
+            return qcnn["w8a8"](x)
+
+    one, _ = run_row(qcnn["w8a8"], stream, "source", plain_model=SlowFirst(), measure_memory=False)
+    slow_first["n"] = 0
+    two, _ = run_row(
+        qcnn["w8a8"], stream, "source", plain_model=SlowFirst(), measure_memory=False,
+        warmup_steps=2,
+    )  # fmt: skip
+    assert one["errors"] == two["errors"] and len(two["per_batch"]) == len(stream)
+    # the second slow plain call is in the first run's sums, in neither of the second's
+    assert one["total_time_ratio"] < 0.8 * two["total_time_ratio"]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"warmup_steps must be an int >= 0"):
+            run_row(qcnn["w8a8"], stream, "source", warmup_steps=bad)

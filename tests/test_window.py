@@ -136,7 +136,9 @@ def test_every_method_runs_one_image_at_a_time_through_a_window(
 
 def test_window_predicts_the_newest_sample_with_the_windows_statistics(qcnn, stream_excerpt):
     x, _ = images(stream_excerpt, 7)
-    run = qtta_plugins.adapt(qcnn["w8a8"], None, "norm", window=4)
+    run = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "norm", window=WindowConfig(4, statistics="window")
+    )
     source = qtta_plugins.adapt(qcnn["w8a8"], None, "source")
     first = run.step(x[:1])
     # one sample has no batch statistics: it is predicted with the source statistics
@@ -165,11 +167,14 @@ def test_window_updates_when_it_has_turned_over_or_every_k(qcnn, stream_excerpt)
     assert every2.method.since_update == 0
 
 
-def test_a_batch_as_long_as_the_window_adapts_as_without_one(qcnn, short_stream):
+@pytest.mark.parametrize("statistics", [None, "window", "global", "source"])
+def test_a_batch_as_long_as_the_window_adapts_as_without_one(qcnn, short_stream, statistics):
     plain = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent")
-    windowed = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent", window=16)
+    window = WindowConfig(16, statistics=statistics)
+    windowed = qtta_plugins.adapt(qcnn["w8a8"], short_stream[:3], "tent", window=window)
     assert torch.equal(plain.predictions, windowed.predictions)
     assert windowed.method.updates == 3
+    assert same_state(model_state(plain.model), model_state(windowed.model))
 
 
 def test_one_image_at_a_time_with_a_window_beats_source(qcnn, stream_excerpt):
@@ -251,3 +256,120 @@ def test_reset_save_load_and_rollback_carry_the_window(qcnn, stream_excerpt, tmp
     assert torch.equal(
         again, qtta_plugins.adapt(qcnn["w8a8"], singles(x), "tent", window=4).predictions
     )
+
+
+# --- part 2: what the batch norms of a windowed run normalise with --------------------------------
+def first_norm_statistics(run) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = next(n for n in run.view.norms() if n.has_statistics)
+    return norm.running_mean.clone(), norm.running_var.clone()
+
+
+def test_global_statistics_predict_each_sample_alone_and_move_once_per_update(qcnn, stream_excerpt):
+    x, _ = images(stream_excerpt, 6)
+    run = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "norm", window=WindowConfig(4, statistics="global", decay=0.9)
+    )
+    assert run.method.statistics == "global" and run.view.norm_mode == "source"
+    source_mean, _ = first_norm_statistics(run)
+    for i in range(3):  # not an update: each sample alone, on the (still source) statistics
+        logits = run.step(x[i : i + 1])
+        with torch.no_grad():
+            torch.testing.assert_close(logits, run.model(x[i : i + 1]))
+    assert torch.equal(first_norm_statistics(run)[0], source_mean)
+    # the 4th sample: the window's statistics move the global ones, once (what the first batch
+    # norm sees is taken on that forward: a graph backend's conv-bn fold reads the statistics)
+    norm = next(n for n in run.view.norms() if n.has_statistics)
+    seen = []
+
+    def record(_, args):
+        if run.method.rbn.updating:
+            seen.append(args[0].detach().float())
+
+    handle = run.view.norm_input_module(norm).register_forward_pre_hook(record)
+    run.step(x[3:4])
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape[0] == 4  # one folding forward, of the whole window
+    moved_mean, _ = first_norm_statistics(run)
+    window_mean = seen[0].mean(dim=[0, *range(2, seen[0].ndim)])
+    torch.testing.assert_close(moved_mean, 0.9 * source_mean + 0.1 * window_mean, rtol=0, atol=1e-5)
+    with torch.no_grad():  # and the next sample is predicted alone on the moved statistics
+        torch.testing.assert_close(run.step(x[4:5]), run.model(x[4:5]))
+    # reset puts the source statistics back (they are the model's running buffers)
+    run.reset()
+    assert torch.equal(first_norm_statistics(run)[0], source_mean)
+
+
+def test_source_statistics_never_move_and_the_method_alone_adapts(qcnn, stream_excerpt):
+    x, _ = images(stream_excerpt, 8)
+    run = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "tent", window=WindowConfig(4, statistics="source")
+    )
+    start = first_norm_statistics(run)
+    affine = [p.clone() for p in run.view.norm_parameters()]
+    for i in range(8):
+        logits = run.step(x[i : i + 1])
+        if (i + 1) % 4:
+            with torch.no_grad():
+                torch.testing.assert_close(logits, run.model(x[i : i + 1]))
+    assert run.method.updates == 2 and run.view.norm_mode == "source"
+    assert all(torch.equal(a, b) for a, b in zip(start, first_norm_statistics(run), strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(affine, run.view.norm_parameters(), strict=True)
+    )
+    # norm with source statistics and a window is the source model
+    norm = qtta_plugins.adapt(
+        qcnn["w8a8"], singles(x), "norm", window=WindowConfig(4, statistics="source")
+    )
+    source = qtta_plugins.adapt(qcnn["w8a8"], [x], "source")
+    assert torch.equal(norm.predictions, source.predictions)
+
+
+def test_window_statistics_apply_to_batch_norms_only():
+    from qtta_plugins.models import TinyViT
+
+    torch.manual_seed(0)
+    qm = qtta_plugins.quantize(TinyViT().eval(), "torchao", "w8a8", [torch.rand(16, 1, 32, 32)])
+    run = qtta_plugins.adapt(qm, None, "tent", window=WindowConfig(4, statistics="global"))
+    assert run.method.statistics is None and run.method.rbn is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"statistics": "batch"}, r"window statistics must be one of 'window', 'global', 'source'"),
+        ({"decay": 1.0}, r"window decay .* must be in \[0, 1\), got 1.0"),
+        ({"decay": -0.1}, r"got -0.1"),
+        ({"stats": "global"}, r"window: .*unexpected keyword argument 'stats'"),
+    ],
+)
+def test_bad_window_statistics_are_refused_before_anything_changes(
+    qcnn, stream_excerpt, fields, message
+):
+    x, _ = images(stream_excerpt, 8)
+    qm = copy.deepcopy(qcnn["w8a8"])
+    before = model_state(qm)
+    with pytest.raises(ValueError, match=message):
+        qtta_plugins.adapt(qm, singles(x), "tent", window={"length": 4, **fields}, inplace=True)
+    assert same_state(before, model_state(qm))
+
+
+def test_a_state_saved_with_other_statistics_is_refused(qcnn, stream_excerpt, tmp_path):
+    x, _ = images(stream_excerpt, 6)
+    run = qtta_plugins.adapt(
+        qcnn["w8a8"], singles(x), "tent", window=WindowConfig(4, statistics="global")
+    )
+    run.save(tmp_path / "state.pt")
+    other = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "tent", window=WindowConfig(4, statistics="window")
+    )
+    before = model_state(other.model)
+    with pytest.raises(
+        ValueError, match=r"statistics='global'; this run has .*statistics='window'"
+    ):
+        other.load(tmp_path / "state.pt")
+    assert same_state(before, model_state(other.model)) and other.method.buffer is None
+    again = qtta_plugins.adapt(
+        qcnn["w8a8"], None, "tent", window=WindowConfig(4, statistics="global")
+    )
+    again.load(tmp_path / "state.pt")
+    assert torch.equal(again.method.buffer, run.method.buffer)

@@ -185,7 +185,13 @@ def method_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
     row = bench.methods[cell.method]
     spec = {"config": _plain(method_config(bench, cell)), "reset_every": row.reset_every}
     if row.window is not None:  # only then: the keys of rows without a window stay as they were
-        spec["window"] = asdict(row.window_config())  # 16 and {length: 16}: one key
+        # 16 and {length: 16}: one key; the default statistics as they resolve today, so that a
+        # change of the default computes such cells afresh
+        from ..window import DEFAULT_STATISTICS
+
+        window = asdict(row.window_config())
+        window["statistics"] = window["statistics"] or DEFAULT_STATISTICS
+        spec["window"] = window
     guard = row.guard_config()
     if guard is not None:  # likewise: rows without a guard keep their keys
         spec["guard"] = asdict(guard)  # true and {window: 256, drop: 0.5}: one key

@@ -156,6 +156,7 @@ def run_row(
     guard: Any = None,
     measure_time: bool = True,
     measure_memory: bool = True,
+    warmup_steps: int = 1,
 ) -> tuple[dict[str, Any], qtta_plugins.Adaptation]:
     """Adapt ``model`` over ``stream`` with ``method`` (a name plus ``options``, or a config
     object); return its measurements and the :class:`~qtta_plugins.Adaptation`.
@@ -176,6 +177,8 @@ def run_row(
     :class:`PeakMemory`; ``None`` when ``measure_memory`` is off), and ``per_batch``: one
     ``(round, domain, wrong, n)`` per batch.
     """
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     options = dict(options or {})
     device = model_device(model)
     plain = None
@@ -223,8 +226,8 @@ def run_row(
         handle.remove()
     if not step_times:
         raise ValueError("the stream is empty: there was no batch to adapt on")
-    # the first batch carries one-off costs (lazy set-up, compilation): left out where there are more
-    steps = step_times[1:] or step_times
+    # the first batches carry one-off costs (lazy set-up, compilation): left out where there are more
+    steps = step_times[warmup_steps:] or step_times
     stats: dict[str, Any] = {
         "errors": run.errors(),
         "passes_per_batch": calls[0] / len(step_times),
@@ -238,7 +241,7 @@ def run_row(
         "per_batch": per_batch,
     }
     if plain_times:
-        plains = plain_times[1:] or plain_times
+        plains = plain_times[warmup_steps:] or plain_times
         stats["plain_seconds"] = statistics.median(plains)
         stats["time_ratio"] = statistics.median(steps) / statistics.median(plains)
         stats["total_time_ratio"] = sum(steps) / sum(plains)
