@@ -62,12 +62,27 @@ ROWS = {
         ("zoa, global statistics", "zoa", {}, {"length": 16, "statistics": "global"}),
         ("zoa, source statistics", "zoa", {}, {"length": 16, "statistics": "source"}),
         ("rotta", "rotta", {}, None),
+        # updating four times less often (run with --warmup 256 --per-domain 256: four updates
+        # to warm up, four timed)
+        (
+            "zoa, window statistics, every 64",
+            "zoa",
+            {},
+            {"length": 16, "update_every": 64, "statistics": "window"},
+        ),
+        (
+            "zoa, global statistics, every 64",
+            "zoa",
+            {},
+            {"length": 16, "update_every": 64, "statistics": "global"},
+        ),
     ],
     "timm-vit": [
         ("source", "source", {}, None),
         ("tent, each sample", "tent", {}, None),
         ("tent, window 16", "tent", {}, {"length": 16}),
         ("zoa, window 16", "zoa", {}, {"length": 16}),
+        ("zoa, window 16, every 64", "zoa", {}, {"length": 16, "update_every": 64}),
     ],
 }
 FORWARD_ONLY = ("source", "norm", "zoa")  # what runs on a converted (integer) graph
