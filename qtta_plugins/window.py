@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import check_unit
 from .methods.base import TestTimeMethod, normalises_with_batch_statistics
 
 #: how a windowed run's batch norms normalise (``WindowConfig.statistics``)
@@ -105,12 +106,8 @@ class WindowConfig:
                 f"window statistics must be one of {', '.join(map(repr, STATISTICS))} (or None: "
                 f"the norm family's default), got {self.statistics!r}"
             )
-        d = self.decay
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
-            raise ValueError(
-                f"window decay (the weight the global statistics keep at each update) must be in "
-                f"[0, 1), got {d!r}"
-            )
+        # the weight the global statistics keep at each update, as every EMA here is written
+        check_unit(self, "decay", low_open=False, high_open=True)
 
     @property
     def every(self) -> int:
