@@ -54,6 +54,7 @@ from .methods.ttaq import TTAQConfig
 from .methods.zoa import ZOAConfig
 from .plugins import available_backends, available_methods, list_plugins
 from .plugins import plugin_manager as _plugin_manager
+from .ranges import search_activation_ranges, search_batches
 from .source import SOURCE_SAMPLE_SIZE, keep_source_statistics, kept_source_statistics
 from .view import QuantView
 from .view import copy_model as _copy_model
@@ -206,6 +207,14 @@ def quantize(
     result = _plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
+    if config.act_ranges != "percentile" and min(config.act_bits, config.first_last_bits or 8) < 8:
+        # the backends set the shared percentile rule; the search (or another rule) starts there
+        search_activation_ranges(
+            quant_view(result),
+            model,
+            search_batches(batches[: config.calib_batches]),
+            rule=config.act_ranges,
+        )
     measure_source_statistics(result, batches, keep_sample=config.keep_calibration_sample)
     return result
 

@@ -156,6 +156,10 @@ def parse_bits(bits: str | int | tuple[int, int]) -> tuple[int, int]:
     raise TypeError(f"bits must be 'wXaY', an int or a (w, a) pair, not {bits!r}")
 
 
+#: the choices of :attr:`QuantConfig.act_ranges`
+ACT_RANGE_CHOICES: tuple[str, ...] = ("search", "percentile", "min-max", "least-error")
+
+
 @dataclass
 class QuantConfig:
     """How to quantize a float model.
@@ -173,6 +177,16 @@ class QuantConfig:
     per-layer feature means and deviations, adapter measurements). Turn it on for a model you will
     convert or change before adapting it with ``zoa`` / ``foa`` (statistics describe only the model
     they were measured on), or pass those methods ``source_data=`` instead.
+
+    ``act_ranges``: the ranges of the activation quantizers below 8 bit. ``"search"`` (the
+    default): each backend's shared percentile rule, then, per quantizer, the range among
+    percentile, min-max and least error with which the model's output on the calibration batches
+    is closest to the float model's (:func:`qtta_plugins.ranges.search_activation_ranges`: on
+    those batches never worse than any one rule applied everywhere; it forwards the first 256
+    calibration images about twice per quantizer). ``"percentile"``: the shared percentile rule
+    alone (99.999th percentile per batch, averaged), as before the search; ``"min-max"`` /
+    ``"least-error"``: that rule on every quantizer (the full range seen, or the fraction of it
+    with the least squared quantization error).
     """
 
     backend: str = "torchao"
@@ -181,6 +195,7 @@ class QuantConfig:
     first_last_bits: int | None = 8
     calib_batches: int = 8
     keep_calibration_sample: bool = False
+    act_ranges: str = "search"
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
@@ -195,6 +210,11 @@ class QuantConfig:
             )
         if self.calib_batches < 1:
             raise ValueError(f"QuantConfig.calib_batches must be >= 1, got {self.calib_batches}")
+        if self.act_ranges not in ACT_RANGE_CHOICES:
+            raise ValueError(
+                f"QuantConfig.act_ranges must be one of {', '.join(map(repr, ACT_RANGE_CHOICES))}, "
+                f"got {self.act_ranges!r}"
+            )
         if not isinstance(self.keep_calibration_sample, bool):
             raise ValueError(
                 "QuantConfig.keep_calibration_sample must be True or False, got "

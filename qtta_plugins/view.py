@@ -209,6 +209,13 @@ class QuantizerHandle(ABC):
         zero point on a symmetric quantizer."""
         raise NotImplementedError(f"{type(self).__name__} cannot set its grid")
 
+    def input_module(self) -> nn.Module:
+        """The module whose forward receives, as its first argument, exactly the tensor this
+        quantizer quantizes, on every forward while it is enabled: forward pre-hooks on it observe
+        the quantizer's input (the shared activation-range search reads it there). Raises
+        ``NotImplementedError`` where the backend has no such module."""
+        raise NotImplementedError(f"{type(self).__name__} cannot show its input")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, role={self.role}, bits={self.bits})"
 

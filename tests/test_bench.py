@@ -709,6 +709,8 @@ def test_the_shipped_configs_load_and_expand():
         # and its 3 ablations on Brevitas W2A4; the ResNet-18: 4 bits x 3 backends, QDrop at W2A4
         "lowbit_ptq_bncnn": (2 * 3 + 3 + 4) * 3,
         "lowbit_ptq_resnet18": (4 * 3 + 3) * 3,
+        # the held-out MNIST CNN: quantize only at W4A4 and W2A4, QDrop at W2A4, x 3 backends
+        "lowbit_ptq_bncnn_mnist": (2 + 1) * 3 * 3,
         # small_batch.py: 9 methods x 5 batch sizes, each method through a window at batch 1
         "small_batch": 9 * 5 + 9,
         # the collapse guard: 6 methods and 5 of them guarded, dev seed 3 and seeds 0-2; 7 rows
@@ -721,6 +723,11 @@ def test_the_shipped_configs_load_and_expand():
         "edge_statistics_digits": 9 * 2,  # its second dev stream: 9 rows at batch 1 and 64
         # issue 38's part 4: the ResNet-18's 7 rows and the ViT's 5, at 4 batch sizes, 3 seeds
         "edge": (7 + 5) * 4 * 3,
+        # issue 37's regime, 3 seeds: the ViT's W6A6 headline (5 methods x 3 backends, FOA reset);
+        # QDrop / TTAQ at low bits on ResNet-18 and MobileNetV2 (3 rows x 3 methods x 3 backends)
+        # and each PTQ model's clean error (W8A8 too); TTAQ's 3 ablations; 9 methods at W8A8; FOA's
+        # curve over 4 domain lengths (3 rows continual, FOA reset); the long stream (2 x 4 rows)
+        "regime_fashion": (5 * 3 + 3 + 2 * 3 * 3 * 3 + 2 * 3 * 3 + 2 * 3 + 3 + 9 + 4 * 4 + 2 * 4) * 3,
     }
 
 

@@ -219,6 +219,11 @@ class BrevitasQuantizerHandle(QuantizerHandle):
             return None
         return next(d for d, n in enumerate(scale.shape) if n > 1)
 
+    def input_module(self) -> nn.Module:
+        """The proxy's tensor quantizer: it receives the tensor to quantize after the proxy's
+        activation (a ``QuantReLU``'s ReLU), and runs only while quantization is enabled."""
+        return self.tensor_quant
+
     def params(self) -> dict[str, torch.Tensor]:
         """Brevitas' own parameters of this quantizer, by their names under the proxy (e.g.
         ``tensor_quant.scaling_impl.value``, a threshold: ``scale = value / int_threshold``); a

@@ -147,6 +147,10 @@ class NNCFQuantizerHandle(QuantizerHandle):
     def symmetric(self) -> bool:
         return hasattr(self.module, "_scale_param_storage")
 
+    def input_module(self) -> nn.Module:
+        """The NNCF quantizer module itself (its forward runs whether or not it is enabled)."""
+        return self.module
+
     def params(self) -> dict[str, torch.Tensor]:
         """``{"scale": ...}`` (symmetric) or ``{"input_low": ..., "input_range": ...}``."""
         return dict(self.module.get_trainable_params())

@@ -69,6 +69,10 @@ class FakeQuantizeHandle(QuantizerHandle):
     def params(self) -> dict[str, torch.Tensor]:
         return {"scale": self.module.scale, "zero_point": self.module.zero_point}
 
+    def input_module(self) -> nn.Module:
+        """The ``FakeQuantize`` module itself: its forward's input is what it quantizes."""
+        return self.module
+
     def grid(self) -> Grid:
         """``scale`` / ``zero_point`` buffers as they are: ``FakeQuantize`` runs
         ``torch.fake_quantize_per_{tensor,channel}_affine`` on them (``round(x * (1 / s))``, half

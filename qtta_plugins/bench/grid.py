@@ -142,7 +142,7 @@ def cell_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
         "data": data,
         "model": model,
         "calibration": calibration,
-        "quantize": {"backend": cell.backend, "bits": cell.bits, **config.quantize},
+        "quantize": quantize_spec(cell.backend, cell.bits, config.quantize),
         "reconstruct": reconstruct_spec(bench, cell),
         "method": method_spec(bench, cell),
         "setting": cell.setting,
@@ -151,6 +151,22 @@ def cell_spec(bench: Bench, cell: Cell) -> dict[str, Any]:
         "device": config.device,
         "measure": asdict(config.measure),
     }
+
+
+def quantize_spec(backend: str, bits: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The quantize options of a cell's key. ``act_ranges`` is named only where it changes what
+    is computed from what cells computed before it existed: below 8 bit ``"search"`` (the
+    default) or another rule is named; ``"percentile"`` (what every activation below 8 bit had
+    before) never is, so the cells computed then keep their keys."""
+    from ..config import QuantConfig, parse_bits
+
+    spec = {"backend": backend, "bits": bits, **options}
+    w, a = parse_bits(bits)
+    config = QuantConfig(backend=backend, weight_bits=w, act_bits=a, **options)
+    spec.pop("act_ranges", None)
+    if config.act_ranges != "percentile" and min(a, config.first_last_bits or 8) < 8:
+        spec["act_ranges"] = config.act_ranges
+    return spec
 
 
 def cell_batch_size(bench: Bench, cell: Cell) -> int:

@@ -320,6 +320,9 @@ class SubnetBank(nn.Module):
             (subnet.bits, subnet.bits),
             calib,
             first_last_bits=self.config.first_last_bits,
+            # the bank's grids replace every activation range the search would choose; those it
+            # cannot place keep the backend's own calibration, as they did before the search
+            act_ranges="percentile",
         )
         view = qtta_plugins.quant_view(qmodel)
         mismatched: list[str] = []
