@@ -125,7 +125,10 @@ def test_cnn_error_against_float_is_bounded_and_grows_as_bits_drop(
     assert errors["w4a4"] < 0.4, errors
     assert errors["w2a4"] < 1.6, errors
     assert errors["w8a8"] < errors["w4a4"] < errors["w2a4"], errors
-    assert acc["w8a8"] > 0.97 and acc["w4a4"] > 0.95, acc
+    # W4A4: 96.5 % with the percentile rule alone, 95.0 % since quantize's range search, which
+    # costs 0.5-1.3 points at W4A4 on this digits model (docs/backends.md, "The per-quantizer
+    # search"); a broken W4A4 falls far below either
+    assert acc["w8a8"] > 0.97 and acc["w4a4"] >= 0.94, acc
     assert all(not qm.training for qm in bqcnn.values())
     w2 = copy.deepcopy(bqcnn["w2a4"])  # the module's model stays on source statistics
     qtta_plugins.quant_view(w2).set_norm_mode("batch")
