@@ -727,7 +727,8 @@ def test_the_shipped_configs_load_and_expand():
         # QDrop / TTAQ at low bits on ResNet-18 and MobileNetV2 (3 rows x 3 methods x 3 backends)
         # and each PTQ model's clean error (W8A8 too); TTAQ's 3 ablations; 9 methods at W8A8; FOA's
         # curve over 4 domain lengths (3 rows continual, FOA reset); the long stream (2 x 4 rows)
-        "regime_fashion": (5 * 3 + 3 + 2 * 3 * 3 * 3 + 2 * 3 * 3 + 2 * 3 + 3 + 9 + 4 * 4 + 2 * 4) * 3,
+        "regime_fashion": (5 * 3 + 3 + 2 * 3 * 3 * 3 + 2 * 3 * 3 + 2 * 3 + 3 + 9 + 4 * 4 + 2 * 4)
+        * 3,
     }
 
 
