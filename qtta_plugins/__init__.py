@@ -207,7 +207,7 @@ def quantize(
     result = _plugin_manager().hook.qtta_quantize(model=model, config=config, calib=batches)
     if result is None:  # pragma: no cover - a backend declared but not implementing quantize
         raise UnknownBackendError(f"the {config.backend!r} adapter does not implement quantize")
-    if config.act_ranges != "percentile" and min(config.act_bits, config.first_last_bits or 8) < 8:
+    if config.applies_act_ranges:
         # the backends set the shared percentile rule; the search (or another rule) starts there
         search_activation_ranges(
             quant_view(result),

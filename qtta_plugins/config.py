@@ -225,6 +225,12 @@ class QuantConfig:
     def tag(self) -> str:
         return f"W{self.weight_bits}A{self.act_bits}"
 
+    @property
+    def applies_act_ranges(self) -> bool:
+        """Whether :func:`qtta_plugins.quantize` changes the ranges the backend set: a choice
+        other than the backend's own percentile rule, with some activation below 8 bit."""
+        return self.act_ranges != "percentile" and min(self.act_bits, self.first_last_bits or 8) < 8
+
 
 @dataclass
 class ABLConfig:

@@ -164,7 +164,7 @@ def quantize_spec(backend: str, bits: str, options: dict[str, Any]) -> dict[str,
     w, a = parse_bits(bits)
     config = QuantConfig(backend=backend, weight_bits=w, act_bits=a, **options)
     spec.pop("act_ranges", None)
-    if config.act_ranges != "percentile" and min(a, config.first_last_bits or 8) < 8:
+    if config.applies_act_ranges:
         spec["act_ranges"] = config.act_ranges
     return spec
 
