@@ -256,23 +256,8 @@ class ABLConfig:
     decay: float = 0.9
 
     def __post_init__(self) -> None:
-        for field in ("tau_f", "tau_g"):
-            value = getattr(self, field)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(
-                    f"ABLConfig.{field} must be a finite number >= 0 (0 turns that term off), "
-                    f"got {value!r}"
-                )
-        decay = self.decay
-        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
-            raise ValueError(
-                f"ABLConfig.decay must be in [0, 1) (the weight of the old statistics in the "
-                f"EMA), got {decay!r}"
-            )
+        check_nonnegative(self, "tau_f", "tau_g")  # 0 turns that term off
+        check_unit(self, "decay", low_open=False, high_open=True)  # the weight of the old value
 
 
 #: the flat ABL options before issue 36, in the configs that offer ABL

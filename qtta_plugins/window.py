@@ -235,11 +235,8 @@ class Windowed(TestTimeMethod):
         of the window, before the method's update, which then normalises with the moved ones.
         A forward of its own, rather than the method's, so that a method forwarding several times
         per update (SAR, CoTTA, ZOA, FOA) moves them once."""
-        self.rbn.updating = True
-        try:
+        with self.rbn.folding():
             self.view.model(window)
-        finally:
-            self.rbn.updating = False
 
     def _predict(self, window: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The newest ``len(x)`` samples' logits without an update."""

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -235,6 +237,15 @@ class RobustBatchNorm:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @contextmanager
+    def folding(self) -> Iterator[None]:
+        """Forwards inside the block fold their batch statistics into the global ones."""
+        self.updating = True
+        try:
+            yield
+        finally:
+            self.updating = False
 
     def _fold(self, norm: NormLayer, x: torch.Tensor) -> torch.Tensor:
         rm, rv = norm.running_mean, norm.running_var
@@ -483,10 +494,10 @@ class RoTTA(TestTimeMethod):
         c = self.config
         x = torch.stack([i.x for i in items])
         ages = torch.tensor([i.age for i in items], device=x.device)
-        for rbn in (self.rbn, self.student_rbn):
-            if rbn is not None:
-                rbn.updating = True
-        try:
+        with ExitStack() as folding:
+            for rbn in (self.rbn, self.student_rbn):
+                if rbn is not None:
+                    folding.enter_context(rbn.folding())
             with torch.no_grad():
                 target = self.view.model(x).float().softmax(1)
             seen = augment(x, self.generator) if c.strong_augment else x
@@ -498,10 +509,6 @@ class RoTTA(TestTimeMethod):
                 loss = per_item.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-        finally:
-            for rbn in (self.rbn, self.student_rbn):
-                if rbn is not None:
-                    rbn.updating = False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if any(not torch.isfinite(p).all() for p in self.student_params):
