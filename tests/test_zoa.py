@@ -211,11 +211,13 @@ def test_without_detector_the_memory_stores_periodically(qcnn, short_stream):
 @pytest.mark.parametrize("method", ["zoa", "foa"])
 def test_save_and_load_round_trip(qcnn, short_stream, tmp_path, method):
     half = len(short_stream) // 2
-    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:half], method)
+    # FOA with a population of 4 (28 passes a batch at its default): the same state to carry
+    options = {"population": 4} if method == "foa" else {}
+    run = qtta_plugins.adapt(qcnn["w4a4"], short_stream[:half], method, **options)
     run.save(tmp_path / "state.pt")
     rest = run.run(short_stream[half:])
 
-    fresh = qtta_plugins.adapt(qcnn["w4a4"], None, method)
+    fresh = qtta_plugins.adapt(qcnn["w4a4"], None, method, **options)
     # A foa state holds its CMA-ES object, which only full unpickling rebuilds (test_careful_user
     # checks that an untrusted load of it refuses); this file is our own.
     fresh.load(tmp_path / "state.pt", trusted=method == "foa")
