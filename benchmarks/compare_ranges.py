@@ -9,7 +9,9 @@
 
 Prints a markdown table: per (model, bits, PTQ, backend), the accuracy (100 - the cell's error)
 under each choice, mean ± sd over the seeds, then the first choice minus each other one, paired by
-seed, mean ± sd. Not a config: it reads results files, it runs nothing.
+seed, mean ± sd. Where the first file also holds a model's W8A8 cells without reconstruction, a
+second table gives what each low-bit row of each file loses against them, paired by seed (the room
+a low-bit model has to recover). Not a config: it reads results files, it runs nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +63,32 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n(seeds {', '.join(map(str, seeds))}; " + ", ".join(f"{n}: {p}" for n, p in named) + ")"
     )
+    _print_losses(runs)
+
+
+def _print_losses(runs: dict[str, dict[Key, dict[int, float]]]) -> None:
+    """Each low-bit row's accuracy loss against the W8A8 model of the first file, paired."""
+    reference = runs[next(iter(runs))]
+    rows = []
+    for key in sorted(reference):
+        model, bits, ptq, backend = key
+        high = reference.get((model, "w8a8", "none", backend))
+        if bits == "w8a8" or high is None:
+            continue
+        cols = []
+        for r in runs.values():
+            seeds = sorted(set(r.get(key, {})) & set(high))
+            cols.append(_ms([high[s] - r[key][s] for s in seeds]) if seeds else "")
+        rows.append(
+            f"| {model} | {bits} | {ptq} | {backend} | {_ms(list(high.values()))} | "
+            + " | ".join(cols)
+            + " |"
+        )
+    if rows:
+        print("\nAccuracy lost against W8A8 (same model, backend and seed), points, paired:\n")
+        print(f"| model | bits | PTQ | backend | W8A8 | {' | '.join(runs)} |")
+        print("|---" * (5 + len(runs)) + "|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
